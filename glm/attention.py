@@ -1,0 +1,135 @@
+"""Attention with the GLM mask expressed as structure, and named backends.
+
+The mask is never an argument. It is derived from four small pieces of structure:
+
+- ``causal``: query ``i`` sees keys ``j <= i``;
+- ``prefix_len[b]``: keys ``j < prefix_len[b]`` are visible to every query of sample ``b``
+  (GLM's bidirectional Part A / ChatGLM-6B's context; 0 or None = plain causal);
+- ``kv_start[b]``: keys ``j < kv_start[b]`` are left padding and hidden;
+- ``kv_len[b]``: keys ``j >= kv_len[b]`` are not (yet) valid, e.g. the unused tail of a static cache.
+
+Query ``t`` sits at index ``q_offset + t`` of the key sequence (``q_offset`` = tokens already in
+the cache). Every query also sees its own key: a left-pad query row would otherwise have no key at
+all and turn into NaN, which would then leak through ``0 * NaN`` in later layers. Pad rows are
+garbage either way (the references' are too) and are never compared.
+
+Backends take identical arguments. ``reference`` is the fp32 oracle that builds the dense mask;
+``sdpa`` calls ``scaled_dot_product_attention`` (using ``is_causal`` when the mask is plain causal).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def visible_mask(
+    batch: int,
+    q_len: int,
+    kv_size: int,
+    *,
+    causal: bool,
+    prefix_len: Optional[Tensor] = None,
+    kv_start: Optional[Tensor] = None,
+    kv_len: Optional[Tensor] = None,
+    q_offset: int = 0,
+    device: "torch.device | str | None" = None,
+) -> Tensor:
+    """Dense ``[B, 1, Tq, Tk]`` bool mask (True = visible) of the rule in the module docstring."""
+    i = torch.arange(q_offset, q_offset + q_len, device=device).view(1, q_len, 1)
+    j = torch.arange(kv_size, device=device).view(1, 1, kv_size)
+    vis = torch.ones(batch, q_len, kv_size, dtype=torch.bool, device=device)
+    if causal:
+        allowed = j <= i
+        if prefix_len is not None:
+            allowed = allowed | (j < prefix_len.view(-1, 1, 1).to(device))
+        vis = vis & allowed
+    if kv_start is not None:
+        vis = vis & (j >= kv_start.view(-1, 1, 1).to(device))
+    vis = vis | (j == i)
+    if kv_len is not None:
+        vis = vis & (j < kv_len.view(-1, 1, 1).to(device))
+    return vis.unsqueeze(1)
+
+
+def _expand_kv(x: Tensor, groups: int) -> Tensor:
+    # Query head h reads KV head h // (n/g): each KV head repeats n/g times contiguously.
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, prefix_len: Optional[Tensor] = None,
+    kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """The oracle: fp32, dense mask, explicit softmax. Returns the output in q's dtype."""
+    B, n, Tq, d = q.shape
+    g, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf, kf, vf = q.float(), _expand_kv(k.float(), n // g), _expand_kv(v.float(), n // g)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    vis = visible_mask(B, Tq, Tk, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
+                       kv_len=kv_len, q_offset=q_offset, device=q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, vf).to(q.dtype)
+
+
+def sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, prefix_len: Optional[Tensor] = None,
+    kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
+    scale: Optional[float] = None,
+) -> Tensor:
+    B, n, Tq, d = q.shape
+    g, Tk = k.shape[1], k.shape[2]
+    gqa = n != g
+    plain = kv_start is None and kv_len is None and prefix_len is None
+    if plain and (not causal or (Tq == 1 and q_offset == Tk - 1)):
+        # Nothing hidden: full attention (or one decode step that sees the whole cache).
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if plain and causal and Tq == Tk and q_offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = visible_mask(B, Tq, Tk, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
+                        kv_len=kv_len, q_offset=q_offset, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+AttentionFn = Callable[..., Tensor]
+BACKENDS: dict[str, AttentionFn] = {
+    "reference": reference_attention,
+    "sdpa": sdpa_attention,
+}
+
+
+def register_backend(name: str, fn: AttentionFn) -> None:
+    """Add a backend (the fused kernels register themselves here when they are built)."""
+    BACKENDS[name] = fn
+
+
+def resolve_backend(name: str) -> AttentionFn:
+    if name == "auto":
+        name = "fused" if "fused" in BACKENDS else "sdpa"
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; available: "
+                         f"{', '.join(['auto', *BACKENDS])}") from None
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, prefix_len: Optional[Tensor] = None,
+    kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
+    scale: Optional[float] = None, backend: str = "auto",
+) -> Tensor:
+    """q ``[B, n, Tq, d]``, k/v ``[B, g, Tk, d]`` (``g`` divides ``n``) -> ``[B, n, Tq, d]``."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"attention expects q [B,n,Tq,d] and k, v [B,g,Tk,d]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or "
+                         f"head dim, or KV heads do not divide query heads")
+    return resolve_backend(backend)(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
+                                    kv_len=kv_len, q_offset=q_offset, scale=scale)

@@ -1,0 +1,329 @@
+"""The GLM model: one class for every family; the differences are `GLMConfig` fields.
+
+Internal layout (the converter maps every release onto it at load time):
+- QKV is one projection whose output is ``[q: n*d | k: g*d | v: g*d]``, heads contiguous;
+- RoPE is half-split: within each rotated segment of ``r`` dims, dim ``j`` pairs with ``j + r/2``
+  (the interleaved layout of ChatGLM2+/Glm is permuted into this one by the converter);
+- a GLU MLP's input projection is ``[gate | up]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .config import GLMConfig
+from .kv_cache import KVCache
+
+
+class InputError(ValueError):
+    """Tokens, positions or masks that the model cannot take; the message says what is wrong."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # transformers' Glm order: normalise in fp32, cast back, then scale. (ChatGLM2 scales before
+        # the cast; the two agree exactly in fp32 and differ by one rounding in bf16/fp16.)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: GLMConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class Rotary(nn.Module):
+    """RoPE over ``segments`` consecutive chunks of ``seg_dim`` dims, chunk s rotated by position stream s.
+
+    1D RoPE (ChatGLM2+, Glm): one chunk of ``rotary_dim`` dims; the rest of the head passes through.
+    2D RoPE (ChatGLM-6B): two chunks of ``d/2``, by position and by block position.
+    """
+
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.segments = 2 if cfg.position_encoding == "rope_2d" else 1
+        self.seg_dim = cfg.rotary_dim // self.segments
+        self.base = cfg.rope_base
+        self.round_dtype = getattr(torch, cfg.rope_inv_freq_dtype) if cfg.rope_inv_freq_dtype else None
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: "torch.device | str | None" = None) -> Tensor:
+        r = self.seg_dim
+        inv = 1.0 / (self.base ** (torch.arange(0, r, 2, dtype=torch.float32, device=device) / r))
+        if self.round_dtype is not None:
+            # ChatGLM-6B stores inv_freq as fp16; transformers' Glm casts it to the checkpoint dtype.
+            # Upcasting keeps the rounded values, and skipping the rounding moves logits past 1e-4.
+            inv = inv.to(self.round_dtype).float()
+        return inv
+
+    def reset_buffers(self, device: "torch.device | str | None" = None) -> None:
+        self.inv_freq = self._inv_freq(device if device is not None else self.inv_freq.device)
+
+    def cos_sin(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """position_ids ``[B, S, T]`` -> cos, sin ``[B, 1, T, segments, seg_dim/2]`` in ``dtype``."""
+        pos = position_ids[:, : self.segments].transpose(1, 2).float()  # [B, T, segments]
+        # One fp32 multiply per angle, as the references' outer products do.
+        ang = pos.unsqueeze(-1) * self.inv_freq  # [B, T, segments, r/2]
+        return ang.cos().unsqueeze(1).to(dtype), ang.sin().unsqueeze(1).to(dtype)
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x ``[B, h, T, d]``; rotates the first ``segments * seg_dim`` dims."""
+        rot = self.segments * self.seg_dim
+        xr = x[..., :rot].unflatten(-1, (self.segments, self.seg_dim))
+        x1, x2 = xr.chunk(2, dim=-1)
+        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return y if rot == x.shape[-1] else torch.cat((y, x[..., rot:]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.n, self.g, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, (self.n + 2 * self.g) * self.d, bias=cfg.qkv_bias)
+        self.out = nn.Linear(self.n * self.d, cfg.hidden_size, bias=cfg.out_bias)
+
+    def forward(self, x: Tensor, rotary: Optional[Rotary], cos_sin: Optional[tuple[Tensor, Tensor]],
+                layer: int, cache: Optional[KVCache], mask: dict, backend: str) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split((self.n * self.d, self.g * self.d, self.g * self.d), dim=-1)
+        q = q.view(B, T, self.n, self.d).transpose(1, 2)
+        k = k.view(B, T, self.g, self.d).transpose(1, 2)
+        v = v.view(B, T, self.g, self.d).transpose(1, 2)
+        if rotary is not None:
+            q, k = rotary.apply(q, *cos_sin), rotary.apply(k, *cos_sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        o = attention(q, k, v, causal=True, backend=backend, **mask)
+        return self.out(o.transpose(1, 2).reshape(B, T, self.n * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        f_in = cfg.ffn_hidden_size * (2 if cfg.glu else 1)
+        self.w_in = nn.Linear(cfg.hidden_size, f_in, bias=cfg.mlp_bias)
+        self.w_out = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "geglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.gelu(gate) * up
+        elif self.kind == "gelu":
+            h = F.gelu(h)  # exact erf GeLU (original GLM)
+        else:
+            h = F.gelu(h, approximate="tanh")  # ChatGLM-6B's tanh approximation
+        return self.w_out(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.alpha = cfg.residual_alpha
+        if cfg.sandwich_norm:
+            self.attn_out_norm = make_norm(cfg)
+            self.mlp_out_norm = make_norm(cfg)
+        else:
+            self.attn_out_norm = self.mlp_out_norm = None
+
+    def forward(self, x: Tensor, rotary, cos_sin, layer, cache, mask, backend) -> Tensor:
+        h = self.attn_norm(x)
+        a = self.attn(h, rotary, cos_sin, layer, cache, mask, backend)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
+        # ChatGLM-6B: the residual is the *normalised* input times alpha, not the raw stream.
+        x = (h * self.alpha if self.alpha is not None else x) + a
+        h = self.mlp_norm(x)
+        m = self.mlp(h)
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        return (h * self.alpha if self.alpha is not None else x) + m
+
+
+class GLM(nn.Module):
+    """Every GLM family. ``forward`` returns logits ``[B, T, V]`` (or ``[B, 1, V]`` with ``last_only``)."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.position_encoding == "learned_2d":
+            self.pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+            self.block_pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+            self.rotary = None
+        else:
+            self.pos_embed = self.block_pos_embed = None
+            self.rotary = Rotary(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.backend = "auto"
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
+        """Random init for training from scratch: N(0, std) matrices, zero biases, unit norms."""
+        if self.embed.weight.is_meta:
+            return
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if p.dim() >= 2:
+                    # Output projections are scaled down with depth (GPT-2 / nanoGPT practice).
+                    s = std / (2 * self.config.num_layers) ** 0.5 if name.endswith(("out.weight", "w_out.weight")) else std
+                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+                elif name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+
+    def reset_buffers(self, device: "torch.device | str | None" = None) -> None:
+        """Recompute non-persistent buffers (after building on the meta device and loading)."""
+        if self.rotary is not None:
+            self.rotary.reset_buffers(device)
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    # ------------------------------------------------------------------------------------------
+    def default_position_ids(self, batch: int, length: int, pad_left: Optional[Tensor], start: int,
+                             device: torch.device) -> Tensor:
+        """``[B, S, T]`` position ids counting from 0 at each row's first real token (pads get 0)."""
+        pos = torch.arange(start, start + length, device=device).expand(batch, length)
+        if pad_left is not None:
+            pos = (pos - pad_left.view(-1, 1).to(device)).clamp_min(0)
+        ids = pos.unsqueeze(1)
+        if self.config.position_streams == 2:
+            ids = torch.cat((ids, torch.zeros_like(ids)), dim=1)
+        return ids
+
+    def next_position_ids(self, last: Tensor) -> Tensor:
+        """The position ids ``[B, S]`` of the token after one with ids ``last`` ``[B, S]``.
+
+        1D families count up. 2D families (GLM, ChatGLM-6B) generate inside a blank: the position
+        stays the mask's and the block position counts up, as the references' generation does.
+        """
+        if last.shape[1] == 2:
+            return torch.stack((last[:, 0], last[:, 1] + 1), dim=1)
+        return last + 1
+
+    def _check_inputs(self, input_ids: Tensor, position_ids: Tensor, cache: Optional[KVCache]) -> None:
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                bad = hi if hi >= cfg.vocab_size else lo
+                raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
+                                 f"check the tokenizer matches this checkpoint")
+        B, T = input_ids.shape
+        if position_ids.shape != (B, cfg.position_streams, T):
+            want = "[B, 2, T] (position, block position)" if cfg.position_streams == 2 else "[B, T]"
+            raise InputError(f"position_ids has shape {tuple(position_ids.shape)}; family {cfg.family} "
+                             f"takes {want} for input_ids {tuple(input_ids.shape)}")
+        if position_ids.numel():
+            lo, hi = int(position_ids.min()), int(position_ids.max())
+            if lo < 0 or hi >= cfg.max_positions:
+                raise InputError(f"position id {hi if hi >= cfg.max_positions else lo} is outside "
+                                 f"[0, {cfg.max_positions}): the sequence is longer than the model's "
+                                 f"{cfg.max_positions} positions; shorten the input")
+        if cache is not None:
+            cache.check_room(T)
+            if cache.batch != B:
+                raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Optional[Tensor] = None,
+        *,
+        prefix_len: Optional[Tensor] = None,
+        pad_left: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        backend: Optional[str] = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+        check_inputs: bool = True,
+    ) -> Tensor:
+        """Logits for ``input_ids`` ``[B, T]``.
+
+        position_ids: ``[B, T]`` (1D families) or ``[B, 2, T]`` (GLM, ChatGLM-6B); default counts
+          from 0 at each row's first real token, or continues the cache's last positions.
+        prefix_len: ``[B]``, keys before it are visible to every query (bidirectional prefix).
+        pad_left: ``[B]`` left pads per row; their keys are hidden.
+        cache: a `KVCache`; the first call fills it (prefill), later calls append one or more tokens.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start > 0:
+            # Decoding: the structure of the cached keys was fixed at prefill.
+            pad_left = cache.pad_left if pad_left is None else pad_left
+            prefix_len = cache.prefix_len if prefix_len is None else prefix_len
+        if position_ids is None:
+            if cache is not None and cache.last_position_ids is not None:
+                nxt = self.next_position_ids(cache.last_position_ids)
+                step = torch.arange(T, device=input_ids.device)
+                position_ids = nxt.unsqueeze(-1) + (step if nxt.shape[1] == 1 else
+                                                    torch.stack((torch.zeros_like(step), step)))
+            else:
+                position_ids = self.default_position_ids(B, T, pad_left, start, input_ids.device)
+        elif position_ids.dim() == 2 and self.config.position_streams == 1:
+            position_ids = position_ids.unsqueeze(1)
+        if check_inputs and not torch.compiler.is_compiling():
+            self._check_inputs(input_ids, position_ids, cache)
+
+        x = self.embed(input_ids)
+        cos_sin = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids[:, 0])
+            x = x + self.block_pos_embed(position_ids[:, 1])
+        else:
+            cos_sin = self.rotary.cos_sin(position_ids, x.dtype)
+        mask = dict(prefix_len=prefix_len, kv_start=pad_left, q_offset=start)
+        backend = backend or self.backend
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rotary, cos_sin, i, cache, mask, backend)
+        if cache is not None:
+            if start == 0:
+                cache.pad_left, cache.prefix_len = pad_left, prefix_len
+            cache.advance(T, position_ids[:, :, -1])
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        return F.linear(x, self.output_weight)
+
+    def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+        return KVCache.for_model(self, batch, max_len, dtype)
+
+
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross entropy of ``logits[t]`` against ``targets[t]`` (already-aligned targets, no shift)
+    over targets != ignore_index, in fp32 as every reference computes it."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
