@@ -151,7 +151,10 @@ class CheckpointReader:
         f = self._open(file)
         try:
             return f.get_tensor(name) if file.endswith(".safetensors") else f[name]
-        except KeyError:
+        except Exception as e:  # KeyError for .bin, SafetensorError for safetensors
+            if not isinstance(e, KeyError) and "does not contain" not in str(e):
+                raise CheckpointError(f"{os.path.join(self.folder, file)}: cannot read tensor {name!r} "
+                                      f"({e}); the file may be corrupt") from None
             raise CheckpointError(f"{os.path.join(self.folder, file)}: the index says it holds {name!r}, "
                                   f"but it does not; the index and the shards disagree") from None
 

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+REFERENCE_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference"))
+FIXTURE_FAMILIES = ["glm", "chatglm-6b", "chatglm2-6b", "chatglm3-6b", "glm-4-9b-chatglm",
+                    "glm-4-9b-chat-hf", "glm-4-9b-0414"]
+
+# Two CPU cores in CI: keep torch from oversubscribing them.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def reference_dir(folder: str) -> str:
+    """Path of a shared golden fixture; skips the test with a clear message when absent."""
+    path = os.path.join(REFERENCE_DIR, folder, "tiny")
+    if not os.path.isdir(path):
+        pytest.skip(f"golden fixtures not found at {path} (the repo expects ../shared/reference beside it)")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

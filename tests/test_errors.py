@@ -1,0 +1,186 @@
+"""Bad input: each a single clear error naming the file/field and the fix."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import glm
+from glm.checkpoint import CheckpointError
+from glm.cli import main
+from glm.config import ConfigError
+from glm.convert import KeyMismatchError
+from glm.model import InputError
+
+from conftest import reference_dir
+
+
+def copy_fixture(name: str, tmp_path) -> str:
+    dst = tmp_path / name
+    shutil.copytree(reference_dir(name), dst)
+    return str(dst)
+
+
+def edit_json(path: str, fn) -> None:
+    with open(path) as f:
+        d = json.load(f)
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def test_unknown_family_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ConfigError) as e:
+        glm.GLMConfig.from_hf(str(tmp_path))
+    msg = str(e.value)
+    assert "config.json" in msg and "llama" in msg and "chatglm" in msg and "glm4" in msg
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        glm.from_pretrained(str(tmp_path))
+
+
+def test_config_not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        glm.GLMConfig.from_hf(str(tmp_path))
+
+
+def test_config_missing_required_field(tmp_path):
+    d = copy_fixture("chatglm2-6b", tmp_path)
+    edit_json(os.path.join(d, "config.json"), lambda c: c.pop("ffn_hidden_size"))
+    with pytest.raises(ConfigError, match="ffn_hidden_size"):
+        glm.from_pretrained(d)
+
+
+def test_missing_shard_named(tmp_path):
+    d = copy_fixture("glm-4-9b-0414", tmp_path)
+    os.remove(os.path.join(d, "model-00003-of-00004.safetensors"))
+    with pytest.raises(CheckpointError, match="model-00003-of-00004.safetensors"):
+        glm.from_pretrained(d)
+
+
+def test_no_weights(tmp_path):
+    d = copy_fixture("chatglm3-6b", tmp_path)
+    os.remove(os.path.join(d, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no weights found"):
+        glm.from_pretrained(d)
+
+
+def test_truncated_safetensors(tmp_path):
+    d = copy_fixture("chatglm3-6b", tmp_path)
+    p = os.path.join(d, "model.safetensors")
+    size = os.path.getsize(p)
+    with open(p, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(CheckpointError, match="truncated"):
+        glm.from_pretrained(d)
+
+
+def test_truncated_bin(tmp_path):
+    d = copy_fixture("glm", tmp_path)
+    p = os.path.join(d, "pytorch_model.bin")
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) // 2)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        glm.from_pretrained(d)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
+    d = copy_fixture("chatglm3-6b", tmp_path)
+    edit_json(os.path.join(d, "config.json"), lambda c: c.update(ffn_hidden_size=80))
+    with pytest.raises(CheckpointError) as e:
+        glm.from_pretrained(d)
+    msg = str(e.value)
+    assert "dense_h_to_4h.weight" in msg and "(192, 64)" in msg and "(160, 64)" in msg
+
+
+def test_missing_and_unexpected_keys_listed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_fixture("chatglm3-6b", tmp_path)
+    p = os.path.join(d, "model.safetensors")
+    sd = load_file(p)
+    sd["transformer.extra.weight"] = sd.pop("transformer.encoder.final_layernorm.weight")
+    save_file(sd, p, metadata={"format": "pt"})
+    with pytest.raises(KeyMismatchError) as e:
+        glm.from_pretrained(d)
+    msg = str(e.value)
+    assert "transformer.encoder.final_layernorm.weight" in msg and "transformer.extra.weight" in msg
+
+
+def test_index_lists_tensor_not_in_shard(tmp_path):
+    d = copy_fixture("glm-4-9b-chatglm", tmp_path)
+    idx = os.path.join(d, "model.safetensors.index.json")
+    edit_json(idx, lambda c: c["weight_map"].update({"transformer.output_layer.weight": "model-00001-of-00002.safetensors"}))
+    with pytest.raises(CheckpointError, match="index"):
+        glm.from_pretrained(d)
+
+
+def test_unsupported_dtype_request():
+    with pytest.raises(ValueError, match="dtype"):
+        glm.from_pretrained(reference_dir("glm"), dtype="int8")
+
+
+def test_token_id_out_of_vocab():
+    model = glm.from_pretrained(reference_dir("chatglm2-6b"))
+    with pytest.raises(InputError, match=r"token id 160 .*vocabulary \[0, 160\)"):
+        model(torch.tensor([[1, 2, 160]]))
+    with pytest.raises(InputError, match="token id -1"):
+        model(torch.tensor([[1, -1]]))
+
+
+def test_sequence_longer_than_positions():
+    model = glm.from_pretrained(reference_dir("glm-4-9b-chat-hf"))  # 64 positions
+    model(torch.zeros(1, 64, dtype=torch.long))  # exactly fits
+    with pytest.raises(InputError, match="longer than the model's 64 positions"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_glm_2d_position_out_of_table():
+    model = glm.from_pretrained(reference_dir("glm"))  # 65-row position tables
+    pos = torch.zeros(1, 2, 3, dtype=torch.long)
+    pos[0, 1, 2] = 65
+    with pytest.raises(InputError, match="position id 65"):
+        model(torch.tensor([[1, 2, 3]]), pos)
+
+
+def test_wrong_position_shape():
+    model = glm.from_pretrained(reference_dir("chatglm-6b"))
+    with pytest.raises(InputError, match=r"\[B, 2, T\]"):
+        model(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]))
+
+
+def test_float_input_ids():
+    model = glm.from_pretrained(reference_dir("chatglm3-6b"))
+    with pytest.raises(InputError, match="integer"):
+        model(torch.tensor([[1.0, 2.0]]))
+
+
+def test_cache_overflow():
+    model = glm.from_pretrained(reference_dir("chatglm3-6b"))
+    cache = model.new_cache(1, 4)
+    model(torch.tensor([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="larger max_len"):
+        model(torch.tensor([[4, 5]]), cache=cache)
+
+
+def test_invalid_config_fields():
+    cfg = glm.preset("tiny-glm-hf")
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        cfg.replace(num_kv_heads=3)
+    with pytest.raises(ConfigError, match="family"):
+        cfg.replace(family="llama")
+    with pytest.raises(ConfigError, match="rotary_fraction"):
+        cfg.replace(rotary_fraction=1.5)
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    d = copy_fixture("glm-4-9b-0414", tmp_path)
+    os.remove(os.path.join(d, "model-00002-of-00004.safetensors"))
+    assert main(["parity", d]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model-00002-of-00004.safetensors" in err and "Traceback" not in err
