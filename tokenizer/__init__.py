@@ -1,0 +1,1 @@
+"""SentencePiece tokenizers and chat formats of each GLM release."""
