@@ -21,6 +21,11 @@ class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be read as it is; the message names the file and the fix."""
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 
@@ -76,6 +81,7 @@ class CheckpointReader:
                 self.weight_map[name] = single
         # A few recently used files stay open: a conversion rule may read tensors from two shards.
         self._open_files: "OrderedDict[str, object]" = OrderedDict()
+        self._headers: dict[str, dict] = {}
 
     def _read_index(self, path: str) -> None:
         try:
@@ -166,6 +172,19 @@ class CheckpointReader:
         for file in sorted(by_file):
             yield file, by_file[file]
 
+    def meta(self, name: str) -> Tensor:
+        """A meta tensor with the stored shape and dtype, read from headers without loading data."""
+        file = self.weight_map[name]
+        if file.endswith(".safetensors"):
+            info = self._header(file)[name]
+            return torch.empty(info["shape"], dtype=_ST_DTYPES.get(info["dtype"], torch.uint8), device="meta")
+        return self.get(name).to("meta")
+
+    def _header(self, file: str) -> dict:
+        if file not in self._headers:
+            self._headers[file] = _read_safetensors_header(os.path.join(self.folder, file))
+        return self._headers[file]
+
     def file_of(self, name: str) -> str:
         return self.weight_map[name]
 
@@ -200,44 +219,173 @@ def _as_dtype(dtype: "torch.dtype | str | None") -> Optional[torch.dtype]:
 
 def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
                     device: "torch.device | str" = "cpu", backend: str = "auto"):
-    """Load a checkpoint folder in a release's Hugging Face format as a `glm.GLM`.
+    """Load a checkpoint folder — a release's Hugging Face format or glm's own — as a `glm.GLM`.
 
     The family is recognised from config.json; foreign layouts (per-head or separate QKV,
     interleaved RoPE) are converted to glm's one layout as the tensors stream in, one shard at a
     time. ``dtype=None`` keeps each tensor's stored dtype; the default upcasts to float32, the
     precision the parity fixtures were made in.
     """
-    from .config import GLMConfig
-    from .convert import check_keys, convert, hf_format
+    from .convert import open_source
     from .model import GLM
 
     folder = os.fspath(folder)
     dtype = _as_dtype(dtype)
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
-    cfg = GLMConfig.from_hf(folder)
-    with CheckpointReader(folder) as reader:
-        keys = reader.keys()
-        mappings = hf_format(cfg, keys=keys)
-        check_keys(mappings, keys, "hf", folder)
+    source, reader = open_source(folder)
+    with reader:
         with torch.device("meta"):
-            model = GLM(cfg)
-        expected = {n: p for n, p in model.state_dict().items()}
+            model = GLM(source.cfg)
+        expected = model.state_dict()
         state: dict[str, Tensor] = {}
         # Read in shard order so every shard is opened once.
-        order = lambda mp: min((reader.file_of(n) for n in mp.hf), default="")  # noqa: E731
-        for name, t in convert(mappings, reader.get, "to_glm", order=order):
-            if t.dtype not in _FLOAT_DTYPES:
-                raise CheckpointError(f"{folder}: tensor for {name!r} has dtype {t.dtype}; only float32/"
-                                      f"float16/bfloat16 weights load (quantised checkpoints are not supported)")
-            want = expected[name].shape
-            if t.shape != want:
-                src = next(mp.hf for mp in mappings if name in mp.glm)
-                raise CheckpointError(f"{folder}: tensor {', '.join(src)} has shape {tuple(t.shape)}, but "
-                                      f"config.json implies {tuple(want)} (glm name {name!r}); the config "
-                                      f"and weights do not belong together")
-            state[name] = t.to(device=device, dtype=dtype or t.dtype)
+        for mp in sorted(source.mappings, key=lambda mp: min((reader.file_of(n) for n in mp.hf), default="")):
+            for name, t in zip(mp.glm, mp.to_glm(*[reader.get(n) for n in mp.hf])):
+                if t.dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has dtype {t.dtype}; only float32/"
+                                          f"float16/bfloat16 weights load (quantised checkpoints are not supported)")
+                want = expected[name].shape
+                if t.shape != want:
+                    raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has shape {tuple(t.shape)}, but "
+                                          f"config.json implies {tuple(want)} (glm name {name!r}); the config "
+                                          f"and weights do not belong together")
+                state[name] = t.to(device=device, dtype=dtype or t.dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.reset_buffers(device)
     model.backend = backend
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing checkpoints: streamed safetensors shards, committed atomically
+
+GLM_FORMAT_VERSION = 1
+
+
+def is_glm_format(folder: str) -> bool:
+    from .config import read_json
+
+    path = os.path.join(folder, "config.json")
+    return os.path.exists(path) and isinstance(cfg := read_json(path), dict) and "glm_format_version" in cfg
+
+
+def parse_size(text: "str | int") -> int:
+    """'2GB', '500MB', '1.5GiB', or a byte count."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().replace("IB", "B")
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise ValueError(f"shard size {text!r} is not a size; write e.g. 2GB, 500MB or a byte count") from None
+
+
+def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list[tuple[str, Tensor]]]:
+    """Cut the ordered entries into consecutive shards of at most ``shard_size`` bytes (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list[tuple[str, Tensor]]] = [[]]
+    size = 0
+    for name, t in entries:
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += n
+    return shards if shards[0] else []
+
+
+def _fsync_write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],
+                              on_tensor=None) -> None:
+    """Write a safetensors file whose header is known up front (from meta tensors), then stream the
+    data one tensor at a time, so at most one tensor is held in memory."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, m in entries:
+        if m.dtype not in _ST_NAMES:
+            raise CheckpointError(f"tensor {name!r} has dtype {m.dtype}, which safetensors cannot store")
+        n = m.numel() * m.element_size()
+        header[name] = {"dtype": _ST_NAMES[m.dtype], "shape": list(m.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for name, m in entries:
+            got_name, t = next(tensors)
+            if got_name != name or t.shape != m.shape or t.dtype != m.dtype:
+                raise RuntimeError(f"internal: planned {name} {tuple(m.shape)} {m.dtype}, got {got_name} "
+                                   f"{tuple(t.shape)} {t.dtype}")
+            t = t.detach().contiguous().cpu()
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            if on_tensor is not None:
+                on_tensor(name, t.numel() * t.element_size())
+            del t
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],
+                     files: dict[str, bytes], *, shard_size: int, overwrite: bool = False, on_tensor=None) -> list[str]:
+    """Write ``tensors`` (yielded in the order of the planned ``entries``) as safetensors shards plus
+    the small ``files`` (config.json, ...) into ``folder``, atomically.
+
+    Everything goes to ``folder.tmp-*`` beside it, each file fsynced, and the folder is renamed into
+    place only at the end: an error or a kill leaves no half-written ``folder``.
+    """
+    import shutil
+    import tempfile
+
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and not overwrite:
+        raise FileExistsError(f"{folder} already exists; choose another destination or pass --overwrite")
+    parent = os.path.dirname(folder)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{parent}: destination's parent folder does not exist; create it first")
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+    try:
+        shards = plan_shards(entries, shard_size)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for fname, shard in zip(names, shards):
+            _write_safetensors_stream(os.path.join(tmp, fname), shard, tensors, on_tensor)
+        if len(shards) > 1:
+            total = sum(m.numel() * m.element_size() for _, m in entries)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: f for f, shard in zip(names, shards) for n, _ in shard}}
+            files = {**files, "model.safetensors.index.json": json.dumps(index, indent=2).encode()}
+        for fname, data in files.items():
+            _fsync_write(os.path.join(tmp, fname), data)
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=parent)
+            os.rename(folder, os.path.join(old, "x"))
+        os.rename(tmp, folder)
+        dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return names
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -213,8 +213,6 @@ def detect_family(hf: dict[str, Any], source: str = "config") -> str:
     archs = hf.get("architectures") or []
     archs = archs if isinstance(archs, list) else []
     name = str(hf.get("_name_or_path", "")).lower()
-    if hf.get("glm_family") in FAMILIES:  # written by glm's own save_pretrained(format="hf")
-        return hf["glm_family"]
     if model_type == "glm4":
         return "glm4-hf"
     if model_type == "glm":

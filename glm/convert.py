@@ -292,3 +292,291 @@ def convert(mappings: Sequence[Mapping], get: Callable[[str], Tensor], direction
         names = getattr(mp, dst_side)
         assert len(outs) == len(names), f"mapping {mp.glm}<->{mp.hf} produced {len(outs)} tensors"
         yield from zip(names, outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Release config.json writers (glm -> release). Reading is GLMConfig.from_hf.
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_CHATGLM_AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                     "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+
+
+class FormatError(ValueError):
+    """A model that the requested release format cannot express."""
+
+
+def _require(cfg: GLMConfig, family: str, **fields) -> None:
+    bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in fields.items() if getattr(cfg, k) != v]
+    if bad:
+        raise FormatError(f"a {cfg.family} model cannot be written as {family}: {', '.join(bad)}")
+
+
+def hf_config(cfg: GLMConfig, dtype: torch.dtype) -> dict:
+    """The release-schema config.json for ``cfg`` (``cfg.family`` names the release format)."""
+    fam, dt = cfg.family, _DTYPE_NAMES[dtype]
+    eos = list(cfg.eos_token_ids)
+    if fam == "glm":
+        _require(cfg, fam, position_encoding="learned_2d", norm="layernorm", mlp="gelu", residual_alpha=None,
+                 sandwich_norm=False, tie_word_embeddings=True, num_kv_heads=cfg.num_heads,
+                 head_dim=cfg.hidden_size // cfg.num_heads, ffn_hidden_size=4 * cfg.hidden_size, norm_eps=1e-5)
+        return {"architectures": ["GLMForConditionalGeneration"], "model_type": "glm",
+                "auto_map": {"AutoConfig": "configuration_glm.GLMConfig", "AutoModel": "modeling_glm.GLMModel",
+                             "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration"},
+                "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_heads, "max_sequence_length": cfg.max_positions - 1,
+                "embedding_dropout_prob": 0.0, "attention_dropout_prob": 0.0, "output_dropout_prob": 0.0,
+                "checkpoint_activations": False, "checkpoint_num_layers": 1, "parallel_output": True,
+                "relative_encoding": False, "block_position_encoding": True, "output_predict": True,
+                "spell_length": None, "spell_func": "lstm", "attention_scale": 1.0, "initializer_range": 0.02,
+                "pool_token": "cls", "torch_dtype": dt}
+    if fam == "chatglm":
+        _require(cfg, fam, position_encoding="rope_2d", norm="layernorm", mlp="gelu_tanh", sandwich_norm=False,
+                 num_kv_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
+                 rope_inv_freq_dtype="float16", rope_base=10000.0)
+        from .config import CHATGLM6B_RESIDUAL_ALPHA
+        _require(cfg, fam, residual_alpha=CHATGLM6B_RESIDUAL_ALPHA)
+        st = cfg.special_tokens
+        return {"architectures": ["ChatGLMModel"], "model_type": "chatglm",
+                "auto_map": {k: v for k, v in _CHATGLM_AUTO_MAP.items() if k != "AutoModelForCausalLM"},
+                "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+                "num_attention_heads": cfg.num_heads, "inner_hidden_size": cfg.ffn_hidden_size,
+                "max_sequence_length": cfg.max_positions, "layernorm_epsilon": cfg.norm_eps,
+                "bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if eos else None,
+                "mask_token_id": st.get("[MASK]"), "gmask_token_id": st.get("[gMASK]"),
+                "pad_token_id": cfg.pad_token_id, "position_encoding_2d": True, "use_cache": True,
+                "torch_dtype": dt}
+    if fam in ("chatglm2", "chatglm3", "glm4-chatglm"):
+        _require(cfg, fam, position_encoding="rope", norm="rmsnorm", mlp="swiglu", residual_alpha=None,
+                 sandwich_norm=False, rotary_fraction=0.5, rope_inv_freq_dtype=None, out_bias=cfg.mlp_bias)
+        d = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "auto_map": dict(_CHATGLM_AUTO_MAP),
+             "num_layers": cfg.num_layers, "padded_vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+             "ffn_hidden_size": cfg.ffn_hidden_size, "kv_channels": cfg.head_dim,
+             "num_attention_heads": cfg.num_heads, "seq_length": cfg.max_positions, "hidden_dropout": 0.0,
+             "attention_dropout": 0.0, "layernorm_epsilon": cfg.norm_eps, "rmsnorm": True,
+             "apply_residual_connection_post_layernorm": False, "post_layer_norm": True,
+             "add_bias_linear": cfg.out_bias, "add_qkv_bias": cfg.qkv_bias, "bias_dropout_fusion": True,
+             "multi_query_attention": cfg.num_kv_heads != cfg.num_heads, "multi_query_group_num": cfg.num_kv_heads,
+             "apply_query_key_layer_scaling": True, "attention_softmax_in_fp32": True,
+             "fp32_residual_connection": False, "original_rope": True, "use_cache": True,
+             "tie_word_embeddings": False, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+             "pad_token_id": cfg.pad_token_id, "torch_dtype": dt}
+        if fam == "glm4-chatglm" or cfg.rope_base != 10000.0:
+            d["rope_ratio"] = cfg.rope_base / 10000.0
+        if fam != "glm4-chatglm" and cfg.rope_base == 10000.0:
+            d["_name_or_path"] = f"THUDM/{fam}-6b"  # lets from_hf tell ChatGLM2 from ChatGLM3
+        return d
+    if fam in ("glm-hf", "glm4-hf"):
+        _require(cfg, fam, position_encoding="rope", norm="rmsnorm", mlp="swiglu", residual_alpha=None,
+                 sandwich_norm=(fam == "glm4-hf"), out_bias=False, mlp_bias=False)
+        return {"architectures": ["Glm4ForCausalLM" if fam == "glm4-hf" else "GlmForCausalLM"],
+                "model_type": "glm4" if fam == "glm4-hf" else "glm", "attention_bias": cfg.qkv_bias,
+                "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "dtype": dt,
+                "eos_token_id": eos, "head_dim": cfg.head_dim, "hidden_act": "silu",
+                "hidden_size": cfg.hidden_size, "initializer_range": 0.02,
+                "intermediate_size": cfg.ffn_hidden_size, "max_position_embeddings": cfg.max_positions,
+                "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads, "pad_token_id": cfg.pad_token_id,
+                "rms_norm_eps": cfg.norm_eps,
+                "rope_parameters": {"partial_rotary_factor": cfg.rotary_fraction, "rope_theta": cfg.rope_base,
+                                    "rope_type": "default"},
+                "tie_word_embeddings": cfg.tie_word_embeddings, "use_cache": True, "vocab_size": cfg.vocab_size}
+    raise FormatError(f"no release format for family {fam!r}")
+
+
+def retarget(cfg: GLMConfig, family: str, dtype: torch.dtype) -> GLMConfig:
+    """``cfg`` re-expressed as another family with the same computation, where the formats allow it:
+    the chatglm-format GLM-4 and transformers' Glm are the two public forms of GLM-4-9B (and
+    ChatGLM2/3 map onto Glm the same way). The rotary base carries over as rope_theta = 10000 *
+    rope_ratio. transformers' Glm rounds its RoPE frequencies to the checkpoint dtype while the
+    chatglm code does not; that reference difference (<1e-3 in logits) is kept, not hidden."""
+    if family == cfg.family:
+        return cfg
+    chatglm2_like = ("chatglm2", "chatglm3", "glm4-chatglm")
+    if family in ("glm-hf", "glm4-hf") and cfg.family in chatglm2_like + ("glm-hf", "glm4-hf"):
+        rd = _DTYPE_NAMES[dtype] if dtype in (torch.float16, torch.bfloat16) else None
+        new = cfg.replace(family=family, rope_inv_freq_dtype=rd)
+    elif family in chatglm2_like and cfg.family in chatglm2_like + ("glm-hf",):
+        new = cfg.replace(family=family, rope_inv_freq_dtype=None)
+    else:
+        raise FormatError(f"a {cfg.family} model cannot be written in the {family} format: the architectures "
+                          f"differ (positions, norms, MLP or residual); convert to 'glm' format instead")
+    hf_config(new, dtype)  # raises FormatError naming any field the target cannot express
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming conversion between folders (and saving a model)
+
+import json as _json
+import os as _os
+import time as _time
+from dataclasses import field as _field
+
+
+def _lossy(src: torch.dtype, dst: torch.dtype) -> bool:
+    return src != dst and not (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
+
+
+@dataclass
+class Source:
+    """Where glm-layout tensors come from: a release folder, a glm folder, or a model in memory."""
+    cfg: GLMConfig
+    hf_config: Optional[dict]  # the release config.json this model came from, carried along
+    mappings: list[Mapping]  # source names (mp.hf) -> glm names (mp.glm)
+    get: Callable[[str], Tensor]
+    meta: Callable[[str], Tensor]
+    file_of: Callable[[str], str] = lambda name: ""
+    names: list[str] = _field(default_factory=list)
+
+
+def _glm_identity(cfg: GLMConfig) -> list[Mapping]:
+    from .model import GLM
+
+    with torch.device("meta"):
+        names = list(GLM(cfg).state_dict())
+    return [rename(n, n) for n in names]
+
+
+def open_source(src: str) -> tuple[Source, "object"]:
+    """A `Source` over a checkpoint folder in a release format or in glm's format."""
+    from .checkpoint import CheckpointReader, is_glm_format
+    from .config import read_json
+
+    raw = read_json(_os.path.join(src, "config.json"))
+    reader = CheckpointReader(src)
+    if is_glm_format(src):
+        cfg = GLMConfig.from_dict(raw.get("config", {}), source=_os.path.join(src, "config.json"))
+        hf_cfg, mappings = raw.get("hf_config"), _glm_identity(cfg)
+    else:
+        cfg = GLMConfig.from_hf(raw if isinstance(raw, dict) else _os.path.join(src, "config.json"))
+        hf_cfg, mappings = raw, hf_format(cfg, keys=reader.keys())
+    check_keys(mappings, reader.keys(), "hf", src)
+    return Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys()), reader
+
+
+def model_source(model) -> Source:
+    sd = model.state_dict()
+    return Source(model.config, None, _glm_identity(model.config), sd.__getitem__,
+                  lambda n: sd[n].to("meta"), names=list(sd))
+
+
+@dataclass
+class ConvertSummary:
+    dst: str
+    format: str
+    family: str
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    files: list[str]
+
+    def line(self) -> str:
+        return (f"wrote {self.dst} ({self.format}, {self.family}): {self.tensors} tensors, "
+                f"{self.bytes / 1e9:.3f} GB in {len(self.files)} shard(s), {self.seconds:.1f} s "
+                f"({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s), peak RSS {self.peak_rss_bytes / 1e9:.2f} GB")
+
+
+def _peak_rss() -> int:
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[str] = None,
+               dtype: "torch.dtype | str | None" = None, allow_lossy: bool = False,
+               shard_size: "int | str" = "2GB", overwrite: bool = False, progress: bool = False) -> ConvertSummary:
+    """Write ``source`` to ``dst`` in glm's format (``to="glm"``) or a release format (``to="hf"``,
+    ``family`` defaults to the source's). Streams one mapping at a time; atomic."""
+    from .checkpoint import _as_dtype, parse_size, write_checkpoint
+
+    t0 = _time.time()
+    if to not in ("glm", "hf"):
+        raise ValueError(f"--to must be 'glm' or 'hf', got {to!r}")
+    dtype = _as_dtype(dtype)
+    if dtype is not None and dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    shard_bytes = parse_size(shard_size)
+    if shard_bytes <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_size!r}")
+    dst = _os.path.abspath(_os.fspath(dst))
+    if _os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
+
+    src_dtypes = {source.meta(n).dtype for mp in source.mappings for n in mp.hf}
+    if dtype is not None and not allow_lossy:
+        lossy = sorted(str(s) for s in src_dtypes if _lossy(s, dtype))
+        if lossy:
+            raise ValueError(f"casting {', '.join(lossy)} weights to {dtype} loses precision; pass "
+                             f"--allow-lossy (allow_lossy=True) to do it anyway")
+    emb_dtype = source.meta(next(n for mp in source.mappings if "embed.weight" in mp.glm for n in mp.hf)).dtype
+    out_dtype = dtype or emb_dtype
+
+    cfg = source.cfg
+    if to == "glm":
+        tcfg, targets = cfg, _glm_identity(cfg)
+        config_json = {"glm_format_version": 1, "config": cfg.to_dict(), "hf_config": source.hf_config}
+    else:
+        tcfg = retarget(cfg, family or cfg.family, out_dtype)
+        targets = hf_format(tcfg, dtype=out_dtype)
+        config_json = hf_config(tcfg, out_dtype)
+        if source.hf_config is not None and tcfg.family == cfg.family:
+            # Same release format: keep its own config.json (all its keys), with the dtype updated.
+            config_json = dict(source.hf_config)
+            keys = [k for k in ("torch_dtype", "dtype") if k in config_json] or ["torch_dtype"]
+            config_json.update({k: _DTYPE_NAMES[out_dtype] for k in keys})
+
+    producer = {g: mp for mp in source.mappings for g in mp.glm}
+    src_file = lambda mp: min((source.file_of(n) for n in mp.hf), default="")  # noqa: E731
+    # Order target mappings by the shard their first glm tensor comes from: each shard read once.
+    targets = sorted(targets, key=lambda mp: min((src_file(producer[g]) for g in mp.glm), default=""))
+
+    def stream(get_src: Callable[[str], Tensor]) -> Iterator[tuple[str, Tensor]]:
+        pending: dict[str, Tensor] = {}
+
+        def get_glm(name: str) -> Tensor:
+            if name not in pending:
+                mp = producer[name]
+                pending.update(zip(mp.glm, mp.to_glm(*[get_src(n) for n in mp.hf])))
+            return pending.pop(name)
+
+        for mp in targets:
+            outs = mp.to_hf(*[get_glm(n) for n in mp.glm])
+            for name, t in zip(mp.hf, outs):
+                yield name, t if dtype is None else t.to(dtype)
+
+    entries = list(stream(source.meta))
+    total = sum(m.numel() * m.element_size() for _, m in entries)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {_os.path.basename(dst)}")
+    on_tensor = (lambda _n, nbytes: bar.update(nbytes)) if bar is not None else None
+    files = {"config.json": (_json.dumps(config_json, indent=2, ensure_ascii=False) + "\n").encode()}
+    try:
+        names = write_checkpoint(dst, entries, stream(source.get), files, shard_size=shard_bytes,
+                                 overwrite=overwrite, on_tensor=on_tensor)
+    finally:
+        if bar is not None:
+            bar.close()
+    return ConvertSummary(dst, to, tcfg.family, len(entries), total, _time.time() - t0, _peak_rss(), names)
+
+
+def convert_checkpoint(src: str, dst: str, **kwargs) -> ConvertSummary:
+    """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`."""
+    source, reader = open_source(_os.fspath(src))
+    try:
+        return write_from(source, dst, **kwargs)
+    finally:
+        reader.close()
+
+
+def save_pretrained(model, dst: str, *, format: str = "glm", family: Optional[str] = None, **kwargs) -> ConvertSummary:
+    """Save a `glm.GLM` as a checkpoint folder: glm's format, or a release format the reference code
+    and transformers load (``format="hf"``; ``family`` picks e.g. ``glm-hf`` for a GLM-4 model)."""
+    return write_from(model_source(model), dst, to=format, family=family, **kwargs)
