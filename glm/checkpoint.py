@@ -1,8 +1,8 @@
 """Lazy, shard-aware reading of checkpoint folders (safetensors or pytorch ``.bin``, single or sharded).
 
-`CheckpointReader` maps tensor names to the file holding them and opens a file only when one of its
-tensors is asked for (safetensors through ``safe_open``; ``.bin`` through
-``torch.load(mmap=True, weights_only=True)``), so converting or loading touches one shard at a time.
+`CheckpointReader` maps tensor names to the file holding them and reads a tensor only when it is
+asked for (safetensors: a positioned read of its byte range, after validating the header; ``.bin``:
+``torch.load(mmap=True, weights_only=True)``), so converting or loading holds one tensor at a time.
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ class CheckpointReader:
         # A few recently used files stay open: a conversion rule may read tensors from two shards.
         self._open_files: "OrderedDict[str, object]" = OrderedDict()
         self._headers: dict[str, dict] = {}
+        self._data_start: dict[str, int] = {}  # header length per safetensors file
 
     def _read_index(self, path: str) -> None:
         try:
@@ -135,28 +136,49 @@ class CheckpointReader:
         return name in self.weight_map
 
     def _open(self, file: str, keep: int = 2):
+        """A ``.bin`` file's (memory-mapped) state dict, kept for the next few reads."""
         if file in self._open_files:
             self._open_files.move_to_end(file)
             return self._open_files[file]
-        path = os.path.join(self.folder, file)
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-            _read_safetensors_header(path)
-            handle = safe_open(path, framework="pt", device="cpu")
-        else:
-            handle = self._load_bin(path)
+        handle = self._load_bin(os.path.join(self.folder, file))
         self._open_files[file] = handle
         while len(self._open_files) > keep:
             self._open_files.popitem(last=False)
         return handle
 
+    def _read_safetensors(self, file: str, name: str) -> Tensor:
+        # Plain positioned reads into a fresh tensor rather than a memory map: resident memory stays
+        # at the tensors in use, not at the pages of every shard touched so far.
+        header = self._header(file)
+        if name not in header:
+            raise KeyError(name)
+        info = header[name]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        path = os.path.join(self.folder, file)
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which glm cannot load")
+        begin, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype=dtype)
+        nbytes = t.numel() * t.element_size()
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} declares {end - begin} bytes for shape "
+                                  f"{info['shape']} {info['dtype']}; the file is corrupt")
+        if nbytes:
+            with open(path, "rb") as f:
+                f.seek(8 + self._data_start[file] + begin)
+                got = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            if got != nbytes:
+                raise CheckpointError(f"{path}: truncated while reading {name!r}; re-download or re-convert it")
+        return t
+
     def get(self, name: str) -> Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
         file = self.weight_map[name]
-        f = self._open(file)
         try:
-            return f.get_tensor(name) if file.endswith(".safetensors") else f[name]
+            if file.endswith(".safetensors"):
+                return self._read_safetensors(file, name)
+            return self._open(file)[name]
         except Exception as e:  # KeyError for .bin, SafetensorError for safetensors
             if not isinstance(e, KeyError) and "does not contain" not in str(e):
                 raise CheckpointError(f"{os.path.join(self.folder, file)}: cannot read tensor {name!r} "
@@ -182,7 +204,10 @@ class CheckpointReader:
 
     def _header(self, file: str) -> dict:
         if file not in self._headers:
-            self._headers[file] = _read_safetensors_header(os.path.join(self.folder, file))
+            path = os.path.join(self.folder, file)
+            self._headers[file] = _read_safetensors_header(path)
+            with open(path, "rb") as f:
+                self._data_start[file] = int.from_bytes(f.read(8), "little")
         return self._headers[file]
 
     def file_of(self, name: str) -> str:

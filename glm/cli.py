@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .convert import KeyMismatchError
+from .convert import FormatError, KeyMismatchError
 from .model import InputError
 
 
@@ -19,6 +19,16 @@ def cmd_parity(args: argparse.Namespace) -> int:
         print(r.line())
     print(f"{args.dir}: {summary(results)}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    summary = convert_checkpoint(args.src, args.dst, to=args.to, family=args.family, dtype=args.dtype,
+                                 allow_lossy=args.allow_lossy, shard_size=args.shard_size,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    print(summary.line())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None, help="attention backend: auto, sdpa, reference (default auto)")
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
     s.set_defaults(func=cmd_parity)
+
+    from .config import FAMILIES
+
+    s = sub.add_parser("convert", help="convert a checkpoint between a release format and glm's, shard by shard",
+                       description="Stream SRC (a release's Hugging Face format, or glm's) into DST, one shard at a "
+                                   "time. DST is written under DST.tmp-* and renamed into place at the end.")
+    s.add_argument("src", help="source checkpoint folder")
+    s.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
+    s.add_argument("--to", choices=("glm", "hf"), default="glm", help="output format (default glm)")
+    s.add_argument("--family", choices=list(FAMILIES), default=None,
+                   help="release format for --to hf (default: the source's; e.g. glm-hf turns a chatglm-format "
+                        "GLM-4 into transformers' Glm)")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"), default=None,
+                   help="cast every tensor (default: keep each tensor's dtype)")
+    s.add_argument("--allow-lossy", action="store_true", help="permit casts that lose precision (e.g. fp32 -> bf16)")
+    s.add_argument("--shard-size", default="2GB", help="max bytes per output shard, e.g. 2GB, 500MB (default 2GB)")
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_convert)
     return p
 
 
-USER_ERRORS = (ConfigError, CheckpointError, KeyMismatchError, InputError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, FileNotFoundError,
+               FileExistsError, ValueError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

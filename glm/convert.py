@@ -481,6 +481,14 @@ class ConvertSummary:
 
 
 def _peak_rss() -> int:
+    """High-water resident memory of this process (Linux VmHWM; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     import sys
 

@@ -1,0 +1,173 @@
+"""Converter benchmark: peak memory and throughput of glm's streaming conversion vs load-everything.
+
+Builds a synthetic multi-shard checkpoint (transformers Glm format, bf16, >= 2 GB by default) in a
+temp dir, then converts it release -> glm format twice, each in its own fresh process so peak RSS is
+its own: (1) `glm convert` (streaming, one tensor at a time) and (2) the naive approach that loads
+every shard into one dict, converts in memory and saves. Reports peak RSS against the largest
+shard (goal: streaming <= largest shard + 10%), GB/s, and the ratio between the two.
+
+    python benchmarks/convert.py [--gb 2.2] [--shard-size 1GB] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def synthetic_config(target_gb: float) -> "glm.GLMConfig":
+    import glm
+
+    base = glm.preset("glm-4-9b-chat-hf").replace(hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
+                                                   ffn_hidden_size=5632, vocab_size=65024, num_layers=1)
+    per_layer = base.replace(num_layers=2).num_parameters - base.num_parameters
+    layers = max(1, round((target_gb * 1e9 / 2 - (base.num_parameters - per_layer)) / per_layer))
+    return base.replace(num_layers=layers, name="bench-synthetic")
+
+
+def build_checkpoint(folder: str, target_gb: float, shard_size: str) -> dict:
+    """Random weights streamed straight to a bf16 release-format checkpoint (never all in memory)."""
+    import glm
+    from glm.convert import Source, _glm_identity, write_from
+
+    cfg = synthetic_config(target_gb)
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in glm.GLM(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    get = lambda n: (torch.randn(shapes[n], generator=gen) * 0.02).to(torch.bfloat16)  # noqa: E731
+    meta = lambda n: torch.empty(shapes[n], dtype=torch.bfloat16, device="meta")  # noqa: E731
+    src = Source(cfg, None, _glm_identity(cfg), get, meta)
+    s = write_from(src, folder, to="hf", shard_size=shard_size)
+    return {"params": cfg.num_parameters, "bytes": s.bytes, "shards": len(s.files), "layers": cfg.num_layers}
+
+
+# The two measured jobs run in child processes: `python convert.py --job streaming|naive SRC DST`.
+def peak_rss() -> int:
+    """This process's high-water resident set (VmHWM). Unlike ru_maxrss it is not inherited from the
+    parent across fork+exec, so each job measures only itself."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def job(kind: str, src: str, dst: str, shard_size: str) -> dict:
+    import glm  # noqa: F401  (import cost is part of the baseline, measured before the work)
+
+    base_rss = peak_rss()
+    t0 = time.perf_counter()
+    if kind == "streaming":
+        from glm.convert import convert_checkpoint
+
+        s = convert_checkpoint(src, dst, to="glm", shard_size=shard_size)
+        nbytes = s.bytes
+    else:
+        from safetensors.torch import load_file, save_file
+
+        from glm.config import GLMConfig
+        from glm.convert import hf_format
+
+        cfg = GLMConfig.from_hf(src)
+        sd = {}
+        for f in sorted(os.listdir(src)):
+            if f.endswith(".safetensors"):
+                sd.update(load_file(os.path.join(src, f)))
+        out = {}
+        for mp in hf_format(cfg, keys=list(sd)):
+            out.update(zip(mp.glm, mp.to_glm(*[sd[n] for n in mp.hf])))
+        os.makedirs(dst)
+        save_file(out, os.path.join(dst, "model.safetensors"))
+        nbytes = sum(t.numel() * t.element_size() for t in out.values())
+    secs = time.perf_counter() - t0
+    peak = peak_rss()
+    return {"kind": kind, "seconds": secs, "bytes": nbytes, "peak_rss": peak, "baseline_rss": base_rss}
+
+
+def run_job(kind: str, src: str, dst: str, shard_size: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--job", kind, src, dst, "--shard-size", shard_size],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=2.2, help="synthetic checkpoint size in GB (default 2.2)")
+    ap.add_argument("--shard-size", default="1GB", help="shard size of the synthetic input and the output")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON + PNG")
+    ap.add_argument("--job", nargs=3, metavar=("KIND", "SRC", "DST"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        print(json.dumps(job(*args.job, args.shard_size)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="glm-bench-convert-") as tmp:
+        src = os.path.join(tmp, "src")
+        info = build_checkpoint(src, args.gb, args.shard_size)
+        largest = max(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
+        results = {k: run_job(k, src, os.path.join(tmp, k), args.shard_size) for k in ("streaming", "naive")}
+
+    gb = lambda b: b / 1e9  # noqa: E731
+    print(f"synthetic Glm checkpoint: {info['params'] / 1e9:.2f} B params, {gb(info['bytes']):.2f} GB bf16 in "
+          f"{info['shards']} shards, largest shard {gb(largest):.2f} GB")
+    print(f"{'approach':<10} {'seconds':>8} {'GB/s':>6} {'peak RSS GB':>12} {'baseline GB':>12} {'peak/largest shard':>19}")
+    for k, r in results.items():
+        print(f"{k:<10} {r['seconds']:8.2f} {gb(r['bytes']) / r['seconds']:6.2f} {gb(r['peak_rss']):12.2f} "
+              f"{gb(r['baseline_rss']):12.2f} {r['peak_rss'] / largest:19.2f}")
+    s, n = results["streaming"], results["naive"]
+    goal_ok = s["peak_rss"] <= 1.10 * largest
+    print(f"streaming vs naive: {n['peak_rss'] / s['peak_rss']:.2f}x less peak memory, "
+          f"{n['seconds'] / s['seconds']:.2f}x the speed; goal peak <= largest shard + 10%: "
+          f"{'met' if goal_ok else 'NOT met'}")
+
+    os.makedirs(args.out, exist_ok=True)
+    record = {"benchmark": "convert", "device": f"cpu ({platform.processor() or platform.machine()}, "
+                                                f"{os.cpu_count()} cores)",
+              "torch": torch.__version__, "git_sha": git_sha(), "config": info, "largest_shard_bytes": largest,
+              "shard_size": args.shard_size, "results": results, "goal_met": goal_ok,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = os.path.join(args.out, "convert_cpu.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ks = list(results)
+        ax.bar(ks, [gb(results[k]["peak_rss"]) for k in ks], color=["tab:green", "tab:red"])
+        ax.axhline(gb(largest), ls="--", c="k", label="largest shard")
+        ax.axhline(gb(1.1 * largest), ls=":", c="gray", label="goal (+10%)")
+        ax.set_ylabel("peak RSS (GB)")
+        ax.set_title(f"convert {gb(info['bytes']):.1f} GB checkpoint")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "convert_cpu.png"), dpi=120)
+        print(f"wrote {path} and convert_cpu.png")
+    except ImportError:
+        print(f"wrote {path} (matplotlib missing: no plot)")
+
+
+if __name__ == "__main__":
+    main()
