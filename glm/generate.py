@@ -1,0 +1,123 @@
+"""Generation on a static KV cache: greedy or sampled, batched with left padding, streamed.
+
+One prefill forward fills the cache with the prompt, then each step feeds one token per row; the
+model continues every row's position ids from the cache (1D families count up; GLM/ChatGLM-6B keep
+the mask position and count the block position up, generating inside a blank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import GLM, InputError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the row
+    eos_token_ids: Sequence[int] = ()
+    seed: Optional[int] = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def _apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    # CTRL-style: positive logits are divided, negative multiplied, for tokens already present.
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def next_token(logits: Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator],
+               seen: Optional[Tensor] = None) -> Tensor:
+    """Pick one token per row from ``logits`` ``[B, V]``."""
+    logits = logits.float()
+    if seen is not None and cfg.repetition_penalty != 1.0:
+        logits = _apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists -> ``[B, T]`` left-padded ids and ``pad_left`` ``[B]``."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("every prompt needs at least one token (got an empty prompt)")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+    return ids, torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
+
+
+@torch.no_grad()
+def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = None,
+           prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
+           sampling: Optional[SamplingConfig] = None, **overrides) -> Iterator[Tensor]:
+    """Yield the next token of every row, ``[B]``, as soon as it is chosen.
+
+    Rows that produced an eos keep yielding that eos. ``overrides`` set `SamplingConfig` fields.
+    """
+    cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
+    cfg.validate()
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
+    B, P = input_ids.shape
+    limit = model.config.max_positions
+    if P + cfg.max_new_tokens > limit and model.config.position_streams == 1:
+        raise InputError(f"prompt of {P} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
+                         f"{limit} positions; shorten the prompt or lower max_new_tokens")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    cache = model.new_cache(B, P + cfg.max_new_tokens)
+    eos = torch.tensor(list(cfg.eos_token_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = input_ids.to(device) if cfg.repetition_penalty != 1.0 else None
+    logits = model(input_ids.to(device), position_ids, prefix_len=prefix_len, pad_left=pad_left, cache=cache,
+                   last_only=True)[:, -1]
+    for step in range(cfg.max_new_tokens):
+        tok = next_token(logits, cfg, gen, seen)
+        if eos.numel():
+            tok = torch.where(done, eos[0], tok)
+            done |= torch.isin(tok, eos)
+        yield tok
+        if step + 1 == cfg.max_new_tokens or (eos.numel() and bool(done.all())):
+            return
+        if seen is not None:
+            seen = torch.cat((seen, tok[:, None]), dim=1)
+        logits = model(tok[:, None], cache=cache, last_only=True, check_inputs=False)[:, -1]
+
+
+def generate(model: GLM, input_ids: Tensor, **kwargs) -> Tensor:
+    """The new tokens ``[B, N]`` (N <= max_new_tokens; stops early once every row hit an eos).
+    Takes the arguments of `stream`."""
+    toks = list(stream(model, input_ids, **kwargs))
+    return torch.stack(toks, dim=1)
