@@ -198,7 +198,11 @@ class CheckpointReader:
         """A meta tensor with the stored shape and dtype, read from headers without loading data."""
         file = self.weight_map[name]
         if file.endswith(".safetensors"):
-            info = self._header(file)[name]
+            header = self._header(file)
+            if name not in header:
+                raise CheckpointError(f"{os.path.join(self.folder, file)}: the index says it holds {name!r}, "
+                                      f"but it does not; the index and the shards disagree")
+            info = header[name]
             return torch.empty(info["shape"], dtype=_ST_DTYPES.get(info["dtype"], torch.uint8), device="meta")
         return self.get(name).to("meta")
 
@@ -262,19 +266,13 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     with reader:
         with torch.device("meta"):
             model = GLM(source.cfg)
-        expected = model.state_dict()
-        state: dict[str, Tensor] = {}
+        state: dict[str, Tensor] = {}  # shapes were checked against the config by open_source
         # Read in shard order so every shard is opened once.
         for mp in sorted(source.mappings, key=lambda mp: min((reader.file_of(n) for n in mp.hf), default="")):
             for name, t in zip(mp.glm, mp.to_glm(*[reader.get(n) for n in mp.hf])):
                 if t.dtype not in _FLOAT_DTYPES:
                     raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has dtype {t.dtype}; only float32/"
                                           f"float16/bfloat16 weights load (quantised checkpoints are not supported)")
-                want = expected[name].shape
-                if t.shape != want:
-                    raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has shape {tuple(t.shape)}, but "
-                                          f"config.json implies {tuple(want)} (glm name {name!r}); the config "
-                                          f"and weights do not belong together")
                 state[name] = t.to(device=device, dtype=dtype or t.dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.reset_buffers(device)
@@ -402,7 +400,13 @@ def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: It
         if os.path.exists(folder):
             old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=parent)
             os.rename(folder, os.path.join(old, "x"))
-        os.rename(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except BaseException:
+            if old is not None:  # put the previous output back where it was
+                os.rename(os.path.join(old, "x"), folder)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         dfd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(dfd)

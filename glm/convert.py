@@ -204,7 +204,13 @@ def _chatglm2_format(cfg: GLMConfig, dtype: torch.dtype) -> list[Mapping]:
         if cfg.qkv_bias:
             m.append(_fused_qkv_mapping(cfg, f"layers.{i}.attn.qkv.bias", f"{hl}.self_attention.query_key_value.bias"))
     m.append(rename("final_norm.weight", "transformer.encoder.final_layernorm.weight"))
-    if not cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:
+        # The format always has a separate output_layer: a tied model writes the embedding twice
+        # (and reads back untied, computing the same logits).
+        m[0] = Mapping(("embed.weight",), ("transformer.embedding.word_embeddings.weight",
+                                           "transformer.output_layer.weight"),
+                       lambda e, _o: (e,), lambda e: (e, e.clone()))
+    else:
         m.append(rename("lm_head.weight", "transformer.output_layer.weight"))
     return m
 
@@ -365,8 +371,8 @@ def hf_config(cfg: GLMConfig, dtype: torch.dtype) -> dict:
              "pad_token_id": cfg.pad_token_id, "torch_dtype": dt}
         if fam == "glm4-chatglm" or cfg.rope_base != 10000.0:
             d["rope_ratio"] = cfg.rope_base / 10000.0
-        if fam != "glm4-chatglm" and cfg.rope_base == 10000.0:
-            d["_name_or_path"] = f"THUDM/{fam}-6b"  # lets from_hf tell ChatGLM2 from ChatGLM3
+        # The chatglm-format schemas are identical; the name is what lets from_hf tell them apart.
+        d["_name_or_path"] = "THUDM/glm-4-9b" if fam == "glm4-chatglm" else f"THUDM/{fam}-6b"
         return d
     if fam in ("glm-hf", "glm4-hf"):
         _require(cfg, fam, position_encoding="rope", norm="rmsnorm", mlp="swiglu", residual_alpha=None,
@@ -440,6 +446,28 @@ def _glm_identity(cfg: GLMConfig) -> list[Mapping]:
     return [rename(n, n) for n in names]
 
 
+def check_shapes(source: Source, where: str) -> None:
+    """Run the source's mappings on meta tensors and compare with the shapes ``source.cfg`` implies,
+    so a config that does not belong to its weights fails before anything is read or written."""
+    from .checkpoint import CheckpointError
+    from .model import GLM
+
+    with torch.device("meta"):
+        expected = {n: p.shape for n, p in GLM(source.cfg).state_dict().items()}
+    for mp in source.mappings:
+        metas = [source.meta(n) for n in mp.hf]
+        try:
+            outs = mp.to_glm(*metas)
+        except RuntimeError:  # a reshape that the stored shape cannot satisfy
+            outs = [None] * len(mp.glm)
+        for name, t in zip(mp.glm, outs):
+            if t is None or t.shape != expected[name]:
+                stored = ", ".join(f"{n} {tuple(m.shape)}" for n, m in zip(mp.hf, metas))
+                raise CheckpointError(f"{where}: tensor {stored} does not fit the shape config.json implies, "
+                                      f"{tuple(expected[name])} (glm name {name!r}); the config and weights "
+                                      f"do not belong together")
+
+
 def open_source(src: str) -> tuple[Source, "object"]:
     """A `Source` over a checkpoint folder in a release format or in glm's format."""
     from .checkpoint import CheckpointReader, is_glm_format
@@ -454,7 +482,9 @@ def open_source(src: str) -> tuple[Source, "object"]:
         cfg = GLMConfig.from_hf(raw if isinstance(raw, dict) else _os.path.join(src, "config.json"))
         hf_cfg, mappings = raw, hf_format(cfg, keys=reader.keys())
     check_keys(mappings, reader.keys(), "hf", src)
-    return Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys()), reader
+    source = Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys())
+    check_shapes(source, src)
+    return source, reader
 
 
 def model_source(model) -> Source:
