@@ -131,5 +131,12 @@ def attention(
     if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or "
                          f"head dim, or KV heads do not divide query heads")
+    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+    for name, t in (("prefix_len", prefix_len), ("kv_start", kv_start), ("kv_len", kv_len)):
+        if t is not None and tuple(t.shape) != (B,):
+            raise ValueError(f"attention: {name} must have shape [B] = ({B},), got {tuple(t.shape)}")
+    if q_offset < 0 or q_offset + Tq > Tk:
+        raise ValueError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
+                         f"{Tk} keys; q_offset must be in [0, Tk - Tq]")
     return resolve_backend(backend)(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
                                     kv_len=kv_len, q_offset=q_offset, scale=scale)

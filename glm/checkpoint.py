@@ -247,13 +247,14 @@ def _as_dtype(dtype: "torch.dtype | str | None") -> Optional[torch.dtype]:
 
 
 def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
-                    device: "torch.device | str" = "cpu", backend: str = "auto"):
+                    device: "torch.device | str" = "cpu", backend: str = "auto", **config_overrides):
     """Load a checkpoint folder — a release's Hugging Face format or glm's own — as a `glm.GLM`.
 
     The family is recognised from config.json; foreign layouts (per-head or separate QKV,
     interleaved RoPE) are converted to glm's one layout as the tensors stream in, one shard at a
     time. ``dtype=None`` keeps each tensor's stored dtype; the default upcasts to float32, the
-    precision the parity fixtures were made in.
+    precision the parity fixtures were made in. ``config_overrides`` replace `GLMConfig` fields
+    that do not change shapes, e.g. ``rope_inv_freq_dtype=None`` to keep RoPE frequencies exact.
     """
     from .convert import open_source
     from .model import GLM
@@ -263,6 +264,8 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     source, reader = open_source(folder)
+    if config_overrides:
+        source.cfg = source.cfg.replace(**config_overrides)
     with reader:
         with torch.device("meta"):
             model = GLM(source.cfg)
