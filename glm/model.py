@@ -322,6 +322,13 @@ class GLM(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
         return KVCache.for_model(self, batch, max_len, dtype)
 
+    def save_pretrained(self, folder: str, *, format: str = "glm", family: Optional[str] = None, **kwargs):
+        """Write this model as a checkpoint folder (glm's format, or ``format="hf"`` for the release
+        format the reference code and transformers load); see `glm.convert.write_from`."""
+        from .convert import save_pretrained
+
+        return save_pretrained(self, folder, format=format, family=family, **kwargs)
+
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross entropy of ``logits[t]`` against ``targets[t]`` (already-aligned targets, no shift)

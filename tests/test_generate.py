@@ -85,3 +85,12 @@ def test_bad_generation_inputs():
         generate(model, torch.ones(1, 60, dtype=torch.long), max_new_tokens=10)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, torch.ones(1, 3, dtype=torch.long), top_p=0.0)
+
+
+def test_model_save_pretrained_method(tmp_path):
+    model = _tiny("tiny-glm-hf")
+    model.save_pretrained(str(tmp_path / "hf"), format="hf")
+    back = glm.from_pretrained(str(tmp_path / "hf"))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids), back(ids), atol=1e-6)
