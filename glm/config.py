@@ -424,8 +424,9 @@ def _presets() -> dict[str, GLMConfig]:
                                                 pad_token_id=3, bos_token_id=156, eos_token_ids=(157,))
     for fam, base in (("chatglm2", "chatglm2-6b"), ("chatglm3", "chatglm3-6b"), ("glm4-chatglm", "glm-4-9b"),
                       ("glm-hf", "glm-4-9b-chat-hf"), ("glm4-hf", "glm-4-9b-0414")):
+        # Tiny models are built and trained in fp32: no release-dtype rounding of RoPE frequencies.
         p[f"tiny-{fam}"] = p[base].replace(**tiny, num_kv_heads=2, ffn_hidden_size=96, special_tokens={},
-                                           pad_token_id=0, eos_token_ids=(2,))
+                                           pad_token_id=0, eos_token_ids=(2,), rope_inv_freq_dtype=None)
     for name, cfg in p.items():
         cfg.name = name
     return p
