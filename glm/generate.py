@@ -121,3 +121,82 @@ def generate(model: GLM, input_ids: Tensor, **kwargs) -> Tensor:
     Takes the arguments of `stream`."""
     toks = list(stream(model, input_ids, **kwargs))
     return torch.stack(toks, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blank infilling (GLM, ChatGLM-6B): Part A with masks, then each blank generated after <sop>
+
+@dataclass
+class InfillResult:
+    tokens: list[int]  # Part A with every mask replaced by its span (no [CLS], no sop/eop)
+    spans: list[list[int]]  # the generated span of each blank, in order
+    complete: list[bool]  # whether each span ended with <eop> (False: hit max_span_tokens)
+
+
+@torch.no_grad()
+def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
+               cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
+               sampling: Optional[SamplingConfig] = None, **overrides) -> InfillResult:
+    """Fill every blank of ``tokens`` (ids with mask tokens in them) with the GLM objective.
+
+    Part A = ``[CLS]`` (when given) + tokens, attended bidirectionally (``prefix_len = |A|``), at
+    positions ``0..|A|-1`` with block position 0. Blanks are filled left to right: each span is fed
+    ``<sop>`` at its mask's position with block position 1, and generates (same position, block
+    positions 2, 3, ...) until ``<eop>``. Earlier spans stay in the cache, as earlier spans of
+    Part B are visible in training. Without any mask token, ``[gMASK]`` is appended (generation).
+    """
+    if model.config.position_streams != 2:
+        raise InputError(f"blank infilling needs a model with 2D positions (GLM, ChatGLM-6B); family "
+                         f"{model.config.family} generates left to right only (use generate)")
+    if not tokens:
+        raise InputError("infill needs a non-empty text")
+    cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
+    cfg.validate()
+    masks = set(int(m) for m in mask_ids)
+    part_a = ([cls_id] if cls_id is not None and tokens[0] != cls_id else []) + [int(t) for t in tokens]
+    if not any(t in masks for t in part_a):
+        if gmask_id is None:
+            raise InputError("the text has no mask token ([MASK], [sMASK] or [gMASK]) to fill")
+        part_a.append(gmask_id)
+    blanks = [i for i, t in enumerate(part_a) if t in masks or t == gmask_id]
+    if len(part_a) > model.config.max_positions:
+        raise InputError(f"the text is {len(part_a)} tokens; the model has {model.config.max_positions} positions")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    cache = model.new_cache(1, len(part_a) + len(blanks) * (max_span_tokens + 1))
+    A = len(part_a)
+    pos = torch.stack((torch.arange(A), torch.zeros(A, dtype=torch.long)))[None].to(device)
+    model(torch.tensor([part_a], device=device), pos, prefix_len=torch.tensor([A], device=device), cache=cache,
+          last_only=True)
+    spans, complete = [], []
+    for m in blanks:
+        sop_pos = torch.tensor([[[m], [1]]], device=device)
+        logits = model(torch.tensor([[sop_id]], device=device), sop_pos, cache=cache, last_only=True)[:, -1]
+        span: list[int] = []
+        while True:
+            tok = int(next_token(logits, cfg, gen))
+            if tok == eop_id or len(span) == max_span_tokens:
+                complete.append(tok == eop_id)
+                break
+            span.append(tok)
+            logits = model(torch.tensor([[tok]], device=device), cache=cache, last_only=True,
+                           check_inputs=False)[:, -1]
+        spans.append(span)
+    out: list[int] = []
+    spans_iter = iter(spans)
+    for i, t in enumerate(part_a):
+        if i in blanks:
+            out.extend(next(spans_iter))
+        elif not (i == 0 and cls_id is not None and t == cls_id):
+            out.append(t)
+    return InfillResult(out, spans, complete)
+
+
+def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
+    """``"Paris is the [MASK] of France."`` -> the text with every blank filled (see `infill_ids`)."""
+    ids = tokenizer.encode_with_specials(text)
+    masks = tokenizer.mask_ids
+    res = infill_ids(model, ids, mask_ids=[v for k, v in masks.items() if k != "gMASK"],
+                     gmask_id=masks.get("gMASK"), sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id,
+                     cls_id=tokenizer.cls_id, **kwargs)
+    return tokenizer.decode(res.tokens)
