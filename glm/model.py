@@ -228,7 +228,8 @@ class GLM(nn.Module):
             return torch.stack((last[:, 0], last[:, 1] + 1), dim=1)
         return last + 1
 
-    def _check_inputs(self, input_ids: Tensor, position_ids: Tensor, cache: Optional[KVCache]) -> None:
+    def _check_inputs(self, input_ids: Tensor, position_ids: Tensor, cache: Optional[KVCache],
+                      prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None) -> None:
         cfg = self.config
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -251,6 +252,15 @@ class GLM(nn.Module):
                 raise InputError(f"position id {hi if hi >= cfg.max_positions else lo} is outside "
                                  f"[0, {cfg.max_positions}): the sequence is longer than the model's "
                                  f"{cfg.max_positions} positions; shorten the input")
+        start = cache.length if cache is not None else 0
+        for name, t in (("prefix_len", prefix_len), ("pad_left", pad_left)):
+            if t is None:
+                continue
+            if tuple(t.shape) != (B,):
+                raise InputError(f"{name} must have shape [batch] = ({B},), got {tuple(t.shape)}")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) > start + T):
+                raise InputError(f"{name} values must lie in [0, {start + T}] (they count key slots, left "
+                                 f"padding included); got {t.tolist()}")
         if cache is not None:
             cache.check_room(T)
             if cache.batch != B:
@@ -295,7 +305,7 @@ class GLM(nn.Module):
         elif position_ids.dim() == 2 and self.config.position_streams == 1:
             position_ids = position_ids.unsqueeze(1)
         if check_inputs and not torch.compiler.is_compiling():
-            self._check_inputs(input_ids, position_ids, cache)
+            self._check_inputs(input_ids, position_ids, cache, prefix_len, pad_left)
 
         x = self.embed(input_ids)
         cos_sin = None

@@ -184,3 +184,17 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert main(["parity", d]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model-00002-of-00004.safetensors" in err and "Traceback" not in err
+
+
+def test_structure_tensors_validated():
+    model = glm.from_pretrained(reference_dir("chatglm-6b"))
+    ids = torch.tensor([[3, 40, 50, 87, 72]])
+    pos = torch.zeros(1, 2, 5, dtype=torch.long)
+    with pytest.raises(InputError, match=r"pad_left must have shape \[batch\]"):
+        model(ids, pos, pad_left=torch.tensor([1, 0]))
+    with pytest.raises(InputError, match=r"pad_left values must lie in \[0, 5\]"):
+        model(ids, pos, pad_left=torch.tensor([9]))
+    # A prefix cannot reach past the keys prefilled so far: prefill the whole prefix in one call.
+    cache = model.new_cache(1, 10)
+    with pytest.raises(InputError, match=r"prefix_len values must lie in \[0, 5\]"):
+        model(ids, pos, prefix_len=torch.tensor([6]), cache=cache)

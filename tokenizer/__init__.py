@@ -1,1 +1,18 @@
-"""SentencePiece tokenizers and chat formats of each GLM release."""
+"""SentencePiece tokenizers and chat formats of each GLM release.
+
+    from glm.tokenizer import load, train
+    tok = load("path/to/checkpoint")          # family from tokenizer_config.json and the file names
+    ids = tok.chat_ids("你好")                 # the release's chat prompt, ready for generation
+
+Families (GLM_SPEC §5): ``glm`` (original GLM, cog-pretrain.model), ``chatglm`` (ChatGLM-6B,
+ice_text.model), ``chatglm2`` / ``chatglm3`` (tokenizer.model, SentencePiece), ``glm4`` (tokenizer.model,
+tiktoken rank file; needs ``pip install tiktoken``). See docs/tokenizers.md.
+"""
+from .base import FAMILIES, Tokenizer, TokenizerError
+from .glm4 import GLM4Tokenizer
+from .load import detect_family, load
+from .sentencepiece_families import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer
+from .train import train
+
+__all__ = ["FAMILIES", "Tokenizer", "TokenizerError", "load", "train", "detect_family", "GLMTokenizer",
+           "ChatGLM6BTokenizer", "ChatGLM2Tokenizer", "ChatGLM3Tokenizer", "GLM4Tokenizer"]

@@ -1,0 +1,248 @@
+"""What every family's tokenizer shares: the error type, the special-token table, decoding around
+specials, splitting text on literal special-token strings, chat-message normalisation and atomic saves.
+
+A family subclass supplies only how text becomes ids (`encode`, `_decode_text`), its model file, its
+prompt wrapping (`build_inputs`) and its chat format (`_chat`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Iterable, Mapping, Optional, Sequence
+
+FAMILIES = ("glm", "chatglm", "chatglm2", "chatglm3", "glm4")
+CONFIG_NAME = "tokenizer_config.json"
+FAMILY_KEY = "glm_tokenizer_family"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file, folder, name or argument that cannot be used as it is; the message names it and the fix."""
+
+
+Message = Mapping[str, object]
+
+
+class Tokenizer:
+    """One GLM release's tokenizer. Ids below the text-vocabulary size come from the model file; the
+    special tokens are a name -> id table whose layout each family defines (GLM_SPEC §5)."""
+
+    family: str = ""
+    model_file: str = ""  # the release's file name, used by save()
+    # Special-token names that are ordinary words ("sop" in ChatGLM2/3): encode_with_specials must not
+    # cut "desktop" into "desktop"[:-3] + sop, so these are reachable through token_id() only.
+    unsplittable: frozenset = frozenset()
+    roles_in_chat: frozenset = frozenset()
+
+    def __init__(self, special_tokens: Mapping[str, int], n_text: int, source: str,
+                 roles: Mapping[str, object], overrides: Optional[Mapping[str, int]] = None):
+        table = dict(special_tokens)
+        for name, idx in (overrides or {}).items():
+            if name in table:  # a release's own added-token table is the truth where it exists
+                table[name] = int(idx)
+        ids = list(table.values())
+        if len(set(ids)) != len(ids):
+            dup = sorted(n for n in table if ids.count(table[n]) > 1)
+            raise TokenizerError(f"{source}: special tokens {dup} share an id; fix the added-token table in "
+                                 f"{CONFIG_NAME} / added_tokens.json or re-save the tokenizer")
+        self.special_tokens: dict[str, int] = table
+        self.source = source
+        self._n_text = n_text
+        self._roles = dict(roles)
+        self._id_to_special = {v: k for k, v in table.items()}
+        names = sorted((n for n in table if n not in self.unsplittable), key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    # ---- what a family provides -------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids; special-token strings in the text are treated as text."""
+        raise NotImplementedError
+
+    def _decode_text(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def build_inputs(self, ids: Sequence[int]) -> list[int]:
+        """The release's ``build_inputs_with_special_tokens`` for one sequence."""
+        raise NotImplementedError
+
+    def _chat(self, messages: list[dict]) -> list[int]:
+        raise NotImplementedError
+
+    def _model_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def _config_extra(self) -> dict:
+        return {}
+
+    # ---- shared API ---------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Every id the tokenizer can produce, specials included (embedding tables may be padded larger)."""
+        return max(self._n_text, max(self.special_tokens.values(), default=-1) + 1)
+
+    def _role(self, role: str) -> Optional[int]:
+        name = self._roles.get(role)
+        return None if name is None else self.special_tokens[name]  # type: ignore[index]
+
+    @property
+    def pad_id(self) -> int:
+        return self._role("pad")  # type: ignore[return-value]
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self._role("bos")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(self.special_tokens[n] for n in self._roles["eos"])  # type: ignore[union-attr]
+
+    @property
+    def sop_id(self) -> int:
+        return self._role("sop")  # type: ignore[return-value]
+
+    @property
+    def eop_id(self) -> int:
+        return self._role("eop")  # type: ignore[return-value]
+
+    @property
+    def cls_id(self) -> Optional[int]:
+        return self._role("cls")
+
+    @property
+    def mask_ids(self) -> dict[str, int]:
+        return {k: self.special_tokens[f"[{k}]"] for k in ("MASK", "sMASK", "gMASK") if f"[{k}]" in self.special_tokens}
+
+    def token_id(self, name: str) -> int:
+        """Id of a special token by its string, e.g. ``token_id("[gMASK]")``."""
+        try:
+            return self.special_tokens[name]
+        except KeyError:
+            raise TokenizerError(f"{name!r} is not a special token of this {self.family} tokenizer ({self.source}); "
+                                 f"known: {', '.join(sorted(self.special_tokens))}") from None
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Text that may contain special-token strings literally ("[gMASK]", "<|user|>"): each one becomes
+        its id and the text between them is encoded on its own, as a Hugging Face tokenizer does with
+        its added tokens."""
+        if self._split_re is None:
+            return self.encode(text)
+        out: list[int] = []
+        for i, part in enumerate(self._split_re.split(text)):
+            if i % 2:
+                out.append(self.special_tokens[part])
+            elif part:
+                out.extend(self.encode(part))
+        return out
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Ids -> text. Runs of text ids are decoded together; a special token becomes its string
+        (or nothing with ``skip_special_tokens``)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"ids {bad[:5]} are outside this {self.family} tokenizer's vocabulary "
+                                 f"(0..{self.vocab_size - 1}, {self.source}); were they made by another tokenizer?")
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            name = self._id_to_special.get(i)
+            if name is None:
+                run.append(i)
+                continue
+            if run:
+                pieces.append(self._decode_text(run))
+                run = []
+            if not skip_special_tokens:
+                pieces.append(name)
+        if run:
+            pieces.append(self._decode_text(run))
+        return "".join(pieces)
+
+    def chat_ids(self, query: Optional[str] = None, history: Sequence = (), system: Optional[str] = None, *,
+                 messages: Optional[Sequence[Message]] = None) -> list[int]:
+        """The release's chat prompt, ready for generation.
+
+        Either ``query`` with ``history`` (``[(query, response), ...]`` or message dicts) and an optional
+        ``system`` text, or ``messages=[{"role": ..., "content": ...}, ...]`` ending with the turn to answer.
+        """
+        if not self.roles_in_chat:
+            raise TokenizerError(f"the {self.family} family has no chat format; build prompts with build_inputs()")
+        return self._chat(_conversation(query, history, system, messages, self.family, self.roles_in_chat))
+
+    def save(self, folder: str) -> None:
+        """Write the model file and tokenizer_config.json into ``folder`` (created if missing); each file
+        goes to a temp file beside it, is fsynced and renamed into place."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        config = {FAMILY_KEY: self.family, "model_file": self.model_file,
+                  "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
+                  **self._config_extra()}
+        # The model file first: a crash between the two renames leaves a config that still names a
+        # complete model file, never a config pointing at a half-written one.
+        atomic_write(os.path.join(folder, self.model_file), self._model_bytes())
+        atomic_write(os.path.join(folder, CONFIG_NAME), (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} family={self.family} vocab_size={self.vocab_size} source={self.source}>"
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _conversation(query: Optional[str], history: Sequence, system: Optional[str],
+                  messages: Optional[Sequence[Message]], family: str, roles: frozenset) -> list[dict]:
+    """Normalise the two chat call forms into a list of message dicts, validating roles and contents."""
+    if messages is not None:
+        if query is not None or history or system is not None:
+            raise TokenizerError("chat_ids: pass either messages=[...] or query/history/system, not both")
+        msgs = [dict(m) for m in messages]
+    else:
+        if not isinstance(query, str):
+            raise TokenizerError("chat_ids: query must be a string (or pass messages=[{'role': ..., 'content': ...}])")
+        msgs = [] if system is None else [{"role": "system", "content": system}]
+        for item in history:
+            if isinstance(item, Mapping):
+                msgs.append(dict(item))
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                msgs += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
+            else:
+                raise TokenizerError(f"chat_ids: history entries must be (query, response) pairs or message dicts, "
+                                     f"got {item!r}")
+        msgs.append({"role": "user", "content": query})
+    if not msgs:
+        raise TokenizerError("chat_ids: no messages given")
+    for i, m in enumerate(msgs):
+        if m.get("role") not in roles:
+            raise TokenizerError(f"chat_ids: message {i} has role {m.get('role')!r}; the {family} chat format "
+                                 f"knows {', '.join(sorted(roles))}")
+        if not isinstance(m.get("content"), str):
+            raise TokenizerError(f"chat_ids: message {i} needs a string 'content', got {m.get('content')!r}")
+    return msgs
+
+
+def rounds(messages: list[dict], family: str) -> tuple[list[tuple[str, str]], str]:
+    """ChatGLM-6B/2 prompts are rounds of (query, response): user/assistant pairs, then the new query."""
+    pairs = []
+    body, last = messages[:-1], messages[-1]
+    if last["role"] != "user" or len(body) % 2:
+        raise TokenizerError(f"chat_ids: the {family} format needs user/assistant pairs followed by one user "
+                             f"message; got roles {[m['role'] for m in messages]}")
+    for q, r in zip(body[0::2], body[1::2]):
+        if (q["role"], r["role"]) != ("user", "assistant"):
+            raise TokenizerError(f"chat_ids: the {family} format needs alternating user/assistant messages; got "
+                                 f"roles {[m['role'] for m in messages]}")
+        pairs.append((q["content"], r["content"]))
+    return pairs, last["content"]

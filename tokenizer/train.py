@@ -1,0 +1,125 @@
+"""``train(...)``: a toy tokenizer with a family's special-token layout, for pretraining small models.
+
+SentencePiece families are trained with byte fallback, identity normalisation and no whitespace
+collapsing, so ``decode(encode(s)) == s`` for any text; GLM-4 gets a byte-level BPE rank file. The
+returned tokenizer has exactly ``vocab_size`` ids, specials included.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+from typing import Iterator, Sequence
+
+import sentencepiece as spm
+
+from .base import FAMILIES, Tokenizer, TokenizerError
+from .glm4 import GLM4_SPECIALS, GLM4Tokenizer, format_ranks, train_ranks
+from .load import load
+from .sentencepiece_families import (CHATGLM2_SPECIALS, CHATGLM3_ROLES, CHATGLM_SPECIALS, GLM_COMMAND_TOKENS,
+                                     ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer,
+                                     chatglm_preprocess, chatglm_whitespace_pieces)
+
+# ids each family adds on top of what the tokenizer model learns
+APPENDED = {"glm": len(GLM_COMMAND_TOKENS), "chatglm": len(CHATGLM_SPECIALS), "chatglm2": len(CHATGLM2_SPECIALS),
+            "chatglm3": len(CHATGLM2_SPECIALS) + len(CHATGLM3_ROLES), "glm4": len(GLM4_SPECIALS)}
+_SP_CONTROL = 3  # SentencePiece ModelProto.SentencePiece.Type.CONTROL
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def append_control_pieces(model: bytes, pieces: Sequence[str]) -> bytes:
+    """Append CONTROL pieces at the end of a serialized SentencePiece ModelProto.
+
+    Protobuf parsers concatenate the entries of a repeated field wherever they appear, so appending
+    ``pieces`` entries (field 1) to the serialized bytes gives them the next ids, as in ice_text.model
+    where the specials follow the text pieces. CONTROL pieces never come out of encoding plain text.
+    """
+    out = bytearray(model)
+    for p in pieces:
+        raw = p.encode("utf-8")
+        msg = (b"\x0a" + _varint(len(raw)) + raw            # piece (field 1, bytes)
+               + b"\x15" + struct.pack("<f", 0.0)            # score (field 2, float)
+               + b"\x18" + _varint(_SP_CONTROL))             # type (field 3, enum)
+        out += b"\x0a" + _varint(len(msg)) + msg
+    return bytes(out)
+
+
+def _lines(files: Sequence[str], family: str) -> Iterator[str]:
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if line:
+                    # ChatGLM-6B's model sees text after its whitespace rewriting, so train on that.
+                    yield chatglm_preprocess(line) if family == "chatglm" else line
+
+
+def _read_texts(files: Sequence[str]) -> Iterator[str]:
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            yield f.read()
+
+
+def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: str, *, model_type: str = "unigram",
+          input_sentence_size: int = 1_000_000, num_threads: int = 2) -> Tokenizer:
+    """Train a tokenizer on UTF-8 text files with ``family``'s special-token layout, save it to ``out_dir``
+    (model file + tokenizer_config.json) and return it loaded from there."""
+    if family not in FAMILIES:
+        raise TokenizerError(f"train: unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if isinstance(corpus_files, (str, os.PathLike)):
+        corpus_files = [corpus_files]
+    files = [os.fspath(p) for p in corpus_files]
+    if not files:
+        raise TokenizerError("train: corpus_files is empty; pass at least one UTF-8 text file")
+    for p in files:
+        if not os.path.isfile(p) or os.path.getsize(p) == 0:
+            raise TokenizerError(f"train: corpus file {p} is missing or empty")
+    learned = vocab_size - APPENDED[family]
+    # SentencePiece reserves <unk> <s> </s> (+ <pad> and the 81 whitespace pieces for ChatGLM-6B) and
+    # 256 byte pieces; GLM-4's BPE starts from the 256 bytes.
+    floor = 256 if family == "glm4" else 259 + (82 if family == "chatglm" else 0)
+    if not isinstance(vocab_size, int) or learned <= floor:
+        raise TokenizerError(f"train: vocab_size {vocab_size} is too small for {family}: it reserves "
+                             f"{APPENDED[family]} special ids and {floor} base pieces, so use more than "
+                             f"{floor + APPENDED[family]} (a few hundred more for useful merges)")
+    try:
+        if family == "glm4":
+            tok: Tokenizer = GLM4Tokenizer(format_ranks(train_ranks(_read_texts(files), learned)), out_dir)
+        else:
+            tok = _train_sentencepiece(files, out_dir, learned, family, model_type, input_sentence_size, num_threads)
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"train: a corpus file is not UTF-8 text ({e}); convert it first") from None
+    tok.save(out_dir)
+    return load(out_dir)
+
+
+def _train_sentencepiece(files: Sequence[str], out_dir: str, learned: int, family: str, model_type: str,
+                         input_sentence_size: int, num_threads: int) -> Tokenizer:
+    buf = io.BytesIO()
+    chatglm = family == "chatglm"
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(files, family), model_writer=buf, vocab_size=learned, model_type=model_type,
+            character_coverage=1.0, byte_fallback=True,
+            # exact round trips: no NFKC, keep runs of spaces, whitespace-only pieces allowed
+            normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3 if chatglm else -1, pad_piece="<pad>",
+            user_defined_symbols=chatglm_whitespace_pieces() if chatglm else [],
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True, num_threads=num_threads,
+            minloglevel=2)
+    except RuntimeError as e:
+        raise TokenizerError(f"train: SentencePiece could not train {learned} pieces for {family} on {list(files)} "
+                             f"({e}); lower vocab_size or add text") from None
+    model = buf.getvalue()
+    if chatglm:
+        return ChatGLM6BTokenizer(append_control_pieces(model, CHATGLM_SPECIALS), out_dir)
+    cls = {"glm": GLMTokenizer, "chatglm2": ChatGLM2Tokenizer, "chatglm3": ChatGLM3Tokenizer}[family]
+    return cls(model, out_dir)
