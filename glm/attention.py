@@ -87,6 +87,16 @@ def sdpa_attention(
     g, Tk = k.shape[1], k.shape[2]
     gqa = n != g
     plain = kv_start is None and kv_len is None and prefix_len is None
+    if gqa and Tq == 1:
+        # One decode step: the n/g query heads of a group share their KV head and their mask row, so
+        # fold them into the query axis. (SDPA's enable_gqa path costs ~7 ms per call on CPU in
+        # torch 2.13 whatever the size, which made batch-1 decode attention-bound.)
+        mask = None
+        if not (plain and (not causal or q_offset == Tk - 1)):
+            mask = visible_mask(B, 1, Tk, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
+                                kv_len=kv_len, q_offset=q_offset, device=q.device)
+        o = F.scaled_dot_product_attention(q.reshape(B, g, n // g, d), k, v, attn_mask=mask, scale=scale)
+        return o.reshape(B, n, 1, d)
     if plain and (not causal or (Tq == 1 and q_offset == Tk - 1)):
         # Nothing hidden: full attention (or one decode step that sees the whole cache).
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)

@@ -30,8 +30,8 @@ class Tokenizer:
 
     family: str = ""
     model_file: str = ""  # the release's file name, used by save()
-    # Special-token names that are ordinary words ("sop" in ChatGLM2/3): encode_with_specials must not
-    # cut "desktop" into "desktop"[:-3] + sop, so these are reachable through token_id() only.
+    # Special-token names that are ordinary words ("sop", "eop" in ChatGLM2/3): encode_with_specials must
+    # not turn the "sop" inside "desktop" into the sop token, so these are reachable via token_id() only.
     unsplittable: frozenset = frozenset()
     roles_in_chat: frozenset = frozenset()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import Counter
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .base import Tokenizer, TokenizerError
 
@@ -18,7 +18,7 @@ GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop
                  "<|begin_of_video|>", "<|end_of_video|>")
 
 
-def _import(name: str):
+def optional_import(name: str) -> Any:
     try:
         return __import__(name)
     except ImportError:
@@ -64,7 +64,7 @@ class GLM4Tokenizer(Tokenizer):
     roles_in_chat = frozenset({"system", "user", "assistant", "observation"})
 
     def __init__(self, data: bytes, source: str, overrides: Optional[Mapping[str, int]] = None):
-        tiktoken = _import("tiktoken")
+        tiktoken = optional_import("tiktoken")
         ranks = parse_ranks(data, source)
         n = len(ranks)
         self._data = data
@@ -110,7 +110,7 @@ def train_ranks(texts: Iterable[str], n_ranks: int) -> dict[bytes, int]:
     """Byte-level BPE on the release's pre-tokenisation: the 256 bytes (rank = byte value), then the most
     frequent adjacent pair merged, repeatedly, until ``n_ranks`` tokens exist. Pair counts are updated
     only for the words a merge touches; meant for toy corpora (a few MB)."""
-    regex = _import("regex")
+    regex = optional_import("regex")
     if n_ranks < 256:
         raise TokenizerError(f"a GLM-4 rank file needs at least the 256 single bytes; asked for {n_ranks} ranks")
     pat = regex.compile(PAT_STR)

@@ -106,15 +106,18 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
     if os.path.isfile(path):
         file = path
     else:
-        names = list(MODEL_FILES)
+        # a known family looks only for its own file, so family="chatglm2" never picks up an ice_text.model
+        names = [CLASSES[family].model_file] if family is not None else list(MODEL_FILES)
         if isinstance(cfg.get("model_file"), str):
             names.insert(0, cfg["model_file"])
-        if family is not None:
-            names.insert(0, CLASSES[family].model_file)
         file = next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), "")
         if not file:
-            extra = (" (GLM-10B's GPT-2 vocab.json/merges.txt is not supported)"
-                     if os.path.exists(os.path.join(folder, "merges.txt")) else "")
+            extra = ""
+            if os.path.exists(os.path.join(folder, "merges.txt")):
+                extra = " (GLM-10B's GPT-2 vocab.json/merges.txt is not supported)"
+            elif os.path.exists(os.path.join(folder, "tokenizer.json")):
+                extra = (" (a tokenizer.json alone, as in glm-4-9b-chat-hf / GLM-4-0414, is not read: use the "
+                         "tiktoken tokenizer.model of THUDM/glm-4-9b-chat, the same vocabulary per GLM_SPEC §5.5)")
             raise TokenizerError(f"{folder}: no tokenizer file; looked for {', '.join(dict.fromkeys(names))}{extra}. "
                                  f"Copy the release's tokenizer file into the folder or pass its path")
     with open(file, "rb") as f:

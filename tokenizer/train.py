@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import sentencepiece as spm
 
 from .base import FAMILIES, Tokenizer, TokenizerError
-from .glm4 import GLM4_SPECIALS, GLM4Tokenizer, format_ranks, train_ranks
+from .glm4 import GLM4_SPECIALS, GLM4Tokenizer, optional_import, format_ranks, train_ranks
 from .load import load
 from .sentencepiece_families import (CHATGLM2_SPECIALS, CHATGLM3_ROLES, CHATGLM_SPECIALS, GLM_COMMAND_TOKENS,
                                      ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer,
@@ -82,11 +82,15 @@ def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: st
     for p in files:
         if not os.path.isfile(p) or os.path.getsize(p) == 0:
             raise TokenizerError(f"train: corpus file {p} is missing or empty")
+    if family == "glm4":
+        optional_import("tiktoken")  # fail before training, not after
+    if not isinstance(vocab_size, int):
+        raise TokenizerError(f"train: vocab_size must be an int, got {vocab_size!r}")
     learned = vocab_size - APPENDED[family]
     # SentencePiece reserves <unk> <s> </s> (+ <pad> and the 81 whitespace pieces for ChatGLM-6B) and
     # 256 byte pieces; GLM-4's BPE starts from the 256 bytes.
     floor = 256 if family == "glm4" else 259 + (82 if family == "chatglm" else 0)
-    if not isinstance(vocab_size, int) or learned <= floor:
+    if learned <= floor:
         raise TokenizerError(f"train: vocab_size {vocab_size} is too small for {family}: it reserves "
                              f"{APPENDED[family]} special ids and {floor} base pieces, so use more than "
                              f"{floor + APPENDED[family]} (a few hundred more for useful merges)")
