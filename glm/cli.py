@@ -9,6 +9,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import FormatError, KeyMismatchError
 from .model import InputError
+from .tokenizer import TokenizerError
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -29,6 +30,97 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                  overwrite=args.overwrite, progress=not args.quiet)
     print(summary.line())
     return 0
+
+
+def _load(args: argparse.Namespace):
+    from .checkpoint import from_pretrained
+    from .tokenizer import load
+
+    model = from_pretrained(args.dir, dtype=args.dtype, device=args.device)
+    return model, load(args.tokenizer or args.dir)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import stream_text
+
+    model, tok = _load(args)
+    ids = tok.encode_with_specials(args.prompt)
+    if not args.raw:
+        ids = tok.build_inputs(ids)
+    for piece in stream_text(model, tok, ids, max_new_tokens=args.max_new_tokens, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    from .generate import infill
+
+    model, tok = _load(args)
+    print(infill(model, tok, args.text, max_span_tokens=args.max_new_tokens, **_sampling(args)))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat that keeps the history; `/reset` clears it; Ctrl-D (end of input) exits.
+    Reads plain lines, so it also works with a pipe: `printf 'hi\nmore\n' | glm chat DIR`."""
+    from .generate import stream_text
+
+    model, tok = _load(args)
+    history: list[tuple[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            if interactive:
+                print()
+            return 0
+        query = line.strip()
+        if not query:
+            continue
+        if query == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        ids = tok.chat_ids(query, history=history, system=args.system)
+        print("glm> ", end="", flush=True)
+        reply = ""
+        for piece in stream_text(model, tok, ids, max_new_tokens=args.max_new_tokens, **_sampling(args)):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append((query, reply.strip()))
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    import glob as _glob
+
+    from .tokenizer import train
+
+    files = sorted({f for pattern in args.corpus for f in (_glob.glob(pattern) or [pattern])})
+    tok = train(files, args.out, args.vocab_size, args.family)
+    print(f"wrote {args.out}: {tok!r}")
+    return 0
+
+
+def _add_model_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("dir", help="checkpoint folder (release format or glm's), with its tokenizer files")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder or file (default: DIR)")
+    s.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +155,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("generate", help="generate a continuation of a prompt, streamed")
+    _add_model_args(s)
+    s.add_argument("--prompt", required=True, help="prompt text (special tokens such as [gMASK] allowed)")
+    s.add_argument("--raw", action="store_true", help="do not wrap the prompt the release's way ([gMASK] sop ...)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("infill", help="fill the [MASK]/[sMASK]/[gMASK] blanks of a text (GLM, ChatGLM-6B)")
+    _add_model_args(s)
+    s.add_argument("--text", required=True, help='text with blanks, e.g. "Paris is the [MASK] of France."')
+    s.set_defaults(func=cmd_infill)
+
+    s = sub.add_parser("chat", help="chat in the release's format; /reset clears the history, Ctrl-D exits")
+    _add_model_args(s)
+    s.add_argument("--system", default=None, help="system prompt (families with a system role)")
+    s.set_defaults(func=cmd_chat)
+
+    from .tokenizer import FAMILIES as TOKENIZER_FAMILIES
+
+    s = sub.add_parser("train-tokenizer", help="train a SentencePiece (or GLM-4 BPE) tokenizer with a family's specials")
+    s.add_argument("corpus", nargs="+", help="text files or globs")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
+    s.add_argument("--family", choices=list(TOKENIZER_FAMILIES), required=True)
+    s.set_defaults(func=cmd_train_tokenizer)
     return p
 
 
-USER_ERRORS = (ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, FileNotFoundError,
+USER_ERRORS = (ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, TokenizerError, FileNotFoundError,
                FileExistsError, ValueError, OSError)
 
 

@@ -133,18 +133,22 @@ class InfillResult:
     complete: list[bool]  # whether each span ended with <eop> (False: hit max_span_tokens)
 
 
-@torch.no_grad()
-def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
-               cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
-               sampling: Optional[SamplingConfig] = None, **overrides) -> InfillResult:
-    """Fill every blank of ``tokens`` (ids with mask tokens in them) with the GLM objective.
+def _infill_layout(tokens: Sequence[int], masks: set[int], cls_id: Optional[int],
+                   gmask_id: Optional[int]) -> tuple[list[int], list[int]]:
+    part_a = ([cls_id] if cls_id is not None and tokens[0] != cls_id else []) + [int(t) for t in tokens]
+    if not any(t in masks or t == gmask_id for t in part_a):
+        if gmask_id is None:
+            raise InputError("the text has no mask token ([MASK], [sMASK] or [gMASK]) to fill")
+        part_a.append(gmask_id)
+    return part_a, [i for i, t in enumerate(part_a) if t in masks or t == gmask_id]
 
-    Part A = ``[CLS]`` (when given) + tokens, attended bidirectionally (``prefix_len = |A|``), at
-    positions ``0..|A|-1`` with block position 0. Blanks are filled left to right: each span is fed
-    ``<sop>`` at its mask's position with block position 1, and generates (same position, block
-    positions 2, 3, ...) until ``<eop>``. Earlier spans stay in the cache, as earlier spans of
-    Part B are visible in training. Without any mask token, ``[gMASK]`` is appended (generation).
-    """
+
+@torch.no_grad()
+def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
+                  cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
+                  sampling: Optional[SamplingConfig] = None, **overrides) -> Iterator[tuple[int, Optional[int]]]:
+    """Yield ``(blank, token)`` as each blank's span is generated, then ``(blank, None)`` when that
+    span ends (``<eop>`` or ``max_span_tokens``). See `infill_ids` for the layout."""
     if model.config.position_streams != 2:
         raise InputError(f"blank infilling needs a model with 2D positions (GLM, ChatGLM-6B); family "
                          f"{model.config.family} generates left to right only (use generate)")
@@ -152,51 +156,101 @@ def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], so
         raise InputError("infill needs a non-empty text")
     cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
     cfg.validate()
-    masks = set(int(m) for m in mask_ids)
-    part_a = ([cls_id] if cls_id is not None and tokens[0] != cls_id else []) + [int(t) for t in tokens]
-    if not any(t in masks for t in part_a):
-        if gmask_id is None:
-            raise InputError("the text has no mask token ([MASK], [sMASK] or [gMASK]) to fill")
-        part_a.append(gmask_id)
-    blanks = [i for i, t in enumerate(part_a) if t in masks or t == gmask_id]
-    if len(part_a) > model.config.max_positions:
-        raise InputError(f"the text is {len(part_a)} tokens; the model has {model.config.max_positions} positions")
+    part_a, blanks = _infill_layout(tokens, set(int(m) for m in mask_ids), cls_id, gmask_id)
+    A = len(part_a)
+    if A > model.config.max_positions:
+        raise InputError(f"the text is {A} tokens; the model has {model.config.max_positions} positions")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = model.new_cache(1, len(part_a) + len(blanks) * (max_span_tokens + 1))
-    A = len(part_a)
+    cache = model.new_cache(1, A + len(blanks) * (max_span_tokens + 1))
     pos = torch.stack((torch.arange(A), torch.zeros(A, dtype=torch.long)))[None].to(device)
     model(torch.tensor([part_a], device=device), pos, prefix_len=torch.tensor([A], device=device), cache=cache,
           last_only=True)
-    spans, complete = [], []
-    for m in blanks:
+    for b, m in enumerate(blanks):
         sop_pos = torch.tensor([[[m], [1]]], device=device)
         logits = model(torch.tensor([[sop_id]], device=device), sop_pos, cache=cache, last_only=True)[:, -1]
-        span: list[int] = []
-        while True:
+        for n in range(max_span_tokens + 1):
             tok = int(next_token(logits, cfg, gen))
-            if tok == eop_id or len(span) == max_span_tokens:
-                complete.append(tok == eop_id)
+            if tok == eop_id or n == max_span_tokens:
+                yield b, (None if tok == eop_id else -1)
                 break
-            span.append(tok)
+            yield b, tok
             logits = model(torch.tensor([[tok]], device=device), cache=cache, last_only=True,
                            check_inputs=False)[:, -1]
-        spans.append(span)
+
+
+def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
+               cls_id: Optional[int] = None, gmask_id: Optional[int] = None, **kwargs) -> InfillResult:
+    """Fill every blank of ``tokens`` (ids with mask tokens in them) with the GLM objective.
+
+    Part A = ``[CLS]`` (when given) + tokens, attended bidirectionally (``prefix_len = |A|``), at
+    positions ``0..|A|-1`` with block position 0. Blanks are filled left to right: each span is fed
+    ``<sop>`` at its mask's position with block position 1, and generates (same position, block
+    positions 2, 3, ...) until ``<eop>``. Earlier spans stay in the cache, as earlier spans of
+    Part B are visible in training. Without any mask token, ``[gMASK]`` is appended (generation).
+    Keyword arguments: ``max_span_tokens`` and the `SamplingConfig` fields.
+    """
+    spans: list[list[int]] = []
+    complete: list[bool] = []
+    for b, tok in stream_infill(model, tokens, mask_ids=mask_ids, sop_id=sop_id, eop_id=eop_id, cls_id=cls_id,
+                                gmask_id=gmask_id, **kwargs):
+        if b == len(spans):
+            spans.append([])
+        if tok is None or tok == -1:
+            complete.append(tok is None)
+        else:
+            spans[b].append(tok)
+    part_a, blanks = _infill_layout(tokens, set(int(m) for m in mask_ids), cls_id, gmask_id)
     out: list[int] = []
-    spans_iter = iter(spans)
+    fills = dict(zip(blanks, spans))
     for i, t in enumerate(part_a):
-        if i in blanks:
-            out.extend(next(spans_iter))
+        if i in fills:
+            out.extend(fills[i])
         elif not (i == 0 and cls_id is not None and t == cls_id):
             out.append(t)
     return InfillResult(out, spans, complete)
 
 
+def _tokenizer_infill_args(tokenizer) -> dict:
+    masks = tokenizer.mask_ids
+    return dict(mask_ids=[v for k, v in masks.items() if k != "gMASK"], gmask_id=masks.get("gMASK"),
+                sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id, cls_id=tokenizer.cls_id)
+
+
 def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
     """``"Paris is the [MASK] of France."`` -> the text with every blank filled (see `infill_ids`)."""
-    ids = tokenizer.encode_with_specials(text)
-    masks = tokenizer.mask_ids
-    res = infill_ids(model, ids, mask_ids=[v for k, v in masks.items() if k != "gMASK"],
-                     gmask_id=masks.get("gMASK"), sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id,
-                     cls_id=tokenizer.cls_id, **kwargs)
+    res = infill_ids(model, tokenizer.encode_with_specials(text), **_tokenizer_infill_args(tokenizer), **kwargs)
     return tokenizer.decode(res.tokens)
+
+
+def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,
+                **sampling) -> Iterator[str]:
+    """Generate after ``prompt_ids`` (already wrapped the release's way) and yield text as it grows.
+
+    2D families (GLM, ChatGLM-6B) generate inside a ``[gMASK]`` blank after ``<sop>`` until
+    ``<eop>``, the way their references do; the others generate left to right until an eos.
+    """
+    ids = list(prompt_ids)
+    new: list[int] = []
+    shown = ""
+    if model.config.position_streams == 2:
+        if ids and ids[-1] == tokenizer.sop_id:
+            ids = ids[:-1]  # stream_infill feeds <sop> itself, at the blank's position
+        tokens = (t for _, t in stream_infill(model, ids, **_tokenizer_infill_args(tokenizer),
+                                             max_span_tokens=max_new_tokens, **sampling))
+    else:
+        eos = tuple(sampling.pop("eos_token_ids", ())) or tokenizer.eos_ids
+        tokens = (int(t[0]) for t in stream(model, torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                            eos_token_ids=eos, **sampling))
+    for t in tokens:
+        if t is None or t == -1 or t in tokenizer.eos_ids:
+            break
+        new.append(t)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        # Print only once the text is stable: a partial multi-byte character decodes to U+FFFD.
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown):]
