@@ -8,6 +8,10 @@ The mask is never an argument. It is derived from four small pieces of structure
 - ``kv_start[b]``: keys ``j < kv_start[b]`` are left padding and hidden;
 - ``kv_len[b]``: keys ``j >= kv_len[b]`` are not (yet) valid, e.g. the unused tail of a static cache.
 
+``prefix_len`` and ``kv_start`` may also be given per query, ``[B, Tq]``: several documents packed
+in one row then each see only their own keys (``kv_start`` = the document's first slot) and their
+own bidirectional prefix (``prefix_len`` = the end of the document's Part A).
+
 Query ``t`` sits at index ``q_offset + t`` of the key sequence (``q_offset`` = tokens already in
 the cache). Every query also sees its own key: a left-pad query row would otherwise have no key at
 all and turn into NaN, which would then leak through ``0 * NaN`` in later layers. Pad rows are
@@ -24,6 +28,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _per_query(t: Tensor, device) -> Tensor:
+    # [B] (one value per sample) or [B, Tq] (one per query, e.g. packed documents) -> [B, Tq|1, 1]
+    return t.reshape(t.shape[0], -1, 1).to(device)
 
 
 def visible_mask(
@@ -45,10 +54,10 @@ def visible_mask(
     if causal:
         allowed = j <= i
         if prefix_len is not None:
-            allowed = allowed | (j < prefix_len.view(-1, 1, 1).to(device))
+            allowed = allowed | (j < _per_query(prefix_len, device))
         vis = vis & allowed
     if kv_start is not None:
-        vis = vis & (j >= kv_start.view(-1, 1, 1).to(device))
+        vis = vis & (j >= _per_query(kv_start, device))
     vis = vis | (j == i)
     if kv_len is not None:
         vis = vis & (j < kv_len.view(-1, 1, 1).to(device))
@@ -143,8 +152,10 @@ def attention(
                          f"head dim, or KV heads do not divide query heads")
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     for name, t in (("prefix_len", prefix_len), ("kv_start", kv_start), ("kv_len", kv_len)):
-        if t is not None and tuple(t.shape) != (B,):
-            raise ValueError(f"attention: {name} must have shape [B] = ({B},), got {tuple(t.shape)}")
+        per_query_ok = name != "kv_len" and t is not None and tuple(t.shape) == (B, Tq)
+        if t is not None and tuple(t.shape) != (B,) and not per_query_ok:
+            raise ValueError(f"attention: {name} must have shape [B] = ({B},)"
+                             f"{'' if name == 'kv_len' else f' or [B, Tq] = ({B}, {Tq})'}, got {tuple(t.shape)}")
     if q_offset < 0 or q_offset + Tq > Tk:
         raise ValueError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
                          f"{Tk} keys; q_offset must be in [0, Tk - Tq]")

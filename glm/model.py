@@ -229,7 +229,8 @@ class GLM(nn.Module):
         return last + 1
 
     def _check_inputs(self, input_ids: Tensor, position_ids: Tensor, cache: Optional[KVCache],
-                      prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None) -> None:
+                      prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
+                      doc_start: Optional[Tensor] = None) -> None:
         cfg = self.config
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -253,11 +254,17 @@ class GLM(nn.Module):
                                  f"[0, {cfg.max_positions}): the sequence is longer than the model's "
                                  f"{cfg.max_positions} positions; shorten the input")
         start = cache.length if cache is not None else 0
-        for name, t in (("prefix_len", prefix_len), ("pad_left", pad_left)):
+        for name, t in (("prefix_len", prefix_len), ("pad_left", pad_left), ("doc_start", doc_start)):
             if t is None:
                 continue
-            if tuple(t.shape) != (B,):
-                raise InputError(f"{name} must have shape [batch] = ({B},), got {tuple(t.shape)}")
+            shapes = {"prefix_len": [(B,), (B, T)], "pad_left": [(B,)], "doc_start": [(B, T)]}[name]
+            if tuple(t.shape) not in shapes:
+                want = " or ".join(str(list(x)) for x in shapes)
+                raise InputError(f"{name} must have shape {want} for input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(t.shape)}")
+            if cache is not None and t.dim() == 2:
+                raise InputError(f"per-token {name} (packed documents) is for training; it cannot be "
+                                 f"used with a KV cache")
             if t.numel() and (int(t.min()) < 0 or int(t.max()) > start + T):
                 raise InputError(f"{name} values must lie in [0, {start + T}] (they count key slots, left "
                                  f"padding included); got {t.tolist()}")
@@ -274,6 +281,7 @@ class GLM(nn.Module):
         *,
         prefix_len: Optional[Tensor] = None,
         pad_left: Optional[Tensor] = None,
+        doc_start: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
         backend: Optional[str] = None,
         last_only: bool = False,
@@ -284,8 +292,11 @@ class GLM(nn.Module):
 
         position_ids: ``[B, T]`` (1D families) or ``[B, 2, T]`` (GLM, ChatGLM-6B); default counts
           from 0 at each row's first real token, or continues the cache's last positions.
-        prefix_len: ``[B]``, keys before it are visible to every query (bidirectional prefix).
+        prefix_len: ``[B]``, keys before it are visible to every query (bidirectional prefix); or
+          ``[B, T]`` per query, for packed documents (each document's Part A end).
         pad_left: ``[B]`` left pads per row; their keys are hidden.
+        doc_start: ``[B, T]`` first key slot each query may see: documents packed in one row do not
+          attend across each other (training; replaces pad_left).
         cache: a `KVCache`; the first call fills it (prefill), later calls append one or more tokens.
         """
         B, T = input_ids.shape
@@ -305,7 +316,7 @@ class GLM(nn.Module):
         elif position_ids.dim() == 2 and self.config.position_streams == 1:
             position_ids = position_ids.unsqueeze(1)
         if check_inputs and not torch.compiler.is_compiling():
-            self._check_inputs(input_ids, position_ids, cache, prefix_len, pad_left)
+            self._check_inputs(input_ids, position_ids, cache, prefix_len, pad_left, doc_start)
 
         x = self.embed(input_ids)
         cos_sin = None
@@ -314,7 +325,8 @@ class GLM(nn.Module):
             x = x + self.block_pos_embed(position_ids[:, 1])
         else:
             cos_sin = self.rotary.cos_sin(position_ids, x.dtype)
-        mask = dict(prefix_len=prefix_len, kv_start=pad_left, q_offset=start)
+        mask = dict(prefix_len=prefix_len, kv_start=doc_start if doc_start is not None else pad_left,
+                    q_offset=start)
         backend = backend or self.backend
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rotary, cos_sin, i, cache, mask, backend)

@@ -190,7 +190,7 @@ def test_structure_tensors_validated():
     model = glm.from_pretrained(reference_dir("chatglm-6b"))
     ids = torch.tensor([[3, 40, 50, 87, 72]])
     pos = torch.zeros(1, 2, 5, dtype=torch.long)
-    with pytest.raises(InputError, match=r"pad_left must have shape \[batch\]"):
+    with pytest.raises(InputError, match=r"pad_left must have shape \[1\] for input_ids \(1, 5\), got \(2,\)"):
         model(ids, pos, pad_left=torch.tensor([1, 0]))
     with pytest.raises(InputError, match=r"pad_left values must lie in \[0, 5\]"):
         model(ids, pos, pad_left=torch.tensor([9]))
