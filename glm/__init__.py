@@ -2,9 +2,10 @@
 from .attention import BACKENDS, attention
 from .checkpoint import CheckpointError, CheckpointReader, from_pretrained
 from .config import FAMILIES, PRESETS, ConfigError, GLMConfig, preset
+from .generate import generate, infill, stream
 from .kv_cache import KVCache
 from .model import GLM, InputError, lm_loss
 
 __version__ = "0.1.0"
 __all__ = ["GLM", "GLMConfig", "KVCache", "from_pretrained", "preset", "PRESETS", "FAMILIES", "attention",
-           "BACKENDS", "lm_loss", "ConfigError", "CheckpointError", "CheckpointReader", "InputError"]
+           "BACKENDS", "lm_loss", "generate", "infill", "stream", "ConfigError", "CheckpointError", "CheckpointReader", "InputError"]
