@@ -10,6 +10,7 @@ from .config import ConfigError
 from .convert import FormatError, KeyMismatchError
 from .model import InputError
 from .tokenizer import TokenizerError
+from .train import TrainingError
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -110,6 +111,75 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    import json as _json
+
+    from .train import TrainConfig
+
+    overrides = _json.loads(args.model_overrides) if args.model_overrides else {}
+    return TrainConfig(out_dir=args.out, model=args.model, model_overrides=overrides, data=args.data,
+                       tokenizer=args.tokenizer, vocab_size=args.vocab_size, objective=args.objective,
+                       seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                       grad_clip=args.grad_clip, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                       keep_last=args.keep_last, seed=args.seed, compile=args.compile, device=args.device,
+                       fsdp=args.fsdp, resume=args.resume, progress=not args.quiet,
+                       corpus_scale=args.corpus_scale)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    summary = train(_train_config(args))
+    if summary:  # rank 0
+        shown = {k: v for k, v in summary.items() if k != "predictions"}
+        print("\n".join(f"{k}: {v}" for k, v in shown.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses as _dc
+
+    from .train import DEMO, demo
+
+    cfg = _dc.replace(DEMO, out_dir=args.out, **({"steps": args.steps} if args.steps else {}))
+    demo(cfg)
+    return 0
+
+
+def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
+    d = dict(out="runs/glm", model="tiny-glm", steps=1000, batch_size=16, seq_len=128, lr=3e-3, vocab_size=1000,
+             eval_every=250, ckpt_every=250)
+    d.update(defaults)
+    s.add_argument("--out", default=d["out"], help=f"run folder (default {d['out']})")
+    s.add_argument("--model", default=d["model"], help=f"preset name (default {d['model']})")
+    s.add_argument("--model-overrides", default=d.get("model_overrides"),
+                   help='JSON of GLMConfig fields, e.g. \'{"hidden_size": 256, "num_layers": 4}\'')
+    s.add_argument("--data", nargs="*", default=None, help="text files / globs / JSONL; default: the embedded corpus")
+    s.add_argument("--corpus-scale", type=float, default=d.get("corpus_scale", 1.0),
+                   help="size of the embedded corpus relative to its default")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
+    s.add_argument("--vocab-size", type=int, default=d["vocab_size"])
+    s.add_argument("--objective", choices=("glm", "causal", "prefix"), default="glm")
+    s.add_argument("--seq-len", type=int, default=d["seq_len"])
+    s.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch in rows")
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--steps", type=int, default=d["steps"])
+    s.add_argument("--lr", type=float, default=d["lr"])
+    s.add_argument("--warmup", type=int, default=d.get("warmup", 50))
+    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--grad-clip", type=float, default=1.0)
+    s.add_argument("--eval-every", type=int, default=d["eval_every"])
+    s.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
+    s.add_argument("--keep-last", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP instead of DDP")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir", help="checkpoint folder (release format or glm's), with its tokenizer files")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder or file (default: DIR)")
@@ -172,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt (families with a system role)")
     s.set_defaults(func=cmd_chat)
 
+    s = sub.add_parser("train", help="pretrain a small GLM (blank infilling by default); torchrun-aware",
+                       description="Pretrain on the embedded corpus or --data. Multi-GPU/CPU: "
+                                   "torchrun --nproc_per_node N -m glm train ...")
+    _add_train_args(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="pretrain a tiny GLM on the embedded corpus and show it filling blanks")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    s.set_defaults(func=cmd_demo)
+
     from .tokenizer import FAMILIES as TOKENIZER_FAMILIES
 
     s = sub.add_parser("train-tokenizer", help="train a SentencePiece (or GLM-4 BPE) tokenizer with a family's specials")
@@ -183,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, TokenizerError, FileNotFoundError,
+USER_ERRORS = (ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, TokenizerError, TrainingError,
+               FileNotFoundError,
                FileExistsError, ValueError, OSError)
 
 

@@ -219,8 +219,13 @@ def _tokenizer_infill_args(tokenizer) -> dict:
 
 def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
     """``"Paris is the [MASK] of France."`` -> the text with every blank filled (see `infill_ids`)."""
-    res = infill_ids(model, tokenizer.encode_with_specials(text), **_tokenizer_infill_args(tokenizer), **kwargs)
-    return tokenizer.decode(res.tokens)
+    ids = tokenizer.encode_with_specials(text)
+    if tokenizer.family == "glm":
+        # Original GLM's Part A is [CLS] text <|endoftext|>, as its tokenizer builds generation inputs
+        # and as glm.data lays out training samples.
+        ids = tokenizer.build_inputs(ids)
+    res = infill_ids(model, ids, **_tokenizer_infill_args(tokenizer), **kwargs)
+    return tokenizer.decode(res.tokens, skip_special_tokens=True)
 
 
 def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,

@@ -1,0 +1,126 @@
+"""The trainer end to end on tiny models: learning, bit-identical resume, the NaN guard, DDP on gloo."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from glm.cli import main
+from glm.train import TrainConfig, TrainingError, checkpoints, lr_at, train
+
+TINY = dict(model="tiny-glm", vocab_size=500, batch_size=8, seq_len=96, corpus_scale=0.25, eval_examples=10,
+            progress=False, lr=3e-3, warmup=5)
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """Train the tokenizer once; the runs below load it (and so share ids)."""
+    out = str(tmp_path_factory.mktemp("tok-run"))
+    train(TrainConfig(out_dir=out, steps=1, eval_every=0, ckpt_every=0, **TINY))
+    return os.path.join(out, "tokenizer")
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_short_run_learns(tmp_path, tokenizer_dir):
+    s = train(TrainConfig(out_dir=str(tmp_path), steps=60, eval_every=60, ckpt_every=0, tokenizer=tokenizer_dir,
+                          **TINY))
+    ls = losses(str(tmp_path))
+    first, last = sum(ls[i] for i in range(1, 6)) / 5, sum(ls[i] for i in range(56, 61)) / 5
+    assert first > 5.5 and last < 4.5, (first, last)
+    assert s["eval_loss"] < first and os.path.exists(s["plot"]) and os.path.isdir(s["model_dir"])
+    assert 0.0 <= s["exact_match"] <= 1.0 and len(s["predictions"]) == 10
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, tokenizer_dir):
+    kw = dict(steps=12, eval_every=0, ckpt_every=4, keep_last=2, tokenizer=tokenizer_dir, **TINY)
+    full = str(tmp_path / "full")
+    train(TrainConfig(out_dir=full, **kw))
+    cut = str(tmp_path / "cut")
+
+    def kill(step, _loss):
+        if step == 10:
+            raise KeyboardInterrupt  # after the step-8 checkpoint, before step 12's
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out_dir=cut, **kw), on_step=kill)
+    assert [os.path.basename(p) for p in checkpoints(cut)] == ["ckpt-0000004.pt", "ckpt-0000008.pt"]
+    train(TrainConfig(out_dir=cut, resume=True, **kw))
+    a, b = losses(full), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    fa = torch.load(checkpoints(full)[-1], weights_only=False)["model"]
+    fb = torch.load(checkpoints(cut)[-1], weights_only=False)["model"]
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, tokenizer_dir, monkeypatch):
+    import glm.train as T
+
+    real = T.loss_sum
+
+    def poisoned(model, batch, autocast, device):
+        out = real(model, batch, autocast, device)
+        return out * float("nan") if poisoned.calls >= 6 else out
+
+    poisoned.calls = 0
+
+    def count(step, loss):
+        poisoned.calls = step
+
+    monkeypatch.setattr(T, "loss_sum", poisoned)
+    with pytest.raises(TrainingError, match=r"step 7: the loss is nan.*ckpt-0000006.pt"):
+        train(TrainConfig(out_dir=str(tmp_path), steps=10, eval_every=0, ckpt_every=2, tokenizer=tokenizer_dir,
+                          **TINY), on_step=count)
+    state = torch.load(checkpoints(str(tmp_path))[-1], weights_only=False)
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_single_process(tmp_path, tokenizer_dir):
+    kw = dict(steps=6, eval_every=0, ckpt_every=0, tokenizer=tokenizer_dir, device="cpu", **TINY)
+    single = str(tmp_path / "single")
+    train(TrainConfig(out_dir=single, **kw))
+    ddp = str(tmp_path / "ddp")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), TrainConfig(out_dir=ddp, **kw)), nprocs=2,
+                       start_method="spawn")
+    a, b = losses(single), losses(ddp)
+    assert sorted(a) == sorted(b)
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-5), (s, a[s], b[s])
+    assert a[6] != a[1]  # it trained
+
+
+def test_cli_train_bad_data(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", str(empty), "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "empty.txt" in err and err.count("\n") == 1
