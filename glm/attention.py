@@ -106,6 +106,10 @@ def sdpa_attention(
                                 kv_len=kv_len, q_offset=q_offset, device=q.device)
         o = F.scaled_dot_product_attention(q.reshape(B, g, n // g, d), k, v, attn_mask=mask, scale=scale)
         return o.reshape(B, n, 1, d)
+    if gqa and q.device.type == "cpu":
+        # See above: on CPU, expanding the KV heads is far cheaper than SDPA's enable_gqa path.
+        k, v = _expand_kv(k, n // g), _expand_kv(v, n // g)
+        gqa = False
     if plain and (not causal or (Tq == 1 and q_offset == Tk - 1)):
         # Nothing hidden: full attention (or one decode step that sees the whole cache).
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
