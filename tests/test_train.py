@@ -39,7 +39,7 @@ def test_short_run_learns(tmp_path, tokenizer_dir):
                           **TINY))
     ls = losses(str(tmp_path))
     first, last = sum(ls[i] for i in range(1, 6)) / 5, sum(ls[i] for i in range(56, 61)) / 5
-    assert first > 5.5 and last < 4.5, (first, last)
+    assert first > 5.5 and last < first - 1.2, (first, last)  # ~6.1 -> ~4.5 in 60 steps
     assert s["eval_loss"] < first and os.path.exists(s["plot"]) and os.path.isdir(s["model_dir"])
     assert 0.0 <= s["exact_match"] <= 1.0 and len(s["predictions"]) == 10
 
