@@ -6,6 +6,7 @@ the mask position and count the block position up, generating inside a blank).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -217,9 +218,21 @@ def _tokenizer_infill_args(tokenizer) -> dict:
                 sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id, cls_id=tokenizer.cls_id)
 
 
+def encode_blank_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a text with blanks, tokenised the way training saw it.
+
+    In training a blank replaces whole tokens of the tokenised document, so the word after a blank
+    keeps its word-start piece and no stray whitespace token sits beside the mask. Encoding
+    "color [MASK] ." piece by piece would instead leave lone "▁" tokens around [MASK]; dropping the
+    whitespace next to each mask token reproduces the training layout.
+    """
+    masks = "|".join(re.escape(m) for m in ("[MASK]", "[sMASK]", "[gMASK]"))
+    return tokenizer.encode_with_specials(re.sub(rf"[ \t]*({masks})[ \t]*", r"\1", text))
+
+
 def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
     """``"Paris is the [MASK] of France."`` -> the text with every blank filled (see `infill_ids`)."""
-    ids = tokenizer.encode_with_specials(text)
+    ids = encode_blank_text(tokenizer, text)
     if tokenizer.family == "glm":
         # Original GLM's Part A is [CLS] text <|endoftext|>, as its tokenizer builds generation inputs
         # and as glm.data lays out training samples.

@@ -261,7 +261,7 @@ def loss_sum(model: torch.nn.Module, batch, autocast: bool, device: torch.device
 def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device, max_examples: int) -> dict:
     """Held-out loss/perplexity (same objective, fixed batches) and blank-infilling exact match."""
     from .corpus import exact_match
-    from .generate import _tokenizer_infill_args, infill_ids
+    from .generate import _tokenizer_infill_args, encode_blank_text, infill_ids
 
     was_training = model.training
     model.eval()
@@ -279,8 +279,8 @@ def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device,
         args = _tokenizer_infill_args(tok)
         hits, preds = 0, []
         for ex in prep.examples[:max_examples]:
-            ids = tok.build_inputs(tok.encode_with_specials(ex.text_with_blank)) if tok.family == "glm" else \
-                tok.encode_with_specials(ex.text_with_blank)
+            ids = encode_blank_text(tok, ex.text_with_blank)
+            ids = tok.build_inputs(ids) if tok.family == "glm" else ids
             res = infill_ids(model, ids, max_span_tokens=12, **args)
             pred = tok.decode(res.spans[0], skip_special_tokens=True) if res.spans else ""
             preds.append(pred)
