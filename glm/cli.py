@@ -124,7 +124,7 @@ def _train_config(args: argparse.Namespace):
                        grad_clip=args.grad_clip, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                        keep_last=args.keep_last, seed=args.seed, compile=args.compile, device=args.device,
                        fsdp=args.fsdp, resume=args.resume, progress=not args.quiet,
-                       corpus_scale=args.corpus_scale)
+                       corpus_size=args.corpus_size)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -156,8 +156,8 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--model-overrides", default=d.get("model_overrides"),
                    help='JSON of GLMConfig fields, e.g. \'{"hidden_size": 256, "num_layers": 4}\'')
     s.add_argument("--data", nargs="*", default=None, help="text files / globs / JSONL; default: the embedded corpus")
-    s.add_argument("--corpus-scale", type=float, default=d.get("corpus_scale", 1.0),
-                   help="size of the embedded corpus relative to its default")
+    s.add_argument("--corpus-size", choices=("tiny", "small", "base"), default="small",
+                   help="size of the embedded corpus (default small)")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
     s.add_argument("--vocab-size", type=int, default=d["vocab_size"])
     s.add_argument("--objective", choices=("glm", "causal", "prefix"), default="glm")

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from glm.cli import main
 from glm.train import TrainConfig, TrainingError, checkpoints, lr_at, train
 
-TINY = dict(model="tiny-glm", vocab_size=500, batch_size=8, seq_len=96, corpus_scale=0.25, eval_examples=10,
+TINY = dict(model="tiny-glm", vocab_size=500, batch_size=8, seq_len=96, corpus_size="tiny", eval_examples=10,
             progress=False, lr=3e-3, warmup=5)
 
 
