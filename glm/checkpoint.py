@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -336,6 +336,36 @@ def _fsync_write(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_dir(folder: str) -> None:
+    """Make a rename or new file in ``folder`` durable (POSIX only; Windows cannot open folders)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: "bytes | Callable[[BinaryIO], None]") -> None:
+    """Write ``data`` (bytes, or a function that writes to the open file) to a temp file beside
+    ``path``, fsync it and rename it over ``path``: readers see the old file or the new one, never half."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],
                               on_tensor=None) -> None:
     """Write a safetensors file whose header is known up front (from meta tensors), then stream the
@@ -410,11 +440,7 @@ def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: It
                 os.rename(os.path.join(old, "x"), folder)
                 shutil.rmtree(old, ignore_errors=True)
             raise
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return names

@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import random
-import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -484,39 +483,12 @@ def baseline_by_kind(corpus: Corpus) -> dict[str, float]:
 
 # --- writing and reading the corpus folder
 
-def _atomic_write(path: str, text: str) -> None:
-    """Temp file beside ``path``, fsync, rename: a reader sees the old file or the new one, never half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _fsync_dir(folder: str) -> None:
-    # makes the renames themselves durable; not possible (nor needed) on Windows
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_corpus(corpus: Corpus, folder: str) -> tuple[str, str]:
     """Write ``folder/train.txt`` (one document per line) and ``folder/heldout.jsonl`` (one
     ``{"text", "answer", "kind", "lang", "evidence"}`` object per line), each atomically; returns both paths.
     Documents must be one line each: a document with a line break is refused before anything is written."""
+    from .checkpoint import atomic_write, fsync_dir  # lazy: this module also loads standalone (tests)
+
     for i, doc in enumerate(corpus.train):
         if not isinstance(doc, str) or not doc.strip():
             raise DataError(f"write_corpus: train document {i} is empty or not a string; drop it before writing")
@@ -530,11 +502,11 @@ def write_corpus(corpus: Corpus, folder: str) -> tuple[str, str]:
     os.makedirs(folder, exist_ok=True)
     train_path = os.path.join(folder, "train.txt")
     heldout_path = os.path.join(folder, "heldout.jsonl")
-    _atomic_write(train_path, "".join(doc + "\n" for doc in corpus.train))
-    _atomic_write(heldout_path, "".join(
+    atomic_write(train_path, "".join(doc + "\n" for doc in corpus.train).encode("utf-8"))
+    atomic_write(heldout_path, "".join(
         json.dumps({"text": e.text_with_blank, "answer": e.answer, "kind": e.kind, "lang": e.lang,
-                    "evidence": e.evidence}, ensure_ascii=False) + "\n" for e in corpus.heldout))
-    _fsync_dir(folder)
+                    "evidence": e.evidence}, ensure_ascii=False) + "\n" for e in corpus.heldout).encode("utf-8"))
+    fsync_dir(folder)
     return train_path, heldout_path
 
 

@@ -17,7 +17,6 @@ import glob
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write
 from .config import GLMConfig, preset
 from .model import GLM
 
@@ -103,28 +103,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: atomic, keep-last-K
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def checkpoints(out_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))
 
 
 def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str:
     path = os.path.join(out_dir, f"ckpt-{step:07d}.pt")
-    _atomic_torch_save(state, path)
+    atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoints(out_dir)[:-keep_last]:
         os.remove(old)
     return path

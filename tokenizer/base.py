@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Iterable, Mapping, Optional, Sequence
+
+from glm.checkpoint import atomic_write
 
 FAMILIES = ("glm", "chatglm", "chatglm2", "chatglm3", "glm4")
 CONFIG_NAME = "tokenizer_config.json"
@@ -185,21 +186,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} family={self.family} vocab_size={self.vocab_size} source={self.source}>"
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _conversation(query: Optional[str], history: Sequence, system: Optional[str],
