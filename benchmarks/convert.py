@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from common import write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,14 +101,6 @@ def run_job(kind: str, src: str, dst: str, shard_size: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.2, help="synthetic checkpoint size in GB (default 2.2)")
@@ -138,16 +131,8 @@ def main() -> None:
           f"{n['seconds'] / s['seconds']:.2f}x the speed; goal peak <= largest shard + 10%: "
           f"{'met' if goal_ok else 'NOT met'}")
 
-    os.makedirs(args.out, exist_ok=True)
-    record = {"benchmark": "convert", "device": f"cpu ({platform.processor() or platform.machine()}, "
-                                                f"{os.cpu_count()} cores)",
-              "torch": torch.__version__, "git_sha": git_sha(), "config": info, "largest_shard_bytes": largest,
-              "shard_size": args.shard_size, "results": results, "goal_met": goal_ok,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = os.path.join(args.out, "convert_cpu.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = write_record(args.out, "convert_cpu", "cpu", benchmark="convert", config=info,
+                        largest_shard_bytes=largest, shard_size=args.shard_size, results=results, goal_met=goal_ok)
     try:
         import matplotlib
 

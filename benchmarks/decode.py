@@ -11,14 +11,13 @@ weight once per token, so weight bytes × tokens/s against it is the bandwidth u
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 
 import torch
+
+from common import write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,14 +59,6 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best, out
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -131,17 +122,9 @@ def main() -> None:
         print(f"{r['batch']:5d} {r['glm_tokens_per_s']:10.1f} {r['hf_tokens_per_s']:9.1f} {r['speedup']:6.2f}x "
               f"{r['glm_weight_GBps']:16.2f} {r['glm_weight_GBps'] / ceiling:9.0%} {r['greedy_agreement']:12.0%}")
 
-    os.makedirs(args.out, exist_ok=True)
     name = f"decode_{device}"
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    record = {"benchmark": "decode", "device": dev_name, "torch": torch.__version__,
-              "transformers": transformers.__version__, "git_sha": git_sha(), "dtype": str(dtype),
-              "config": cfg.to_dict(), "ceiling_GBps": ceiling, "results": rows,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = os.path.join(args.out, name + ".json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = write_record(args.out, name, device, benchmark="decode", transformers=transformers.__version__,
+                        dtype=str(dtype), config=cfg.to_dict(), ceiling_GBps=ceiling, results=rows)
     try:
         import matplotlib
 

@@ -10,15 +10,14 @@ attention term 12 * layers * hidden * T per token).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+
+from common import write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,21 +121,9 @@ def main() -> None:
         print(f"{k:<13} {t:8.3f} {tps:9.0f} {tps * flops_per_token / 1e9:8.1f} {out[k]['mfu']:6.1%}")
     print(f"glm / transformers: {t_hf / t_glm:.2f}x")
 
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    dev = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    record = {"benchmark": "train", "device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
-              "git_sha": sha, "config": cfg.to_dict(), "batch": args.batch, "seq": args.seq,
-              "ceiling_flops": peak, "results": out, "speedup": t_hf / t_glm,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = os.path.join(args.out, f"train_{device}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = write_record(args.out, f"train_{device}", device, benchmark="train", transformers=transformers.__version__,
+                        config=cfg.to_dict(), batch=args.batch, seq=args.seq, ceiling_flops=peak, results=out,
+                        speedup=t_hf / t_glm)
     try:
         import matplotlib
 

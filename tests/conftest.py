@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -26,3 +28,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def copy_fixture(name: str, tmp_path) -> str:
+    """A writable copy of a shared fixture folder (for tests that break it on purpose)."""
+    dst = tmp_path / f"src-{name}"
+    shutil.copytree(reference_dir(name), dst)
+    return str(dst)
+
+
+def edit_json(path: str, fn) -> None:
+    with open(path) as f:
+        d = json.load(f)
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)

@@ -4,7 +4,6 @@ import random
 import sys
 
 import pytest
-import torch
 
 import glm
 from glm.cli import main

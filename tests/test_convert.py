@@ -11,7 +11,6 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 import tempfile
 
 import pytest
@@ -26,7 +25,7 @@ from glm.cli import main
 from glm.convert import FormatError, KeyMismatchError, convert_checkpoint, save_pretrained
 from glm.parity import load_cases, run_parity
 
-from conftest import FIXTURE_FAMILIES, reference_dir
+from conftest import FIXTURE_FAMILIES, copy_fixture, edit_json, reference_dir
 
 SHARD = "50KB"  # every tiny fixture (~100-500 KB) comes out in several shards
 EXPECTED_FAMILY = {"glm": "glm", "chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3",
@@ -104,20 +103,6 @@ def snapshot(folder) -> dict[str, bytes]:
             with open(p, "rb") as f:
                 out[os.path.relpath(p, folder)] = f.read()
     return out
-
-
-def copy_fixture(name: str, tmp_path) -> str:
-    dst = tmp_path / f"src-{name}"
-    shutil.copytree(reference_dir(name), dst)
-    return str(dst)
-
-
-def edit_json(path: str, fn) -> None:
-    with open(path) as f:
-        d = json.load(f)
-    fn(d)
-    with open(path, "w") as f:
-        json.dump(d, f)
 
 
 def load_json(path) -> dict:

@@ -1,7 +1,6 @@
 """Bad input: each a single clear error naming the file/field and the fix."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -13,21 +12,7 @@ from glm.config import ConfigError
 from glm.convert import KeyMismatchError
 from glm.model import InputError
 
-from conftest import reference_dir
-
-
-def copy_fixture(name: str, tmp_path) -> str:
-    dst = tmp_path / name
-    shutil.copytree(reference_dir(name), dst)
-    return str(dst)
-
-
-def edit_json(path: str, fn) -> None:
-    with open(path) as f:
-        d = json.load(f)
-    fn(d)
-    with open(path, "w") as f:
-        json.dump(d, f)
+from conftest import copy_fixture, edit_json, reference_dir
 
 
 def test_unknown_family_lists_supported(tmp_path):

@@ -1,6 +1,5 @@
 """Every golden case in ../shared/reference, produced by THUDM's / transformers' own code, to 1e-4."""
 import json
-import os
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def test_parity_cli_fails_beyond_atol(capsys):
 
 def test_parity_cli_cases_flag(tmp_path, capsys):
     """--cases takes a cases file kept elsewhere (here: a copy holding only the decode case)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     d = reference_dir("chatglm2-6b")
     meta, tensors = load_cases(d)
