@@ -52,19 +52,9 @@ def build_checkpoint(folder: str, target_gb: float, shard_size: str) -> dict:
 
 
 # The two measured jobs run in child processes: `python convert.py --job streaming|naive SRC DST`.
-def peak_rss() -> int:
-    """This process's high-water resident set (VmHWM). Unlike ru_maxrss it is not inherited from the
-    parent across fork+exec, so each job measures only itself."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def job(kind: str, src: str, dst: str, shard_size: str) -> dict:
     import glm  # noqa: F401  (import cost is part of the baseline, measured before the work)
+    from glm.convert import peak_rss  # VmHWM: unlike ru_maxrss, not inherited across fork+exec
 
     base_rss = peak_rss()
     t0 = time.perf_counter()

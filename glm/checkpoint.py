@@ -270,8 +270,7 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
         with torch.device("meta"):
             model = GLM(source.cfg)
         state: dict[str, Tensor] = {}  # shapes were checked against the config by open_source
-        # Read in shard order so every shard is opened once.
-        for mp in sorted(source.mappings, key=lambda mp: min((reader.file_of(n) for n in mp.hf), default="")):
+        for mp in sorted(source.mappings, key=source.first_file):
             for name, t in zip(mp.glm, mp.to_glm(*[reader.get(n) for n in mp.hf])):
                 if t.dtype not in _FLOAT_DTYPES:
                     raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has dtype {t.dtype}; only float32/"
@@ -327,13 +326,6 @@ def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list
         shards[-1].append((name, t))
         size += n
     return shards if shards[0] else []
-
-
-def _fsync_write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def fsync_dir(folder: str) -> None:
@@ -428,7 +420,7 @@ def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: It
                      "weight_map": {n: f for f, shard in zip(names, shards) for n, _ in shard}}
             files = {**files, "model.safetensors.index.json": json.dumps(index, indent=2).encode()}
         for fname, data in files.items():
-            _fsync_write(os.path.join(tmp, fname), data)
+            atomic_write(os.path.join(tmp, fname), data)
         old = None
         if os.path.exists(folder):
             old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=parent)

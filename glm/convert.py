@@ -10,7 +10,10 @@ half-split RoPE, GLU ``w_in`` as ``[gate | up]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -284,22 +287,6 @@ def check_keys(mappings: Sequence[Mapping], available: Iterable[str], side: str,
                                f"Check that config.json belongs to these weights")
 
 
-def convert(mappings: Sequence[Mapping], get: Callable[[str], Tensor], direction: str,
-            order: Optional[Callable[[Mapping], object]] = None) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(name, tensor)`` in the target layout, pulling sources one mapping at a time.
-
-    direction: ``"to_glm"`` (release -> glm) or ``"to_hf"`` (glm -> release). ``order`` sorts the
-    mappings (e.g. by source shard) so each shard is read once, front to back.
-    """
-    src_side, dst_side = ("hf", "glm") if direction == "to_glm" else ("glm", "hf")
-    for mp in sorted(mappings, key=order) if order else mappings:
-        srcs = [get(n) for n in getattr(mp, src_side)]
-        outs = getattr(mp, direction)(*srcs)
-        names = getattr(mp, dst_side)
-        assert len(outs) == len(names), f"mapping {mp.glm}<->{mp.hf} produced {len(outs)} tensors"
-        yield from zip(names, outs)
-
-
 # ---------------------------------------------------------------------------------------------
 # Release config.json writers (glm -> release). Reading is GLMConfig.from_hf.
 
@@ -416,12 +403,6 @@ def retarget(cfg: GLMConfig, family: str, dtype: torch.dtype) -> GLMConfig:
 # ---------------------------------------------------------------------------------------------
 # Streaming conversion between folders (and saving a model)
 
-import json as _json
-import os as _os
-import time as _time
-from dataclasses import field as _field
-
-
 def _lossy(src: torch.dtype, dst: torch.dtype) -> bool:
     return src != dst and not (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
 
@@ -435,7 +416,11 @@ class Source:
     get: Callable[[str], Tensor]
     meta: Callable[[str], Tensor]
     file_of: Callable[[str], str] = lambda name: ""
-    names: list[str] = _field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    def first_file(self, mp: Mapping) -> str:
+        """The shard a mapping's first source tensor lives in: sorting by it reads each shard once."""
+        return min((self.file_of(n) for n in mp.hf), default="")
 
 
 def _glm_identity(cfg: GLMConfig) -> list[Mapping]:
@@ -473,13 +458,13 @@ def open_source(src: str) -> tuple[Source, "object"]:
     from .checkpoint import CheckpointReader, is_glm_format
     from .config import read_json
 
-    raw = read_json(_os.path.join(src, "config.json"))
+    raw = read_json(os.path.join(src, "config.json"))
     reader = CheckpointReader(src)
     if is_glm_format(src):
-        cfg = GLMConfig.from_dict(raw.get("config", {}), source=_os.path.join(src, "config.json"))
+        cfg = GLMConfig.from_dict(raw.get("config", {}), source=os.path.join(src, "config.json"))
         hf_cfg, mappings = raw.get("hf_config"), _glm_identity(cfg)
     else:
-        cfg = GLMConfig.from_hf(raw if isinstance(raw, dict) else _os.path.join(src, "config.json"))
+        cfg = GLMConfig.from_hf(raw if isinstance(raw, dict) else os.path.join(src, "config.json"))
         hf_cfg, mappings = raw, hf_format(cfg, keys=reader.keys())
     check_keys(mappings, reader.keys(), "hf", src)
     source = Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys())
@@ -510,7 +495,7 @@ class ConvertSummary:
                 f"({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s), peak RSS {self.peak_rss_bytes / 1e9:.2f} GB")
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """High-water resident memory of this process (Linux VmHWM; ru_maxrss elsewhere)."""
     try:
         with open("/proc/self/status") as f:
@@ -533,7 +518,7 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     ``family`` defaults to the source's). Streams one mapping at a time; atomic."""
     from .checkpoint import _as_dtype, parse_size, write_checkpoint
 
-    t0 = _time.time()
+    t0 = time.time()
     if to not in ("glm", "hf"):
         raise ValueError(f"--to must be 'glm' or 'hf', got {to!r}")
     dtype = _as_dtype(dtype)
@@ -542,8 +527,8 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     shard_bytes = parse_size(shard_size)
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_size!r}")
-    dst = _os.path.abspath(_os.fspath(dst))
-    if _os.path.exists(dst) and not overwrite:
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
 
     src_dtypes = {source.meta(n).dtype for mp in source.mappings for n in mp.hf}
@@ -570,9 +555,8 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
             config_json.update({k: _DTYPE_NAMES[out_dtype] for k in keys})
 
     producer = {g: mp for mp in source.mappings for g in mp.glm}
-    src_file = lambda mp: min((source.file_of(n) for n in mp.hf), default="")  # noqa: E731
     # Order target mappings by the shard their first glm tensor comes from: each shard read once.
-    targets = sorted(targets, key=lambda mp: min((src_file(producer[g]) for g in mp.glm), default=""))
+    targets = sorted(targets, key=lambda mp: min((source.first_file(producer[g]) for g in mp.glm), default=""))
 
     def stream(get_src: Callable[[str], Tensor]) -> Iterator[tuple[str, Tensor]]:
         pending: dict[str, Tensor] = {}
@@ -593,21 +577,21 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {_os.path.basename(dst)}")
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {os.path.basename(dst)}")
     on_tensor = (lambda _n, nbytes: bar.update(nbytes)) if bar is not None else None
-    files = {"config.json": (_json.dumps(config_json, indent=2, ensure_ascii=False) + "\n").encode()}
+    files = {"config.json": (json.dumps(config_json, indent=2, ensure_ascii=False) + "\n").encode()}
     try:
         names = write_checkpoint(dst, entries, stream(source.get), files, shard_size=shard_bytes,
                                  overwrite=overwrite, on_tensor=on_tensor)
     finally:
         if bar is not None:
             bar.close()
-    return ConvertSummary(dst, to, tcfg.family, len(entries), total, _time.time() - t0, _peak_rss(), names)
+    return ConvertSummary(dst, to, tcfg.family, len(entries), total, time.time() - t0, peak_rss(), names)
 
 
 def convert_checkpoint(src: str, dst: str, **kwargs) -> ConvertSummary:
     """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`."""
-    source, reader = open_source(_os.fspath(src))
+    source, reader = open_source(os.fspath(src))
     try:
         return write_from(source, dst, **kwargs)
     finally:

@@ -664,7 +664,7 @@ def test_failure_in_fresh_destination_leaves_nothing(tmp_path, monkeypatch):
     def failing(path, data):  # the small files (config.json, index) are written after the shards
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(glm.checkpoint, "_fsync_write", failing)
+    monkeypatch.setattr(glm.checkpoint, "atomic_write", failing)
     dst = tmp_path / "out"
     with pytest.raises(OSError):
         convert_checkpoint(reference_dir("glm-4-9b-chatglm"), dst, to="hf", shard_size=SHARD)
