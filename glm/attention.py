@@ -18,7 +18,9 @@ all and turn into NaN, which would then leak through ``0 * NaN`` in later layers
 garbage either way (the references' are too) and are never compared.
 
 Backends take identical arguments. ``reference`` is the fp32 oracle that builds the dense mask;
-``sdpa`` calls ``scaled_dot_product_attention`` (using ``is_causal`` when the mask is plain causal).
+``sdpa`` calls ``scaled_dot_product_attention`` (using ``is_causal`` when the mask is plain causal);
+``fused`` (registered by :mod:`glm.kernels` when the compiled kernels load) runs the flash-style
+kernels that read this structure directly and skip the key tiles nobody sees.
 """
 from __future__ import annotations
 
@@ -127,19 +129,42 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-def register_backend(name: str, fn: AttentionFn) -> None:
-    """Add a backend (the fused kernels register themselves here when they are built)."""
+# Device types each backend runs on; a backend missing here runs anywhere torch does.
+BACKEND_DEVICES: dict[str, set[str]] = {}
+
+
+def register_backend(name: str, fn: AttentionFn, devices: Optional[set[str]] = None) -> None:
+    """Add a backend (the fused kernels register themselves here when they are built), optionally
+    limited to some device types (``{"cpu"}``, ``{"cpu", "cuda"}``)."""
     BACKENDS[name] = fn
+    if devices is None:
+        BACKEND_DEVICES.pop(name, None)
+    else:
+        BACKEND_DEVICES[name] = set(devices)
 
 
-def resolve_backend(name: str) -> AttentionFn:
+def _runs_on(name: str, device_type: Optional[str]) -> bool:
+    return device_type is None or name not in BACKEND_DEVICES or device_type in BACKEND_DEVICES[name]
+
+
+def resolve_backend(name: str, device_type: Optional[str] = None) -> AttentionFn:
+    """The backend called ``name``; ``auto`` = ``fused`` where it has a kernel for ``device_type``, else ``sdpa``."""
     if name == "auto":
-        name = "fused" if "fused" in BACKENDS else "sdpa"
+        name = "fused" if "fused" in BACKENDS and _runs_on("fused", device_type) else "sdpa"
     try:
-        return BACKENDS[name]
+        fn = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: "
+        hint = ""
+        if name == "fused":
+            from glm import kernels
+
+            hint = f" ({kernels.load_error()})" if kernels.load_error() else ""
+        raise ValueError(f"unknown attention backend {name!r}{hint}; available: "
                          f"{', '.join(['auto', *BACKENDS])}") from None
+    if not _runs_on(name, device_type):
+        raise ValueError(f"attention backend {name!r} has no kernel for {device_type} tensors (it runs on "
+                         f"{', '.join(sorted(BACKEND_DEVICES[name]))}); use backend 'auto' or 'sdpa'")
+    return fn
 
 
 def attention(
@@ -163,5 +188,5 @@ def attention(
     if q_offset < 0 or q_offset + Tq > Tk:
         raise ValueError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
                          f"{Tk} keys; q_offset must be in [0, Tk - Tq]")
-    return resolve_backend(backend)(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
+    return resolve_backend(backend, q.device.type)(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
                                     kv_len=kv_len, q_offset=q_offset, scale=scale)

@@ -1,0 +1,618 @@
+// Flash-style prefix-LM attention for CPU: forward (+ log-sum-exp), backward (recomputing the
+// probabilities from the saved lse, FlashAttention-2 style) and a split-KV decode kernel.
+//
+// The mask is structure, never a tensor (see glm/attention.py). For query row t of sample b, sitting
+// at key index i = q_offset + t, key j is visible iff
+//     j < kv_len[b]  and  ( j == i  or  ( kv_start[b,t] <= j < hi_t ) ),
+//     hi_t = causal ? max(i + 1, prefix_len[b,t]) : Tk.
+// So every row sees one contiguous key range (plus its own key, which matters only for left-pad
+// rows). Tiles wholly inside every row's range skip the masking; tiles outside all of them are never
+// touched, which is where the prefix-LM speedup over a dense-mask kernel comes from.
+//
+// Numerics: inputs of any float dtype are converted tile by tile to fp32; all products, the softmax
+// and the accumulators are fp32. Scores live in the log2 domain (q pre-multiplied by scale*log2(e))
+// so the exponential is a single exp2.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace glm_kernels {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// 2^x for x <= 0, exactly 0 below -126 (and for -inf). Round-to-nearest range reduction leaves
+// f in [-0.5, 0.5], where the degree-7 Taylor polynomial of 2^f is accurate to ~5e-9 relative, below
+// fp32 rounding. Written branch-free on plain floats so GCC vectorises the loops that call it.
+inline float exp2_neg(float x) {
+  const float xc = x < -126.0f ? -126.0f : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float t = xc + shifter;
+  int32_t ti;
+  std::memcpy(&ti, &t, 4);
+  const float n = t - shifter;
+  const float f = xc - n;
+  float p = 1.5252733804059841e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.0f;
+  const int32_t bits = ((ti - 0x4B400000) + 127) << 23;  // 2^n as a float's exponent field
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -126.0f ? 0.0f : p * scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one matrix-multiply micro-kernel everything uses:
+//     C[M x N] (+)= A * B,   A(r, k) = A[r * sar + k * sak],   B row-major [K x N] (row stride ldb).
+// A is only ever broadcast one scalar at a time, so it may be read transposed for free (that is how
+// P^T dO and dS^T Q are formed without transposing anything). N is a multiple of 16 (callers pad).
+// An RB x CB block of C stays in registers across the whole K loop.
+template <int RB, int CB>
+inline void mm_block(int64_t K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb,
+                     float* C, int64_t ldc, bool accumulate) {
+  float c[RB][CB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CB; ++j) c[r][j] = accumulate ? C[r * ldc + j] : 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    for (int r = 0; r < RB; ++r) {
+      const float a = A[r * sar + k * sak];
+      for (int j = 0; j < CB; ++j) c[r][j] += a * b[j];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CB; ++j) C[r * ldc + j] = c[r][j];
+}
+
+template <int CB>
+inline void mm_rows(int64_t rows, int64_t K, const float* A, int64_t sar, int64_t sak, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, bool acc) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) mm_block<8, CB>(K, A + r * sar, sar, sak, B, ldb, C + r * ldc, ldc, acc);
+  const float* a = A + r * sar;
+  float* c = C + r * ldc;
+  switch (rows - r) {
+    case 7: mm_block<7, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 6: mm_block<6, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 5: mm_block<5, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 4: mm_block<4, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 3: mm_block<3, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 2: mm_block<2, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 1: mm_block<1, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    default: break;
+  }
+}
+
+void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t sar, int64_t sak, const float* B,
+            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 32 <= N; j += 32) mm_rows<32>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
+  if (j < N) mm_rows<16>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile loading: any float dtype in, fp32 out, zero padding so every N dimension is a multiple of 16.
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+// dst[r * ldd + c] = src row r (rows*d elements, row stride srs), times mul; columns d..ldd-1 zeroed.
+template <typename T>
+void load_rows(const T* src, int64_t srs, int64_t rows, int64_t d, float mul, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * srs;
+    float* o = dst + r * ldd;
+    for (int64_t c = 0; c < d; ++c) o[c] = to_f(s[c]) * mul;
+    for (int64_t c = d; c < ldd; ++c) o[c] = 0.0f;
+  }
+}
+
+// dst[c * ldd + r] = src[r][c]: the transposed tile, columns rows..ldd-1 zeroed; rows of dst d..dpad-1
+// zeroed too, so the padded K dimension contributes nothing.
+template <typename T>
+void load_transposed(const T* src, int64_t srs, int64_t rows, int64_t d, int64_t dpad, float* dst, int64_t ldd) {
+  for (int64_t c = 0; c < dpad; ++c) std::fill(dst + c * ldd + rows, dst + c * ldd + ldd, 0.0f);
+  for (int64_t c = d; c < dpad; ++c) std::fill(dst + c * ldd, dst + c * ldd + rows, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * srs;
+    for (int64_t c = 0; c < d; ++c) dst[c * ldd + r] = to_f(s[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem description shared by the three kernels.
+
+struct Problem {
+  int64_t B, n, g, Tq, Tk, d, dpad;
+  bool causal;
+  int64_t q_offset;
+  float scale;
+  const int32_t* prefix;    // [B, Tq]
+  const int32_t* kv_start;  // [B, Tq]
+  const int32_t* kv_len;    // [B]
+  int64_t group() const { return n / g; }
+};
+
+// The visible key range of one query row (besides its own key `diag`), clipped to [0, kv_len).
+struct RowRange {
+  int64_t lo, hi, diag;  // visible: lo <= j < hi, or j == diag (diag = -1 when it is not visible)
+  // The smallest and one past the largest visible key (valid when !empty()).
+  int64_t first() const { return lo < hi ? (diag >= 0 ? std::min(lo, diag) : lo) : diag; }
+  int64_t last() const { return lo < hi ? (diag >= 0 ? std::max(hi, diag + 1) : hi) : diag + 1; }
+  bool empty() const { return lo >= hi && diag < 0; }
+};
+
+inline RowRange row_range(const Problem& p, int64_t b, int64_t t) {
+  const int64_t i = p.q_offset + t;
+  const int64_t len = std::min<int64_t>(p.kv_len[b], p.Tk);
+  const int64_t start = std::max<int64_t>(p.kv_start[b * p.Tq + t], 0);
+  int64_t hi = p.causal ? std::max<int64_t>(i + 1, p.prefix[b * p.Tq + t]) : p.Tk;
+  hi = std::min(hi, len);
+  RowRange r{start, hi, i < len ? i : -1};
+  if (r.lo >= r.hi) r.lo = r.hi = 0;
+  return r;
+}
+
+// What a key tile [j0, j1) is to a set of rows: fully visible to all, partly visible, or invisible.
+enum class TileKind { kFull, kPartial, kNone };
+
+inline TileKind classify(const RowRange* rr, int64_t rows, int64_t j0, int64_t j1) {
+  bool full = true, any = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    const RowRange& x = rr[r];
+    const bool inside = x.lo <= j0 && x.hi >= j1;
+    full = full && inside;
+    any = any || inside || (x.lo < j1 && x.hi > j0) || (x.diag >= j0 && x.diag < j1);
+  }
+  return full ? TileKind::kFull : (any ? TileKind::kPartial : TileKind::kNone);
+}
+
+inline bool visible(const RowRange& x, int64_t j) { return (j >= x.lo && j < x.hi) || j == x.diag; }
+
+// Runs `work(item)` for items 0..count-1 on all intra-op threads, handing items out one at a time so
+// uneven items (later query blocks see more keys under a causal mask) balance themselves.
+template <typename Init, typename Work>
+void run_items(int64_t count, Init init, Work work) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto scratch = init();
+    for (int64_t it; (it = next.fetch_add(1)) < count;) work(it, scratch);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward core: online softmax of `rows` query rows (all heads of one KV group, stacked) over the
+// keys [j_begin, j_end), in tiles of kBK. Leaves the unnormalised output in O, the running max (log2
+// domain) in m and the running sum in l.
+
+constexpr int64_t kBK = 64;
+
+struct FwdScratch {
+  std::vector<float> Q, O, S, KT, V, m, l;
+  std::vector<RowRange> rr;
+  FwdScratch(int64_t rows, int64_t dpad)
+      : Q(rows * dpad), O(rows * dpad), S(rows * kBK), KT(dpad * kBK), V(kBK * dpad), m(rows), l(rows), rr(rows) {}
+};
+
+template <typename T>
+void attend_range(const Problem& p, const T* K, const T* V, int64_t skt, int64_t rows, int64_t j_begin,
+                  int64_t j_end, FwdScratch& s) {
+  const int64_t dpad = p.dpad;
+  std::fill(s.O.begin(), s.O.begin() + rows * dpad, 0.0f);
+  std::fill(s.m.begin(), s.m.begin() + rows, kNegInf);
+  std::fill(s.l.begin(), s.l.begin() + rows, 0.0f);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBK) {
+    const int64_t j1 = std::min(j0 + kBK, j_end), nk = j1 - j0;
+    const TileKind kind = classify(s.rr.data(), rows, j0, j1);
+    if (kind == TileKind::kNone) continue;
+    load_transposed(K + j0 * skt, skt, nk, p.d, dpad, s.KT.data(), kBK);
+    load_rows(V + j0 * skt, skt, nk, p.d, 1.0f, s.V.data(), dpad);
+    for (int64_t r = nk; r < kBK; ++r) std::fill(s.V.data() + r * dpad, s.V.data() + (r + 1) * dpad, 0.0f);
+    float* S = s.S.data();
+    matmul(rows, kBK, dpad, s.Q.data(), dpad, 1, s.KT.data(), kBK, S, kBK, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = S + r * kBK;
+      if (kind == TileKind::kPartial) {
+        const RowRange& x = s.rr[r];
+        for (int64_t c = 0; c < nk; ++c)
+          if (!visible(x, j0 + c)) sr[c] = kNegInf;
+      }
+      float mx = kNegInf;
+      for (int64_t c = 0; c < nk; ++c) mx = std::max(mx, sr[c]);
+      const float m_new = std::max(s.m[r], mx);
+      if (m_new == kNegInf) {  // nothing visible to this row yet
+        std::fill(sr, sr + kBK, 0.0f);
+        continue;
+      }
+      const float alpha = exp2_neg(s.m[r] - m_new);
+      float sum = 0.0f;
+      for (int64_t c = 0; c < nk; ++c) {
+        sr[c] = exp2_neg(sr[c] - m_new);
+        sum += sr[c];
+      }
+      for (int64_t c = nk; c < kBK; ++c) sr[c] = 0.0f;
+      s.l[r] = s.l[r] * alpha + sum;
+      s.m[r] = m_new;
+      if (alpha != 1.0f) {
+        float* o = s.O.data() + r * dpad;
+        for (int64_t c = 0; c < dpad; ++c) o[c] *= alpha;
+      }
+    }
+    matmul(rows, dpad, kBK, S, kBK, 1, s.V.data(), dpad, s.O.data(), dpad, true);
+  }
+}
+
+// Rows of a work item: `heads` query heads (h0 ..) x query positions [t0, t0 + nt), head-major.
+template <typename T>
+void load_queries(const Problem& p, const T* q, const int64_t* qs, int64_t b, int64_t h0, int64_t heads,
+                  int64_t t0, int64_t nt, FwdScratch& s) {
+  const float mul = p.scale * kLog2e;
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    load_rows(q + b * qs[0] + (h0 + hh) * qs[1] + t0 * qs[2], qs[2], nt, p.d, mul, s.Q.data() + hh * nt * p.dpad, p.dpad);
+    for (int64_t t = 0; t < nt; ++t) s.rr[hh * nt + t] = row_range(p, b, t0 + t);
+  }
+}
+
+inline void union_range(const RowRange* rr, int64_t rows, int64_t& lo, int64_t& hi) {
+  lo = std::numeric_limits<int64_t>::max();
+  hi = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (rr[r].empty()) continue;
+    lo = std::min(lo, rr[r].first());
+    hi = std::max(hi, rr[r].last());
+  }
+  if (lo >= hi) lo = hi = 0;
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix,
+                     const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal, int64_t q_offset,
+                     double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "glm attention: q must be [B,n,Tq,d] and k, v [B,g,Tk,d]");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "glm attention: q, k, v must share a dtype");
+  const int64_t B = q.size(0), Tq = q.size(2);
+  TORCH_CHECK(prefix.scalar_type() == at::kInt && kv_start.scalar_type() == at::kInt && kv_len.scalar_type() == at::kInt,
+              "glm attention: prefix_len, kv_start and kv_len must be int32");
+  TORCH_CHECK(prefix.numel() == B * Tq && kv_start.numel() == B * Tq && kv_len.numel() == B,
+              "glm attention: prefix_len and kv_start must be [B, Tq], kv_len [B]");
+  TORCH_CHECK(prefix.is_contiguous() && kv_start.is_contiguous() && kv_len.is_contiguous(),
+              "glm attention: structure tensors must be contiguous");
+  TORCH_CHECK(q_offset >= 0 && q_offset + Tq <= k.size(2), "glm attention: q_offset out of range");
+  Problem p;
+  p.B = B; p.n = q.size(1); p.g = k.size(1); p.Tq = Tq; p.Tk = k.size(2); p.d = q.size(3);
+  p.dpad = round_up(p.d, 16);
+  p.causal = causal; p.q_offset = q_offset; p.scale = static_cast<float>(scale);
+  p.prefix = prefix.data_ptr<int32_t>();
+  p.kv_start = kv_start.data_ptr<int32_t>();
+  p.kv_len = kv_len.data_ptr<int32_t>();
+  return p;
+}
+
+inline at::Tensor last_dim_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// Query positions per work item: about 64 rows per item once the group's heads are stacked.
+inline int64_t q_block(const Problem& p) { return std::max<int64_t>(1, 64 / p.group()); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Forward: out [B, n, Tq, d] (q's dtype), lse [B, n, Tq] fp32 natural log (-inf for an empty row).
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                                 const at::Tensor& prefix, const at::Tensor& kv_start,
+                                                 const at::Tensor& kv_len, bool causal, int64_t q_offset, double scale) {
+  const at::Tensor q = last_dim_contiguous(q_);
+  at::Tensor k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+  if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // one stride set addresses both
+  const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
+  auto out = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
+  auto lse = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  const int64_t G = p.group(), bq = q_block(p), nqb = (p.Tq + bq - 1) / bq;
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_fwd", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    float* lp = lse.data_ptr<float>();
+    // Later query blocks see more keys under a causal mask: hand them out first.
+    run_items(p.B * p.g * nqb, [&] { return FwdScratch(G * bq, p.dpad); }, [&](int64_t it, FwdScratch& s) {
+      const int64_t qb = nqb - 1 - it % nqb, bg = it / nqb, b = bg / p.g, kh = bg % p.g;
+      const int64_t t0 = qb * bq, nt = std::min(bq, p.Tq - t0), rows = G * nt;
+      load_queries(p, qp, qs, b, kh * G, G, t0, nt, s);
+      int64_t lo, hi;
+      union_range(s.rr.data(), rows, lo, hi);
+      const int64_t koff = b * k.stride(0) + kh * k.stride(1);
+      attend_range(p, kp + koff, vp + koff, k.stride(2), rows, lo, hi, s);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = kh * G + r / nt, t = t0 + r % nt;
+        const float l = s.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+        scalar_t* o = op + ((b * p.n + h) * p.Tq + t) * p.d;
+        const float* src = s.O.data() + r * p.dpad;
+        for (int64_t c = 0; c < p.d; ++c) o[c] = static_cast<scalar_t>(src[c] * inv);
+        lp[(b * p.n + h) * p.Tq + t] = l > 0.0f ? (s.m[r] + std::log2(l)) * kLn2 : kNegInf;
+      }
+    });
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: the same result as attention_fwd, for few query rows against a long cache. The work is
+// split along the keys (flash-decoding): each item is one (sample, KV head, key chunk) with all query
+// rows of the group, leaving a partial (max, sum, output); a second pass merges the chunks.
+
+std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                                    const at::Tensor& prefix, const at::Tensor& kv_start,
+                                                    const at::Tensor& kv_len, bool causal, int64_t q_offset,
+                                                    double scale) {
+  const at::Tensor q = last_dim_contiguous(q_);
+  at::Tensor k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+  if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // one stride set addresses both
+  const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
+  auto out = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
+  auto lse = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  const int64_t G = p.group(), rows = G * p.Tq, dpad = p.dpad;
+  // Chunks: enough items for every thread to get several, never fewer keys than one tile.
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = std::max<int64_t>(1, (4 * threads + p.B * p.g - 1) / (p.B * p.g));
+  const int64_t chunk = std::max<int64_t>(kBK, round_up((p.Tk + want - 1) / want, kBK));
+  const int64_t nch = (p.Tk + chunk - 1) / chunk;
+  // Partials per (b, kv head, chunk): m [rows], l [rows], O [rows, dpad].
+  std::vector<float> pm(p.B * p.g * nch * rows), pl(pm.size()), po(pm.size() * dpad);
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_decode", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    run_items(p.B * p.g * nch, [&] { return FwdScratch(rows, dpad); }, [&](int64_t it, FwdScratch& s) {
+      const int64_t c = it % nch, bg = it / nch, b = bg / p.g, kh = bg % p.g;
+      load_queries(p, qp, qs, b, kh * G, G, 0, p.Tq, s);
+      int64_t lo, hi;
+      union_range(s.rr.data(), rows, lo, hi);
+      lo = std::max(lo, c * chunk);
+      hi = std::min(hi, (c + 1) * chunk);
+      const int64_t koff = b * k.stride(0) + kh * k.stride(1);
+      if (lo < hi) {
+        attend_range(p, kp + koff, vp + koff, k.stride(2), rows, lo, hi, s);
+      } else {
+        std::fill(s.m.begin(), s.m.begin() + rows, kNegInf);
+        std::fill(s.l.begin(), s.l.begin() + rows, 0.0f);
+      }
+      std::copy(s.m.begin(), s.m.begin() + rows, pm.begin() + it * rows);
+      std::copy(s.l.begin(), s.l.begin() + rows, pl.begin() + it * rows);
+      if (lo < hi) std::copy(s.O.begin(), s.O.begin() + rows * dpad, po.begin() + it * rows * dpad);
+    });
+    scalar_t* op = out.data_ptr<scalar_t>();
+    float* lp = lse.data_ptr<float>();
+    at::parallel_for(0, p.B * p.g * rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(dpad);
+      for (int64_t x = begin; x < end; ++x) {
+        const int64_t r = x % rows, bg = x / rows, b = bg / p.g, kh = bg % p.g;
+        float m = kNegInf;
+        for (int64_t c = 0; c < nch; ++c) m = std::max(m, pm[(bg * nch + c) * rows + r]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float l = 0.0f;
+        if (m != kNegInf) {
+          for (int64_t c = 0; c < nch; ++c) {
+            const int64_t at_ = (bg * nch + c) * rows + r;
+            if (pl[at_] == 0.0f) continue;
+            const float w = exp2_neg(pm[at_] - m);
+            l += pl[at_] * w;
+            const float* o = po.data() + at_ * dpad;
+            for (int64_t e = 0; e < dpad; ++e) acc[e] += o[e] * w;
+          }
+        }
+        const int64_t h = kh * G + r / p.Tq, t = r % p.Tq;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        scalar_t* o = op + ((b * p.n + h) * p.Tq + t) * p.d;
+        for (int64_t e = 0; e < p.d; ++e) o[e] = static_cast<scalar_t>(acc[e] * inv);
+        lp[(b * p.n + h) * p.Tq + t] = l > 0.0f ? (m + std::log2(l)) * kLn2 : kNegInf;
+      }
+    });
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. One work item per (sample, query head): it owns dQ of that head outright and writes
+// dK, dV of that head into fp32 per-head buffers, summed over each KV group at the end, so no two
+// threads ever touch the same memory. For each key tile, the query tiles that see it:
+//   P = exp2(S * scale*log2e - lse*log2e),  dV += P^T dO,  dP = dO V^T,
+//   dS = scale * P o (dP - D)  with D = rowsum(dO o O) - grad_lse,  dK += dS^T Q,  dQ += dS K.
+
+constexpr int64_t kBQ = 64;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout_, const at::Tensor& glse_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
+    const at::Tensor& lse_, const at::Tensor& prefix, const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal,
+    int64_t q_offset, double scale) {
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
+  const at::Tensor glse = glse_.to(at::kFloat).contiguous();
+  const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "glm attention bwd: grad/out shape mismatch");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == p.B * p.n * p.Tq && glse.numel() == lse.numel(),
+              "glm attention bwd: lse and grad_lse must be fp32 [B,n,Tq]");
+  auto dq = at::empty_like(q);
+  const int64_t G = p.group(), dpad = p.dpad, d = p.d;
+  const int64_t Tkp = round_up(std::max<int64_t>(p.Tk, 1), kBK);
+  // Per query head dK, dV (fp32, padded): summed per group afterwards.
+  std::vector<float> dkh(p.B * p.n * Tkp * dpad), dvh(dkh.size());
+  if (q.numel() == 0 || p.Tk == 0) {
+    return {dq.zero_(), at::zeros_like(k), at::zeros_like(v)};
+  }
+  const float c2 = p.scale * kLog2e;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_bwd", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* dop = dout.data_ptr<scalar_t>();
+    const scalar_t* outp = out.data_ptr<scalar_t>();
+    const float* lsep = lse.data_ptr<float>();
+    const float* glsep = glse.data_ptr<float>();
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    struct Scratch {
+      std::vector<float> Q, dO, dQ, Dr, L2, Kf, KT, VT, P, dP, dK, dV;
+      std::vector<RowRange> rr;
+    };
+    const int64_t Tqp = round_up(p.Tq, kBQ);
+    auto init = [&] {
+      Scratch s;
+      s.Q.resize(Tqp * dpad); s.dO.resize(Tqp * dpad); s.dQ.resize(Tqp * dpad);
+      s.Dr.resize(Tqp); s.L2.resize(Tqp); s.rr.resize(p.Tq);
+      s.Kf.resize(Tkp * dpad); s.KT.resize(dpad * Tkp); s.VT.resize(dpad * Tkp);
+      s.P.resize(kBQ * kBK); s.dP.resize(kBQ * kBK); s.dK.resize(kBK * dpad); s.dV.resize(kBK * dpad);
+      return s;
+    };
+    run_items(p.B * p.n, init, [&](int64_t it, Scratch& s) {
+      const int64_t b = it / p.n, h = it % p.n, kh = h / G;
+      const int64_t qo = (b * p.n + h) * p.Tq * d, ko = (b * p.g + kh) * p.Tk * d;
+      load_rows(qp + qo, d, p.Tq, d, 1.0f, s.Q.data(), dpad);
+      load_rows(dop + qo, d, p.Tq, d, 1.0f, s.dO.data(), dpad);
+      std::fill(s.dQ.begin(), s.dQ.end(), 0.0f);
+      for (int64_t t = 0; t < p.Tq; ++t) {
+        const scalar_t* o = outp + qo + t * d;
+        const float* g_ = s.dO.data() + t * dpad;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < d; ++c) acc += g_[c] * to_f(o[c]);
+        // d lse / d s = P, so a gradient on lse enters exactly like -D: dS = P o (dP - (D - g_lse)).
+        s.Dr[t] = acc - glsep[(b * p.n + h) * p.Tq + t];
+        const float l = lsep[(b * p.n + h) * p.Tq + t];
+        s.L2[t] = l * kLog2e;
+        s.rr[t] = row_range(p, b, t);
+      }
+      load_rows(kp + ko, d, p.Tk, d, 1.0f, s.Kf.data(), dpad);
+      std::fill(s.Kf.begin() + p.Tk * dpad, s.Kf.end(), 0.0f);
+      load_transposed(kp + ko, d, p.Tk, d, dpad, s.KT.data(), Tkp);
+      load_transposed(vp + ko, d, p.Tk, d, dpad, s.VT.data(), Tkp);
+      float* dKh = dkh.data() + (b * p.n + h) * Tkp * dpad;
+      float* dVh = dvh.data() + (b * p.n + h) * Tkp * dpad;
+      for (int64_t j0 = 0; j0 < p.Tk; j0 += kBK) {
+        const int64_t j1 = std::min(j0 + kBK, p.Tk), nk = j1 - j0;
+        bool touched = false;
+        for (int64_t t0 = 0; t0 < p.Tq; t0 += kBQ) {
+          const int64_t nt = std::min(kBQ, p.Tq - t0);
+          const TileKind kind = classify(s.rr.data() + t0, nt, j0, j1);
+          if (kind == TileKind::kNone) continue;
+          if (!touched) {
+            std::fill(s.dK.begin(), s.dK.end(), 0.0f);
+            std::fill(s.dV.begin(), s.dV.end(), 0.0f);
+            touched = true;
+          }
+          float* P = s.P.data();
+          float* dP = s.dP.data();
+          const float* Qi = s.Q.data() + t0 * dpad;
+          const float* dOi = s.dO.data() + t0 * dpad;
+          matmul(nt, kBK, dpad, Qi, dpad, 1, s.KT.data() + j0, Tkp, P, kBK, false);
+          matmul(nt, kBK, dpad, dOi, dpad, 1, s.VT.data() + j0, Tkp, dP, kBK, false);
+          for (int64_t r = 0; r < nt; ++r) {
+            const RowRange& x = s.rr[t0 + r];
+            float* pr = P + r * kBK;
+            float* dpr = dP + r * kBK;
+            const float l2 = s.L2[t0 + r], D = s.Dr[t0 + r];
+            if (l2 == kNegInf) {  // empty row: no probability mass, no gradient
+              std::fill(pr, pr + kBK, 0.0f);
+              std::fill(dpr, dpr + kBK, 0.0f);
+              continue;
+            }
+            for (int64_t c = 0; c < kBK; ++c) {
+              float e = exp2_neg(pr[c] * c2 - l2);
+              if (c >= nk || (kind == TileKind::kPartial && !visible(x, j0 + c))) e = 0.0f;
+              pr[c] = e;
+              dpr[c] = p.scale * e * (dpr[c] - D);
+            }
+          }
+          // dV_j += P^T dO_i ; dK_j += dS^T Q_i ; dQ_i += dS K_j
+          matmul(kBK, dpad, nt, P, 1, kBK, dOi, dpad, s.dV.data(), dpad, true);
+          matmul(kBK, dpad, nt, dP, 1, kBK, Qi, dpad, s.dK.data(), dpad, true);
+          matmul(nt, dpad, kBK, dP, kBK, 1, s.Kf.data() + j0 * dpad, dpad, s.dQ.data() + t0 * dpad, dpad, true);
+        }
+        if (touched) {
+          std::copy(s.dK.begin(), s.dK.end(), dKh + j0 * dpad);
+          std::copy(s.dV.begin(), s.dV.end(), dVh + j0 * dpad);
+        } else {
+          std::fill(dKh + j0 * dpad, dKh + (j0 + kBK) * dpad, 0.0f);
+          std::fill(dVh + j0 * dpad, dVh + (j0 + kBK) * dpad, 0.0f);
+        }
+      }
+      scalar_t* dqo = dqp + qo;
+      for (int64_t t = 0; t < p.Tq; ++t)
+        for (int64_t c = 0; c < d; ++c) dqo[t * d + c] = static_cast<scalar_t>(s.dQ[t * dpad + c]);
+    });
+  });
+  // Sum the per-head dK, dV over each group's query heads.
+  auto dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_bwd_reduce", [&] {
+    scalar_t* dkp = dk.data_ptr<scalar_t>();
+    scalar_t* dvp = dv.data_ptr<scalar_t>();
+    at::parallel_for(0, p.B * p.g * p.Tk, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> ak(d), av(d);
+      for (int64_t x = begin; x < end; ++x) {
+        const int64_t j = x % p.Tk, bg = x / p.Tk, b = bg / p.g, kh = bg % p.g;
+        std::fill(ak.begin(), ak.end(), 0.0f);
+        std::fill(av.begin(), av.end(), 0.0f);
+        for (int64_t hh = 0; hh < G; ++hh) {
+          const int64_t off = ((b * p.n + kh * G + hh) * Tkp + j) * dpad;
+          for (int64_t c = 0; c < d; ++c) { ak[c] += dkh[off + c]; av[c] += dvh[off + c]; }
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          dkp[x * d + c] = static_cast<scalar_t>(ak[c]);
+          dvp[x * d + c] = static_cast<scalar_t>(av[c]);
+        }
+      }
+    });
+  });
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY(glm, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor kv_start, Tensor kv_len, "
+        "bool causal, int q_offset, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor prefix_len, "
+        "Tensor kv_start, Tensor kv_len, bool causal, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_decode(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor kv_start, Tensor kv_len, "
+        "bool causal, int q_offset, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(glm, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_decode", &attention_decode);
+}
+
+}  // namespace glm_kernels
+
+// An empty Python module, so that `import glm.kernels._C` loads the library (and with it the op
+// registrations above) through the normal import machinery.
+extern "C" {
+#include <Python.h>
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glm's compiled attention ops (torch.ops.glm)", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}
+}

@@ -1,0 +1,45 @@
+"""Builds the optional C++ attention kernels (glm.kernels._C); everything else lives in setup.cfg.
+
+The extension is compiled ahead, at `pip install`, never at import. If it cannot be built the
+install still succeeds: `glm.kernels.available()` is then False, `glm.kernels.load_error()` says why,
+and the `auto` attention backend falls back to sdpa.
+
+GLM_KERNELS_MARCH picks the target CPU (default: native, the machine that builds is the one that
+runs, as with `make test`); set it to e.g. x86-64-v3 to build for other machines.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as exc:  # torch missing at build time (an isolated build): pure-Python install
+    print(f"glm: not building the C++ kernels, torch is not importable at build time ({exc}); "
+          "install with --no-build-isolation to build them", file=sys.stderr)
+else:
+    march = os.environ.get("GLM_KERNELS_MARCH", "native")
+    ext_modules.append(CppExtension(
+        "glm.kernels._C",
+        ["kernels/csrc/attention_cpu.cpp"],
+        # -fopenmp: at::parallel_for's OpenMP loop is inlined from the header. No -ffast-math: the
+        # kernels rely on -inf for masked scores.
+        extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                            "-ffp-contract=fast"],
+        extra_link_args=["-fopenmp"],
+    ))
+
+    class OptionalBuild(BuildExtension):
+        """A failed kernel build warns and leaves the pure-Python package installable."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # compiler missing, unsupported flags, ...
+                print(f"\nglm: WARNING: the C++ attention kernels failed to build ({exc}); glm works without "
+                      "them (attention backend 'auto' -> 'sdpa'). See docs/kernels.md.\n", file=sys.stderr)
+
+    cmdclass["build_ext"] = OptionalBuild.with_options(use_ninja=True)
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
