@@ -15,9 +15,10 @@ $(PY):
 
 # Reinstall only when the package metadata changes. --no-build-isolation makes the build see the
 # venv's torch (the C++ extension compiles against it) instead of pulling another torch.
-$(VENV)/.installed: $(PY) setup.cfg pyproject.toml $(wildcard setup.py)
+$(VENV)/.installed: $(PY) setup.cfg pyproject.toml $(wildcard setup.py) $(wildcard kernels/csrc/*)
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q --no-build-isolation -e ".[test,plots]"
+	@$(PY) -c "import glm.kernels as k; print('glm.kernels:', 'C++ kernels built' if k.available() else k.load_error())"
 	touch $@
 
 venv install: $(VENV)/.installed

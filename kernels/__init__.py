@@ -17,6 +17,7 @@ attention backend.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional
 
@@ -27,9 +28,11 @@ _load_error: Optional[str] = None
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
 except ImportError as exc:  # not built (isolated install, no compiler) or built for another torch
-    _load_error = (f"the C++ attention kernels are not available ({exc}). Rebuild them with "
-                   "`pip install --no-build-isolation -e .` (needs a C++ compiler and torch installed "
-                   "first); until then the 'auto' attention backend uses 'sdpa'")
+    why = ("they were not built at install time" if importlib.util.find_spec(__name__ + "._C") is None
+           else f"the compiled library failed to load: {exc}")
+    _load_error = (f"the C++ attention kernels are not available ({why}). Build them with "
+                   "`pip install --no-build-isolation -e .` in the repository (needs a C++ compiler, and torch "
+                   "installed first); until then the 'auto' attention backend uses 'sdpa'")
 
 
 def available() -> bool:

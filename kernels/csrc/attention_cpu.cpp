@@ -30,6 +30,9 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Keys per tile (a multiple of 16). Each tile's scores for ~128 query rows stay in L2 between the
+// two multiplies; larger tiles amortise the per-tile softmax bookkeeping.
+constexpr int64_t kBK = 128;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -184,7 +187,18 @@ inline TileKind classify(const RowRange* rr, int64_t rows, int64_t j0, int64_t j
   return full ? TileKind::kFull : (any ? TileKind::kPartial : TileKind::kNone);
 }
 
-inline bool visible(const RowRange& x, int64_t j) { return (j >= x.lo && j < x.hi) || j == x.diag; }
+
+// Sets to 0 the entries c < kBK of a row of tile [j0, j0 + nk) for keys that row x does not see
+// (and the padding past nk): two contiguous fills around the visible interval, keeping its own key.
+inline void zero_unseen(const RowRange& x, int64_t j0, int64_t nk, float* row) {
+  auto col = [&](int64_t j) { return std::min<int64_t>(std::max<int64_t>(j - j0, 0), nk); };
+  const int64_t c_lo = col(x.lo), c_hi = std::max(c_lo, col(x.hi)), cd = x.diag - j0;
+  const bool keep_diag = x.diag >= 0 && cd >= 0 && cd < nk;
+  const float diag_value = keep_diag ? row[cd] : 0.0f;
+  std::fill(row, row + c_lo, 0.0f);
+  std::fill(row + c_hi, row + kBK, 0.0f);
+  if (keep_diag) row[cd] = diag_value;
+}
 
 // Runs `work(item)` for items 0..count-1 on all intra-op threads, handing items out one at a time so
 // uneven items (later query blocks see more keys under a causal mask) balance themselves.
@@ -199,75 +213,121 @@ void run_items(int64_t count, Init init, Work work) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward core: online softmax of `rows` query rows (all heads of one KV group, stacked) over the
-// keys [j_begin, j_end), in tiles of kBK. Leaves the unnormalised output in O, the running max (log2
-// domain) in m and the running sum in l.
-
-constexpr int64_t kBK = 64;
+// Forward core. The scores are computed transposed, S^T = K Q^T ([keys x rows]), so that the
+// softmax statistics of all query rows sit side by side in memory: the running max, exponentials
+// and sums are then plain vector operations across rows, with no horizontal reductions, and the
+// key rows are the multiply's broadcast operand, so K never needs transposing.
 
 struct FwdScratch {
-  std::vector<float> Q, O, S, KT, V, m, l;
+  int64_t rowsp;                  // rows rounded up to 16 (padding rows see nothing)
+  std::vector<float> QT, O, ST, Kt, Vt, m, l, mx, ms, alpha;
+  std::vector<int32_t> lo, hi, diag;  // each row's RowRange, as vectors across rows
   std::vector<RowRange> rr;
   FwdScratch(int64_t rows, int64_t dpad)
-      : Q(rows * dpad), O(rows * dpad), S(rows * kBK), KT(dpad * kBK), V(kBK * dpad), m(rows), l(rows), rr(rows) {}
+      : rowsp(round_up(rows, 16)), QT(dpad * rowsp), O(rows * dpad), ST(kBK * rowsp), Kt(kBK * dpad), Vt(kBK * dpad),
+        m(rowsp), l(rowsp), mx(rowsp), ms(rowsp), alpha(rowsp), lo(rowsp), hi(rowsp), diag(rowsp), rr(rows) {}
 };
 
+// Where attend_range finds its key rows: K and V with row stride `skt`, either the inputs themselves
+// (fp32 with d a multiple of 16), fp32 copies made once per (sample, KV head) when several query
+// blocks reuse them, or — `convert` — the raw rows of another dtype, converted tile by tile.
 template <typename T>
-void attend_range(const Problem& p, const T* K, const T* V, int64_t skt, int64_t rows, int64_t j_begin,
-                  int64_t j_end, FwdScratch& s) {
-  const int64_t dpad = p.dpad;
-  std::fill(s.O.begin(), s.O.begin() + rows * dpad, 0.0f);
-  std::fill(s.m.begin(), s.m.begin() + rows, kNegInf);
-  std::fill(s.l.begin(), s.l.begin() + rows, 0.0f);
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBK) {
-    const int64_t j1 = std::min(j0 + kBK, j_end), nk = j1 - j0;
-    const TileKind kind = classify(s.rr.data(), rows, j0, j1);
-    if (kind == TileKind::kNone) continue;
-    load_transposed(K + j0 * skt, skt, nk, p.d, dpad, s.KT.data(), kBK);
-    load_rows(V + j0 * skt, skt, nk, p.d, 1.0f, s.V.data(), dpad);
-    for (int64_t r = nk; r < kBK; ++r) std::fill(s.V.data() + r * dpad, s.V.data() + (r + 1) * dpad, 0.0f);
-    float* S = s.S.data();
-    matmul(rows, kBK, dpad, s.Q.data(), dpad, 1, s.KT.data(), kBK, S, kBK, false);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = S + r * kBK;
-      if (kind == TileKind::kPartial) {
-        const RowRange& x = s.rr[r];
-        for (int64_t c = 0; c < nk; ++c)
-          if (!visible(x, j0 + c)) sr[c] = kNegInf;
-      }
-      float mx = kNegInf;
-      for (int64_t c = 0; c < nk; ++c) mx = std::max(mx, sr[c]);
-      const float m_new = std::max(s.m[r], mx);
-      if (m_new == kNegInf) {  // nothing visible to this row yet
-        std::fill(sr, sr + kBK, 0.0f);
-        continue;
-      }
-      const float alpha = exp2_neg(s.m[r] - m_new);
-      float sum = 0.0f;
-      for (int64_t c = 0; c < nk; ++c) {
-        sr[c] = exp2_neg(sr[c] - m_new);
-        sum += sr[c];
-      }
-      for (int64_t c = nk; c < kBK; ++c) sr[c] = 0.0f;
-      s.l[r] = s.l[r] * alpha + sum;
-      s.m[r] = m_new;
-      if (alpha != 1.0f) {
-        float* o = s.O.data() + r * dpad;
-        for (int64_t c = 0; c < dpad; ++c) o[c] *= alpha;
-      }
-    }
-    matmul(rows, dpad, kBK, S, kBK, 1, s.V.data(), dpad, s.O.data(), dpad, true);
-  }
-}
+struct Keys {
+  const T* K;
+  const T* V;
+  int64_t skt;
+  const float* Kf = nullptr;  // fp32 rows (direct or packed), row stride skt_f
+  const float* Vf = nullptr;
+  int64_t skt_f = 0;
+};
 
-// Rows of a work item: `heads` query heads (h0 ..) x query positions [t0, t0 + nt), head-major.
+// Queries of one work item, scaled into the log2 domain and stored transposed: QT[c][r].
 template <typename T>
 void load_queries(const Problem& p, const T* q, const int64_t* qs, int64_t b, int64_t h0, int64_t heads,
                   int64_t t0, int64_t nt, FwdScratch& s) {
   const float mul = p.scale * kLog2e;
-  for (int64_t hh = 0; hh < heads; ++hh) {
-    load_rows(q + b * qs[0] + (h0 + hh) * qs[1] + t0 * qs[2], qs[2], nt, p.d, mul, s.Q.data() + hh * nt * p.dpad, p.dpad);
-    for (int64_t t = 0; t < nt; ++t) s.rr[hh * nt + t] = row_range(p, b, t0 + t);
+  const int64_t rowsp = s.rowsp, rows = heads * nt;
+  std::fill(s.QT.begin(), s.QT.end(), 0.0f);
+  for (int64_t hh = 0; hh < heads; ++hh)
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t r = hh * nt + t;
+      const T* src = q + b * qs[0] + (h0 + hh) * qs[1] + (t0 + t) * qs[2];
+      for (int64_t c = 0; c < p.d; ++c) s.QT[c * rowsp + r] = to_f(src[c]) * mul;
+      const RowRange x = row_range(p, b, t0 + t);
+      s.rr[r] = x;
+      s.lo[r] = static_cast<int32_t>(x.lo);
+      s.hi[r] = static_cast<int32_t>(x.hi);
+      s.diag[r] = static_cast<int32_t>(x.diag);
+    }
+  for (int64_t r = rows; r < rowsp; ++r) s.lo[r] = s.hi[r] = 0, s.diag[r] = -1;
+}
+
+// Online softmax of `rows` query rows (all heads of one KV group, stacked) over the keys
+// [j_begin, j_end), in kBK-wide tiles aligned to multiples of kBK. Leaves the unnormalised output in
+// O, the running max (log2 domain) in m and the running sum in l.
+template <typename T>
+void attend_range(const Problem& p, const Keys<T>& keys, int64_t rows, int64_t j_begin, int64_t j_end, FwdScratch& s) {
+  const int64_t dpad = p.dpad, rp = s.rowsp;
+  std::fill(s.O.begin(), s.O.begin() + rows * dpad, 0.0f);
+  std::fill(s.m.begin(), s.m.end(), kNegInf);
+  std::fill(s.l.begin(), s.l.end(), 0.0f);
+  float* ST = s.ST.data();
+  float *m = s.m.data(), *l = s.l.data(), *mx = s.mx.data(), *ms = s.ms.data(), *alpha = s.alpha.data();
+  const int32_t *lo = s.lo.data(), *hi = s.hi.data(), *diag = s.diag.data();
+  for (int64_t j0 = j_begin / kBK * kBK; j0 < j_end; j0 += kBK) {
+    const int64_t j1 = std::min(j0 + kBK, p.Tk), nk = j1 - j0;
+    const TileKind kind = classify(s.rr.data(), rows, std::max(j0, j_begin), std::min(j1, j_end));
+    if (kind == TileKind::kNone) continue;
+    const float *Kr, *Vr;
+    int64_t ld;
+    if (keys.Kf != nullptr) {
+      Kr = keys.Kf + j0 * keys.skt_f, Vr = keys.Vf + j0 * keys.skt_f, ld = keys.skt_f;
+    } else {
+      load_rows(keys.K + j0 * keys.skt, keys.skt, nk, p.d, 1.0f, s.Kt.data(), dpad);
+      load_rows(keys.V + j0 * keys.skt, keys.skt, nk, p.d, 1.0f, s.Vt.data(), dpad);
+      Kr = s.Kt.data(), Vr = s.Vt.data(), ld = dpad;
+    }
+    matmul(nk, rp, dpad, Kr, ld, 1, s.QT.data(), rp, ST, rp, false);
+    if (kind == TileKind::kPartial || j0 < j_begin || j1 > j_end) {
+      for (int64_t c = 0; c < nk; ++c) {
+        const int32_t j = static_cast<int32_t>(j0 + c);
+        float* row = ST + c * rp;
+        if (j < j_begin || j >= j_end) {
+          std::fill(row, row + rp, kNegInf);
+          continue;
+        }
+        for (int64_t r = 0; r < rp; ++r) {
+          const bool vis = (j >= lo[r] && j < hi[r]) || j == diag[r];
+          row[r] = vis ? row[r] : kNegInf;
+        }
+      }
+    }
+    std::fill(mx, mx + rp, kNegInf);
+    for (int64_t c = 0; c < nk; ++c) {
+      const float* row = ST + c * rp;
+      for (int64_t r = 0; r < rp; ++r) mx[r] = mx[r] > row[r] ? mx[r] : row[r];
+    }
+    for (int64_t r = 0; r < rp; ++r) {
+      const float mn = m[r] > mx[r] ? m[r] : mx[r];
+      ms[r] = mn == kNegInf ? 0.0f : mn;  // a row that has seen nothing yet: exponents stay -inf -> 0
+      alpha[r] = exp2_neg(m[r] - ms[r]);
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
+    for (int64_t c = 0; c < nk; ++c) {
+      float* row = ST + c * rp;
+      for (int64_t r = 0; r < rp; ++r) {
+        row[r] = exp2_neg(row[r] - ms[r]);
+        l[r] += row[r];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (alpha[r] == 1.0f) continue;
+      float* o = s.O.data() + r * dpad;
+      for (int64_t c = 0; c < dpad; ++c) o[c] *= alpha[r];
+    }
+    // O[rows x dpad] += P V, with P(r, c) = ST[c][r] read transposed as the broadcast operand.
+    matmul(rows, dpad, nk, ST, 1, rp, Vr, ld, s.O.data(), dpad, true);
   }
 }
 
@@ -312,7 +372,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 inline at::Tensor last_dim_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 // Query positions per work item: about 64 rows per item once the group's heads are stacked.
-inline int64_t q_block(const Problem& p) { return std::max<int64_t>(1, 64 / p.group()); }
+inline int64_t q_block(const Problem& p) { return std::max<int64_t>(1, 128 / p.group()); }
 
 }  // namespace
 
@@ -331,12 +391,39 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   if (q.numel() == 0) return {out, lse};
   const int64_t G = p.group(), bq = q_block(p), nqb = (p.Tq + bq - 1) / bq;
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  // The kernel multiplies fp32 rows of width dpad. Inputs that are not already that get converted
+  // once per (sample, KV head) when several query blocks reuse the keys, else tile by tile.
+  const bool direct = q.scalar_type() == at::kFloat && p.d == p.dpad;
+  const bool pack = !direct && nqb > 1;
+  std::vector<float> packed_k(pack ? p.B * p.g * p.Tk * p.dpad : 0), packed_v(packed_k.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_fwd", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
+    auto keys_of = [&](int64_t b, int64_t kh) {
+      const int64_t koff = b * k.stride(0) + kh * k.stride(1);
+      Keys<scalar_t> keys{kp + koff, vp + koff, k.stride(2)};
+      if (direct) {
+        keys.Kf = reinterpret_cast<const float*>(keys.K), keys.Vf = reinterpret_cast<const float*>(keys.V);
+        keys.skt_f = keys.skt;
+      } else if (pack) {
+        keys.Kf = packed_k.data() + (b * p.g + kh) * p.Tk * p.dpad;
+        keys.Vf = packed_v.data() + (b * p.g + kh) * p.Tk * p.dpad;
+        keys.skt_f = p.dpad;
+      }
+      return keys;
+    };
+    if (pack) {
+      at::parallel_for(0, p.B * p.g, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bg = begin; bg < end; ++bg) {
+          const Keys<scalar_t> keys = keys_of(bg / p.g, bg % p.g);
+          load_rows(keys.K, keys.skt, p.Tk, p.d, 1.0f, const_cast<float*>(keys.Kf), p.dpad);
+          load_rows(keys.V, keys.skt, p.Tk, p.d, 1.0f, const_cast<float*>(keys.Vf), p.dpad);
+        }
+      });
+    }
     // Later query blocks see more keys under a causal mask: hand them out first.
     run_items(p.B * p.g * nqb, [&] { return FwdScratch(G * bq, p.dpad); }, [&](int64_t it, FwdScratch& s) {
       const int64_t qb = nqb - 1 - it % nqb, bg = it / nqb, b = bg / p.g, kh = bg % p.g;
@@ -344,8 +431,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
       load_queries(p, qp, qs, b, kh * G, G, t0, nt, s);
       int64_t lo, hi;
       union_range(s.rr.data(), rows, lo, hi);
-      const int64_t koff = b * k.stride(0) + kh * k.stride(1);
-      attend_range(p, kp + koff, vp + koff, k.stride(2), rows, lo, hi, s);
+      attend_range(p, keys_of(b, kh), rows, lo, hi, s);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = kh * G + r / nt, t = t0 + r % nt;
         const float l = s.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
@@ -397,7 +483,12 @@ std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q_, const 
       hi = std::min(hi, (c + 1) * chunk);
       const int64_t koff = b * k.stride(0) + kh * k.stride(1);
       if (lo < hi) {
-        attend_range(p, kp + koff, vp + koff, k.stride(2), rows, lo, hi, s);
+        Keys<scalar_t> keys{kp + koff, vp + koff, k.stride(2)};
+        if (q.scalar_type() == at::kFloat && p.d == p.dpad) {
+          keys.Kf = reinterpret_cast<const float*>(keys.K), keys.Vf = reinterpret_cast<const float*>(keys.V);
+          keys.skt_f = keys.skt;
+        }
+        attend_range(p, keys, rows, lo, hi, s);
       } else {
         std::fill(s.m.begin(), s.m.begin() + rows, kNegInf);
         std::fill(s.l.begin(), s.l.begin() + rows, 0.0f);
@@ -540,10 +631,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               continue;
             }
             for (int64_t c = 0; c < kBK; ++c) {
-              float e = exp2_neg(pr[c] * c2 - l2);
-              if (c >= nk || (kind == TileKind::kPartial && !visible(x, j0 + c))) e = 0.0f;
+              const float e = exp2_neg(pr[c] * c2 - l2);
               pr[c] = e;
               dpr[c] = p.scale * e * (dpr[c] - D);
+            }
+            if (kind == TileKind::kPartial || nk < kBK) {  // zero what the row does not see
+              zero_unseen(x, j0, nk, pr);
+              zero_unseen(x, j0, nk, dpr);
             }
           }
           // dV_j += P^T dO_i ; dK_j += dS^T Q_i ; dQ_i += dS K_j
