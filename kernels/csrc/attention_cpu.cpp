@@ -66,39 +66,54 @@ inline float exp2_neg(float x) {
 //     C[M x N] (+)= A * B,   A(r, k) = A[r * sar + k * sak],   B row-major [K x N] (row stride ldb).
 // A is only ever broadcast one scalar at a time, so it may be read transposed for free (that is how
 // P^T dO and dS^T Q are formed without transposing anything). N is a multiple of 16 (callers pad).
-// An RB x CB block of C stays in registers across the whole K loop.
-template <int RB, int CB>
+// An RB x (16 NV) block of C stays in registers across the whole K loop. It is written with GCC/Clang
+// vector types rather than left to the auto-vectoriser, which picked a shuffle-heavy layout for
+// 16-wide blocks; the compiler maps a 16-float vector onto whatever the target has (one AVX-512
+// register, two AVX2 registers, ...).
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 loadv(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void storev(float* p, const v16& v) { std::memcpy(p, &v, sizeof v); }
+
+template <int RB, int NV>
 inline void mm_block(int64_t K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb,
                      float* C, int64_t ldc, bool accumulate) {
-  float c[RB][CB];
+  v16 c[RB][NV];
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < CB; ++j) c[r][j] = accumulate ? C[r * ldc + j] : 0.0f;
+    for (int j = 0; j < NV; ++j) c[r][j] = accumulate ? loadv(C + r * ldc + 16 * j) : v16{};
   for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
+    v16 b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = loadv(B + k * ldb + 16 * j);
     for (int r = 0; r < RB; ++r) {
       const float a = A[r * sar + k * sak];
-      for (int j = 0; j < CB; ++j) c[r][j] += a * b[j];
+      for (int j = 0; j < NV; ++j) c[r][j] += a * b[j];
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < CB; ++j) C[r * ldc + j] = c[r][j];
+    for (int j = 0; j < NV; ++j) storev(C + r * ldc + 16 * j, c[r][j]);
 }
 
-template <int CB>
+// RB = 8 rows at a time: 16 accumulators (of 32 AVX-512 registers) for two vectors of columns.
+template <int NV>
 inline void mm_rows(int64_t rows, int64_t K, const float* A, int64_t sar, int64_t sak, const float* B,
                     int64_t ldb, float* C, int64_t ldc, bool acc) {
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) mm_block<8, CB>(K, A + r * sar, sar, sak, B, ldb, C + r * ldc, ldc, acc);
+  for (; r + 8 <= rows; r += 8) mm_block<8, NV>(K, A + r * sar, sar, sak, B, ldb, C + r * ldc, ldc, acc);
   const float* a = A + r * sar;
   float* c = C + r * ldc;
   switch (rows - r) {
-    case 7: mm_block<7, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
-    case 6: mm_block<6, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
-    case 5: mm_block<5, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
-    case 4: mm_block<4, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
-    case 3: mm_block<3, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
-    case 2: mm_block<2, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
-    case 1: mm_block<1, CB>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 7: mm_block<7, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 6: mm_block<6, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 5: mm_block<5, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 4: mm_block<4, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 3: mm_block<3, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 2: mm_block<2, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 1: mm_block<1, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
     default: break;
   }
 }
@@ -106,8 +121,8 @@ inline void mm_rows(int64_t rows, int64_t K, const float* A, int64_t sar, int64_
 void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t sar, int64_t sak, const float* B,
             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   int64_t j = 0;
-  for (; j + 32 <= N; j += 32) mm_rows<32>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
-  if (j < N) mm_rows<16>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + 32 <= N; j += 32) mm_rows<2>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
+  if (j < N) mm_rows<1>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
