@@ -129,28 +129,39 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-# Device types each backend runs on; a backend missing here runs anywhere torch does.
+# Where each limited backend runs: device types and dtypes. A backend missing here runs anywhere
+# torch does.
 BACKEND_DEVICES: dict[str, set[str]] = {}
+BACKEND_DTYPES: dict[str, set[torch.dtype]] = {}
 
 
-def register_backend(name: str, fn: AttentionFn, devices: Optional[set[str]] = None) -> None:
+def register_backend(name: str, fn: AttentionFn, devices: Optional[set[str]] = None,
+                     dtypes: Optional[set[torch.dtype]] = None) -> None:
     """Add a backend (the fused kernels register themselves here when they are built), optionally
-    limited to some device types (``{"cpu"}``, ``{"cpu", "cuda"}``)."""
+    limited to some device types (``{"cpu"}``, ``{"cpu", "cuda"}``) and dtypes."""
     BACKENDS[name] = fn
-    if devices is None:
-        BACKEND_DEVICES.pop(name, None)
-    else:
-        BACKEND_DEVICES[name] = set(devices)
+    for table, allowed in ((BACKEND_DEVICES, devices), (BACKEND_DTYPES, dtypes)):
+        if allowed is None:
+            table.pop(name, None)
+        else:
+            table[name] = set(allowed)
 
 
-def _runs_on(name: str, device_type: Optional[str]) -> bool:
-    return device_type is None or name not in BACKEND_DEVICES or device_type in BACKEND_DEVICES[name]
+def _unsupported(name: str, device_type: Optional[str], dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why backend ``name`` cannot take these tensors (None when it can)."""
+    if device_type is not None and name in BACKEND_DEVICES and device_type not in BACKEND_DEVICES[name]:
+        return f"has no kernel for {device_type} tensors (it runs on {', '.join(sorted(BACKEND_DEVICES[name]))})"
+    if dtype is not None and name in BACKEND_DTYPES and dtype not in BACKEND_DTYPES[name]:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in BACKEND_DTYPES[name]))
+        return f"does not take {str(dtype).replace('torch.', '')} tensors (it takes {names})"
+    return None
 
 
-def resolve_backend(name: str, device_type: Optional[str] = None) -> AttentionFn:
-    """The backend called ``name``; ``auto`` = ``fused`` where it has a kernel for ``device_type``, else ``sdpa``."""
+def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> AttentionFn:
+    """The backend called ``name``; ``auto`` = ``fused`` where it has a kernel for this device type and
+    dtype, else ``sdpa``."""
     if name == "auto":
-        name = "fused" if "fused" in BACKENDS and _runs_on("fused", device_type) else "sdpa"
+        name = "fused" if "fused" in BACKENDS and _unsupported("fused", device_type, dtype) is None else "sdpa"
     try:
         fn = BACKENDS[name]
     except KeyError:
@@ -161,9 +172,9 @@ def resolve_backend(name: str, device_type: Optional[str] = None) -> AttentionFn
             hint = f" ({kernels.load_error()})" if kernels.load_error() else ""
         raise ValueError(f"unknown attention backend {name!r}{hint}; available: "
                          f"{', '.join(['auto', *BACKENDS])}") from None
-    if not _runs_on(name, device_type):
-        raise ValueError(f"attention backend {name!r} has no kernel for {device_type} tensors (it runs on "
-                         f"{', '.join(sorted(BACKEND_DEVICES[name]))}); use backend 'auto' or 'sdpa'")
+    why = _unsupported(name, device_type, dtype)
+    if why is not None:
+        raise ValueError(f"attention backend {name!r} {why}; use backend 'auto' or 'sdpa'")
     return fn
 
 
@@ -188,5 +199,5 @@ def attention(
     if q_offset < 0 or q_offset + Tq > Tk:
         raise ValueError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
                          f"{Tk} keys; q_offset must be in [0, Tk - Tq]")
-    return resolve_backend(backend, q.device.type)(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
+    return resolve_backend(backend, q.device.type, q.dtype)(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
                                     kv_len=kv_len, q_offset=q_offset, scale=scale)

@@ -107,6 +107,9 @@ if available():
     torch.library.register_autograd("glm::attention_fwd", _backward, setup_context=_setup_context)
 
 
+# Input dtypes of the kernels (all computing in fp32).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 # Up to this many query rows against the cache use the split-KV decode kernel (inference only).
 DECODE_MAX_Q = 16
 
@@ -135,4 +138,5 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, pre
 if available():
     from glm.attention import register_backend
 
-    register_backend("fused", fused_attention, devices=devices())
+    # The kernels compute in fp32: float64 (a numerics-checking dtype) stays with sdpa / reference.
+    register_backend("fused", fused_attention, devices=devices(), dtypes=set(DTYPES))

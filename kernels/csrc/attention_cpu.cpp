@@ -366,6 +366,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               "glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "glm attention: q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "glm attention kernels take float32, bfloat16 or float16 (they compute in fp32), got ", q.scalar_type(),
+              "; use the 'sdpa' or 'reference' backend for other dtypes");
   const int64_t B = q.size(0), Tq = q.size(2);
   TORCH_CHECK(prefix.scalar_type() == at::kInt && kv_start.scalar_type() == at::kInt && kv_len.scalar_type() == at::kInt,
               "glm attention: prefix_len, kv_start and kv_len must be int32");
