@@ -3,15 +3,17 @@
 The compiled extension ``glm.kernels._C`` (built at ``pip install``, never at import) defines three
 ops in the ``glm`` namespace, each with a CPU kernel (C++) and, where built, a CUDA one:
 
-- ``glm::attention_fwd(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale) -> (out, lse)``
-- ``glm::attention_bwd(grad_out, grad_lse, q, k, v, out, lse, prefix_len, kv_start, kv_len, causal,
+- ``glm::attention_fwd(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale) -> (out, lse, stats)``
+- ``glm::attention_bwd(grad_out, grad_lse, q, k, v, out, stats, prefix_len, kv_start, kv_len, causal,
   q_offset, scale) -> (dq, dk, dv)``
 - ``glm::attention_decode(...)`` same arguments and results as the forward, split along the keys
   for a few query rows against a long KV cache.
 
 ``prefix_len`` and ``kv_start`` are int32 ``[B, Tq]``, ``kv_len`` int32 ``[B]``; the mask they describe
 is the one in :mod:`glm.attention`. ``lse`` is fp32 ``[B, n, Tq]`` (natural log; ``-inf`` for a row that
-sees no key, whose output is 0). This module adds the fake (meta) implementations and the autograd
+sees no key, whose output is 0); ``stats`` fp32 ``[B, n, Tq, 2]`` holds each row's score maximum and
+log2 of its softmax sum (log2 domain), which the backward needs separately to recompute the
+probabilities without losing precision at large logits. This module adds the fake (meta) implementations and the autograd
 formula, so eager mode, autograd and ``torch.compile`` all see one op, and registers the ``fused``
 attention backend.
 """
@@ -78,29 +80,31 @@ def structure(q: Tensor, k: Tensor, prefix_len: Optional[Tensor], kv_start: Opti
 if available():
     @torch.library.register_fake("glm::attention_fwd")
     def _fwd_fake(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+        return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
+                q.new_empty((*q.shape[:3], 2), dtype=torch.float32))
 
     @torch.library.register_fake("glm::attention_decode")
     def _decode_fake(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+        return _fwd_fake(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale)
 
     @torch.library.register_fake("glm::attention_bwd")
-    def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, prefix_len, kv_start, kv_len, causal, q_offset, scale):
+    def _bwd_fake(grad_out, grad_lse, q, k, v, out, stats, prefix_len, kv_start, kv_len, causal, q_offset, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, prefix_len, kv_start, kv_len)
+        out, lse, stats = output
+        ctx.save_for_backward(q, k, v, out, stats, prefix_len, kv_start, kv_len)
         ctx.args = (causal, q_offset, scale)
 
-    def _backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, prefix_len, kv_start, kv_len = ctx.saved_tensors
+    def _backward(ctx, grad_out, grad_lse, grad_stats):
+        # stats is an internal by-product; nothing differentiates through it.
+        q, k, v, out, stats, prefix_len, kv_start, kv_len = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if grad_lse is None:
-            grad_lse = torch.zeros_like(lse)
-        dq, dk, dv = torch.ops.glm.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, prefix_len, kv_start,
+            grad_lse = stats.new_zeros(stats.shape[:3])
+        dq, dk, dv = torch.ops.glm.attention_bwd(grad_out, grad_lse, q, k, v, out, stats, prefix_len, kv_start,
                                                  kv_len, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
@@ -124,7 +128,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     op = (torch.ops.glm.attention_decode if q.shape[2] <= DECODE_MAX_Q and not needs_grad
           else torch.ops.glm.attention_fwd)
-    return op(q, k, v, pl, ks, kl, causal, q_offset, scale)
+    out, lse, _ = op(q, k, v, pl, ks, kl, causal, q_offset, scale)
+    return out, lse
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, prefix_len: Optional[Tensor] = None,

@@ -389,6 +389,17 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 inline at::Tensor last_dim_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
+// Row results besides the output: lse (natural log) for the caller, and (max, log2 sum) in the log2
+// domain for the backward. Keeping the max apart matters: P = exp2((s - max) - log2 sum) is exact
+// for the largest score, whereas exp2(s - lse) loses |lse| * eps of relative accuracy when the
+// logits are large (a 1e-5 error at logits ~100 in fp32).
+inline void write_stats(float m, float l, int64_t at, float* lse, float* stats) {
+  const bool seen = l > 0.0f;
+  lse[at] = seen ? (m + std::log2(l)) * kLn2 : kNegInf;
+  stats[2 * at] = seen ? m : kNegInf;
+  stats[2 * at + 1] = seen ? std::log2(l) : 0.0f;
+}
+
 // Query positions per work item: about 64 rows per item once the group's heads are stacked.
 inline int64_t q_block(const Problem& p) { return std::max<int64_t>(1, 128 / p.group()); }
 
@@ -397,16 +408,18 @@ inline int64_t q_block(const Problem& p) { return std::max<int64_t>(1, 128 / p.g
 // ---------------------------------------------------------------------------------------------
 // Forward: out [B, n, Tq, d] (q's dtype), lse [B, n, Tq] fp32 natural log (-inf for an empty row).
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                 const at::Tensor& prefix, const at::Tensor& kv_start,
-                                                 const at::Tensor& kv_len, bool causal, int64_t q_offset, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_,
+                                                             const at::Tensor& v_, const at::Tensor& prefix,
+                                                             const at::Tensor& kv_start, const at::Tensor& kv_len,
+                                                             bool causal, int64_t q_offset, double scale) {
   const at::Tensor q = last_dim_contiguous(q_);
   at::Tensor k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // one stride set addresses both
   const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
   auto out = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
   auto lse = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
+  auto stats = at::empty({p.B, p.n, p.Tq, 2}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse, stats};
   const int64_t G = p.group(), bq = q_block(p), nqb = (p.Tq + bq - 1) / bq;
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   // The kernel multiplies fp32 rows of width dpad. Inputs that are not already that get converted
@@ -420,6 +433,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
+    float* sp = stats.data_ptr<float>();
     auto keys_of = [&](int64_t b, int64_t kh) {
       const int64_t koff = b * k.stride(0) + kh * k.stride(1);
       Keys<scalar_t> keys{kp + koff, vp + koff, k.stride(2)};
@@ -456,11 +470,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
         scalar_t* o = op + ((b * p.n + h) * p.Tq + t) * p.d;
         const float* src = s.O.data() + r * p.dpad;
         for (int64_t c = 0; c < p.d; ++c) o[c] = static_cast<scalar_t>(src[c] * inv);
-        lp[(b * p.n + h) * p.Tq + t] = l > 0.0f ? (s.m[r] + std::log2(l)) * kLn2 : kNegInf;
+        write_stats(s.m[r], l, (b * p.n + h) * p.Tq + t, lp, sp);
       }
     });
   });
-  return {out, lse};
+  return {out, lse, stats};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,17 +482,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
 // split along the keys (flash-decoding): each item is one (sample, KV head, key chunk) with all query
 // rows of the group, leaving a partial (max, sum, output); a second pass merges the chunks.
 
-std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                    const at::Tensor& prefix, const at::Tensor& kv_start,
-                                                    const at::Tensor& kv_len, bool causal, int64_t q_offset,
-                                                    double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_decode(const at::Tensor& q_, const at::Tensor& k_,
+                                                                const at::Tensor& v_, const at::Tensor& prefix,
+                                                                const at::Tensor& kv_start, const at::Tensor& kv_len,
+                                                                bool causal, int64_t q_offset, double scale) {
   const at::Tensor q = last_dim_contiguous(q_);
   at::Tensor k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // one stride set addresses both
   const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
   auto out = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
   auto lse = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
+  auto stats = at::empty({p.B, p.n, p.Tq, 2}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse, stats};
   const int64_t G = p.group(), rows = G * p.Tq, dpad = p.dpad;
   // Chunks: enough items for every thread to get several, never fewer keys than one tile.
   const int64_t threads = at::get_num_threads();
@@ -517,6 +532,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q_, const 
     });
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
+    float* sp = stats.data_ptr<float>();
     at::parallel_for(0, p.B * p.g * rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(dpad);
       for (int64_t x = begin; x < end; ++x) {
@@ -539,33 +555,34 @@ std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q_, const 
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         scalar_t* o = op + ((b * p.n + h) * p.Tq + t) * p.d;
         for (int64_t e = 0; e < p.d; ++e) o[e] = static_cast<scalar_t>(acc[e] * inv);
-        lp[(b * p.n + h) * p.Tq + t] = l > 0.0f ? (m + std::log2(l)) * kLn2 : kNegInf;
+        write_stats(m, l, (b * p.n + h) * p.Tq + t, lp, sp);
       }
     });
   });
-  return {out, lse};
+  return {out, lse, stats};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward. One work item per (sample, query head): it owns dQ of that head outright and writes
 // dK, dV of that head into fp32 per-head buffers, summed over each KV group at the end, so no two
 // threads ever touch the same memory. For each key tile, the query tiles that see it:
-//   P = exp2(S * scale*log2e - lse*log2e),  dV += P^T dO,  dP = dO V^T,
+//   P = exp2((S2 - m) - log2 l),  dV += P^T dO,  dP = dO V^T,
 //   dS = scale * P o (dP - D)  with D = rowsum(dO o O) - grad_lse,  dK += dS^T Q,  dQ += dS K.
 
 constexpr int64_t kBQ = 64;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout_, const at::Tensor& glse_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, const at::Tensor& prefix, const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal,
+    const at::Tensor& stats_, const at::Tensor& prefix, const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal,
     int64_t q_offset, double scale) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
+  const at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), stats = stats_.contiguous();
   const at::Tensor glse = glse_.to(at::kFloat).contiguous();
   const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "glm attention bwd: grad/out shape mismatch");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == p.B * p.n * p.Tq && glse.numel() == lse.numel(),
-              "glm attention bwd: lse and grad_lse must be fp32 [B,n,Tq]");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == 2 * p.B * p.n * p.Tq &&
+              glse.numel() == p.B * p.n * p.Tq,
+              "glm attention bwd: stats must be the forward's fp32 [B,n,Tq,2] and grad_lse [B,n,Tq]");
   auto dq = at::empty_like(q);
   const int64_t G = p.group(), dpad = p.dpad, d = p.d;
   const int64_t Tkp = round_up(std::max<int64_t>(p.Tk, 1), kBK);
@@ -574,25 +591,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   if (q.numel() == 0 || p.Tk == 0) {
     return {dq.zero_(), at::zeros_like(k), at::zeros_like(v)};
   }
-  const float c2 = p.scale * kLog2e;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_bwd", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
     const scalar_t* vp = v.data_ptr<scalar_t>();
     const scalar_t* dop = dout.data_ptr<scalar_t>();
     const scalar_t* outp = out.data_ptr<scalar_t>();
-    const float* lsep = lse.data_ptr<float>();
+    const float* statp = stats.data_ptr<float>();
     const float* glsep = glse.data_ptr<float>();
     scalar_t* dqp = dq.data_ptr<scalar_t>();
     struct Scratch {
-      std::vector<float> Q, dO, dQ, Dr, L2, Kf, KT, VT, P, dP, dK, dV;
+      std::vector<float> Q, Qc, dO, dQ, Dr, M2, LL, Kf, KT, VT, P, dP, dK, dV;
       std::vector<RowRange> rr;
     };
     const int64_t Tqp = round_up(p.Tq, kBQ);
     auto init = [&] {
       Scratch s;
-      s.Q.resize(Tqp * dpad); s.dO.resize(Tqp * dpad); s.dQ.resize(Tqp * dpad);
-      s.Dr.resize(Tqp); s.L2.resize(Tqp); s.rr.resize(p.Tq);
+      s.Q.resize(Tqp * dpad); s.Qc.resize(Tqp * dpad); s.dO.resize(Tqp * dpad); s.dQ.resize(Tqp * dpad);
+      s.Dr.resize(Tqp); s.M2.resize(Tqp); s.LL.resize(Tqp); s.rr.resize(p.Tq);
       s.Kf.resize(Tkp * dpad); s.KT.resize(dpad * Tkp); s.VT.resize(dpad * Tkp);
       s.P.resize(kBQ * kBK); s.dP.resize(kBQ * kBK); s.dK.resize(kBK * dpad); s.dV.resize(kBK * dpad);
       return s;
@@ -601,6 +617,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       const int64_t b = it / p.n, h = it % p.n, kh = h / G;
       const int64_t qo = (b * p.n + h) * p.Tq * d, ko = (b * p.g + kh) * p.Tk * d;
       load_rows(qp + qo, d, p.Tq, d, 1.0f, s.Q.data(), dpad);
+      // The scores exactly as the forward rounded them: same pre-scaled q, same summation order.
+      load_rows(qp + qo, d, p.Tq, d, p.scale * kLog2e, s.Qc.data(), dpad);
       load_rows(dop + qo, d, p.Tq, d, 1.0f, s.dO.data(), dpad);
       std::fill(s.dQ.begin(), s.dQ.end(), 0.0f);
       for (int64_t t = 0; t < p.Tq; ++t) {
@@ -610,8 +628,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         for (int64_t c = 0; c < d; ++c) acc += g_[c] * to_f(o[c]);
         // d lse / d s = P, so a gradient on lse enters exactly like -D: dS = P o (dP - (D - g_lse)).
         s.Dr[t] = acc - glsep[(b * p.n + h) * p.Tq + t];
-        const float l = lsep[(b * p.n + h) * p.Tq + t];
-        s.L2[t] = l * kLog2e;
+        s.M2[t] = statp[2 * ((b * p.n + h) * p.Tq + t)];
+        s.LL[t] = statp[2 * ((b * p.n + h) * p.Tq + t) + 1];
         s.rr[t] = row_range(p, b, t);
       }
       load_rows(kp + ko, d, p.Tk, d, 1.0f, s.Kf.data(), dpad);
@@ -636,20 +654,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           float* dP = s.dP.data();
           const float* Qi = s.Q.data() + t0 * dpad;
           const float* dOi = s.dO.data() + t0 * dpad;
-          matmul(nt, kBK, dpad, Qi, dpad, 1, s.KT.data() + j0, Tkp, P, kBK, false);
+          matmul(nt, kBK, dpad, s.Qc.data() + t0 * dpad, dpad, 1, s.KT.data() + j0, Tkp, P, kBK, false);
           matmul(nt, kBK, dpad, dOi, dpad, 1, s.VT.data() + j0, Tkp, dP, kBK, false);
           for (int64_t r = 0; r < nt; ++r) {
             const RowRange& x = s.rr[t0 + r];
             float* pr = P + r * kBK;
             float* dpr = dP + r * kBK;
-            const float l2 = s.L2[t0 + r], D = s.Dr[t0 + r];
-            if (l2 == kNegInf) {  // empty row: no probability mass, no gradient
+            const float m2 = s.M2[t0 + r], ll = s.LL[t0 + r], D = s.Dr[t0 + r];
+            if (m2 == kNegInf) {  // empty row: no probability mass, no gradient
               std::fill(pr, pr + kBK, 0.0f);
               std::fill(dpr, dpr + kBK, 0.0f);
               continue;
             }
             for (int64_t c = 0; c < kBK; ++c) {
-              const float e = exp2_neg(pr[c] * c2 - l2);
+              const float e = exp2_neg((pr[c] - m2) - ll);
               pr[c] = e;
               dpr[c] = p.scale * e * (dpr[c] - D);
             }
@@ -703,11 +721,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 TORCH_LIBRARY(glm, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor kv_start, Tensor kv_len, "
-        "bool causal, int q_offset, float scale) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor prefix_len, "
+        "bool causal, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor prefix_len, "
         "Tensor kv_start, Tensor kv_len, bool causal, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("attention_decode(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor kv_start, Tensor kv_len, "
-        "bool causal, int q_offset, float scale) -> (Tensor, Tensor)");
+        "bool causal, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(glm, CPU, m) {
