@@ -131,6 +131,15 @@ void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t sar, int64_
 template <typename T>
 inline float to_f(T x) { return static_cast<float>(x); }
 
+// bfloat16 is the top half of a float: widening it is a shift, which (unlike c10's scalar
+// conversion) the compiler vectorises.
+inline float to_f(at::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 // dst[r * ldd + c] = src row r (rows*d elements, row stride srs), times mul; columns d..ldd-1 zeroed.
 template <typename T>
 void load_rows(const T* src, int64_t srs, int64_t rows, int64_t d, float mul, float* dst, int64_t ldd) {
@@ -426,7 +435,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
   // once per (sample, KV head) when several query blocks reuse the keys, else tile by tile.
   const bool direct = q.scalar_type() == at::kFloat && p.d == p.dpad;
   const bool pack = !direct && nqb > 1;
-  std::vector<float> packed_k(pack ? p.B * p.g * p.Tk * p.dpad : 0), packed_v(packed_k.size());
+  // Uninitialised (at::empty, not a zero-filled vector): every element is written before it is read.
+  const at::Tensor packed = at::empty({pack ? 2 * p.B * p.g * p.Tk * p.dpad : 0}, q.options().dtype(at::kFloat));
+  float* packed_k = packed.data_ptr<float>();
+  float* packed_v = packed_k + (pack ? p.B * p.g * p.Tk * p.dpad : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_fwd", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -441,8 +453,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
         keys.Kf = reinterpret_cast<const float*>(keys.K), keys.Vf = reinterpret_cast<const float*>(keys.V);
         keys.skt_f = keys.skt;
       } else if (pack) {
-        keys.Kf = packed_k.data() + (b * p.g + kh) * p.Tk * p.dpad;
-        keys.Vf = packed_v.data() + (b * p.g + kh) * p.Tk * p.dpad;
+        keys.Kf = packed_k + (b * p.g + kh) * p.Tk * p.dpad;
+        keys.Vf = packed_v + (b * p.g + kh) * p.Tk * p.dpad;
         keys.skt_f = p.dpad;
       }
       return keys;
@@ -587,7 +599,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const int64_t G = p.group(), dpad = p.dpad, d = p.d;
   const int64_t Tkp = round_up(std::max<int64_t>(p.Tk, 1), kBK);
   // Per query head dK, dV (fp32, padded): summed per group afterwards.
-  std::vector<float> dkh(p.B * p.n * Tkp * dpad), dvh(dkh.size());
+  // Uninitialised: every key tile of every head is written (its sums, or zeros when no query sees it).
+  const at::Tensor per_head = at::empty({2 * p.B * p.n * Tkp * dpad}, q.options().dtype(at::kFloat));
+  float* dkh = per_head.data_ptr<float>();
+  float* dvh = dkh + p.B * p.n * Tkp * dpad;
   if (q.numel() == 0 || p.Tk == 0) {
     return {dq.zero_(), at::zeros_like(k), at::zeros_like(v)};
   }
@@ -636,8 +651,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       std::fill(s.Kf.begin() + p.Tk * dpad, s.Kf.end(), 0.0f);
       load_transposed(kp + ko, d, p.Tk, d, dpad, s.KT.data(), Tkp);
       load_transposed(vp + ko, d, p.Tk, d, dpad, s.VT.data(), Tkp);
-      float* dKh = dkh.data() + (b * p.n + h) * Tkp * dpad;
-      float* dVh = dvh.data() + (b * p.n + h) * Tkp * dpad;
+      float* dKh = dkh + (b * p.n + h) * Tkp * dpad;
+      float* dVh = dvh + (b * p.n + h) * Tkp * dpad;
       for (int64_t j0 = 0; j0 < p.Tk; j0 += kBK) {
         const int64_t j1 = std::min(j0 + kBK, p.Tk), nk = j1 - j0;
         bool touched = false;
