@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .attention import attention
 from .config import GLMConfig
 from .kv_cache import KVCache
@@ -86,12 +87,20 @@ class Rotary(nn.Module):
         return y if rot == x.shape[-1] else torch.cat((y, x[..., rot:]), dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row calls (decode) take glm.kernels' multi-threaded small-batch kernel:
+    on CPU torch runs them as a single-threaded GEMV, which leaves most of the memory bandwidth idle."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GLMConfig):
         super().__init__()
         self.n, self.g, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, (self.n + 2 * self.g) * self.d, bias=cfg.qkv_bias)
-        self.out = nn.Linear(self.n * self.d, cfg.hidden_size, bias=cfg.out_bias)
+        self.qkv = Linear(cfg.hidden_size, (self.n + 2 * self.g) * self.d, bias=cfg.qkv_bias)
+        self.out = Linear(self.n * self.d, cfg.hidden_size, bias=cfg.out_bias)
 
     def forward(self, x: Tensor, rotary: Optional[Rotary], cos_sin: Optional[tuple[Tensor, Tensor]],
                 layer: int, cache: Optional[KVCache], mask: dict, backend: str) -> Tensor:
@@ -113,8 +122,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         f_in = cfg.ffn_hidden_size * (2 if cfg.glu else 1)
-        self.w_in = nn.Linear(cfg.hidden_size, f_in, bias=cfg.mlp_bias)
-        self.w_out = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.w_in = Linear(cfg.hidden_size, f_in, bias=cfg.mlp_bias)
+        self.w_out = Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.w_in(x)
@@ -176,7 +185,7 @@ class GLM(nn.Module):
             self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.backend = "auto"
         self.init_weights()
 
@@ -339,7 +348,7 @@ class GLM(nn.Module):
         x = self.final_norm(x)
         if return_hidden:
             return x
-        return F.linear(x, self.output_weight)
+        return kernels.linear(x, self.output_weight)
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
         return KVCache.for_model(self, batch, max_len, dtype)

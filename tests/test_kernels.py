@@ -720,3 +720,59 @@ def test_fallback_without_the_extension(tmp_path):
     res = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "FALLBACK OK" in res.stdout, res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Small-batch linear (decode's weight-streaming products)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@settings(max_examples=30, **SETTINGS)
+@given(M=st.integers(1, kernels.SMALL_LINEAR_MAX_ROWS), K=st.integers(1, 300), N=st.integers(1, 200),
+       bias=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_small_linear_matches_linear(dtype, M, K, N, bias, transposed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    if transposed:  # a weight that is a transposed view (copied to rows inside the op)
+        w = w.t().contiguous().t()
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    got = torch.ops.glm.small_linear(x, w, b)
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    plain = torch.nn.functional.linear(x, w, b)
+    assert got.shape == (M, N) and got.dtype == dtype
+    # Oracle-derived like the attention tests: 3x torch's own error, plus one rounding of the result.
+    magnitude = (x.double().abs() @ w.double().abs().t()).max().item() + (0 if b is None else b.abs().max().item())
+    assert_within_oracle_tolerance("small_linear", got, exact, plain, torch.ones((), dtype=torch.bool),
+                                   magnitude=max(1.0, magnitude))
+
+
+@needs_kernels
+def test_linear_routes_few_rows_without_grad_to_the_kernel():
+    w, b = torch.randn(64, 32), torch.randn(64)
+    for rows, expect_kernel in ((1, True), (kernels.SMALL_LINEAR_MAX_ROWS, True),
+                                (kernels.SMALL_LINEAR_MAX_ROWS + 1, False)):
+        x = torch.randn(1, rows, 32)
+        with torch.no_grad(), OpRecorder() as rec:
+            y = kernels.linear(x, w, b)
+        assert ("glm::small_linear" in rec.names) == expect_kernel, rows
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    # A gradient to compute: torch's linear, differentiable.
+    wg = w.clone().requires_grad_()
+    with OpRecorder() as rec:
+        y = kernels.linear(torch.randn(1, 1, 32), wg, b)
+    assert "glm::small_linear" not in rec.names
+    y.sum().backward()
+    assert wg.grad is not None
+    torch.library.opcheck(torch.ops.glm.small_linear.default, (torch.randn(3, 40), torch.randn(24, 40), None))
+    torch.library.opcheck(torch.ops.glm.small_linear.default, (torch.randn(1, 40), torch.randn(24, 40),
+                                                               torch.randn(24)))
+
+
+@needs_kernels
+def test_small_linear_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        torch.ops.glm.small_linear(torch.randn(9, 4), torch.randn(3, 4), None)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, K\] and weight \[N, K\]"):
+        torch.ops.glm.small_linear(torch.randn(2, 4), torch.randn(3, 5), None)
