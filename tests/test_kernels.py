@@ -776,3 +776,20 @@ def test_small_linear_rejects_bad_input():
         torch.ops.glm.small_linear(torch.randn(9, 4), torch.randn(3, 4), None)
     with pytest.raises(RuntimeError, match=r"x must be \[M, K\] and weight \[N, K\]"):
         torch.ops.glm.small_linear(torch.randn(2, 4), torch.randn(3, 5), None)
+
+
+def test_top_level_kernels_name_stays_inert():
+    """From the repository root the kernels/ folder is also importable as `kernels`, a PyPI name that
+    transformers probes by importing it. Under that name it must do nothing: no version, no ops, no
+    second 'fused' backend (which once replaced glm.kernels' own in the registry)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent("""
+        import kernels, glm
+        from glm.attention import BACKENDS
+        assert not hasattr(kernels, "__version__") and not hasattr(kernels, "available"), dir(kernels)
+        if glm.kernels.available():
+            assert BACKENDS["fused"] is glm.kernels.fused_attention
+        print("INERT OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "INERT OK" in res.stdout, res.stdout + res.stderr

@@ -1,0 +1,173 @@
+"""glm.kernels' ops: loading the compiled kernels, their fake impls and autograd, and the Python entry points.
+
+The compiled extension ``glm.kernels._C`` (built at ``pip install``, never at import) defines three
+ops in the ``glm`` namespace, each with a CPU kernel (C++) and, where built, a CUDA one:
+
+- ``glm::attention_fwd(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale) -> (out, lse, stats)``
+- ``glm::attention_bwd(grad_out, grad_lse, q, k, v, out, stats, prefix_len, kv_start, kv_len, causal,
+  q_offset, scale) -> (dq, dk, dv)``
+- ``glm::attention_decode(...)`` same arguments and results as the forward, split along the keys
+  for a few query rows against a long KV cache.
+- ``glm::small_linear(x [M, K], weight [N, K], bias?) -> [M, N]``: a linear layer for a few rows
+  (decode), bandwidth-bound and split over all threads (:func:`linear` routes to it).
+
+``prefix_len`` and ``kv_start`` are int32 ``[B, Tq]``, ``kv_len`` int32 ``[B]``; the mask they describe
+is the one in :mod:`glm.attention`. ``lse`` is fp32 ``[B, n, Tq]`` (natural log; ``-inf`` for a row that
+sees no key, whose output is 0); ``stats`` fp32 ``[B, n, Tq, 2]`` holds each row's score maximum and
+log2 of its softmax sum (log2 domain), which the backward needs separately to recompute the
+probabilities without losing precision at large logits. This module adds the fake (meta) implementations and the autograd
+formula, so eager mode, autograd and ``torch.compile`` all see one op, and registers the ``fused``
+attention backend.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_load_error: Optional[str] = None
+try:
+    from glm.kernels import _C  # noqa: F401  (loading it registers the ops)
+except ImportError as exc:  # not built (isolated install, no compiler) or built for another torch
+    why = ("they were not built at install time" if importlib.util.find_spec("glm.kernels._C") is None
+           else f"the compiled library failed to load: {exc}")
+    _load_error = (f"the C++ attention kernels are not available ({why}). Build them with "
+                   "`pip install --no-build-isolation -e .` in the repository (needs a C++ compiler, and torch "
+                   "installed first); until then the 'auto' attention backend uses 'sdpa'")
+
+
+def available() -> bool:
+    """True when the compiled kernels loaded."""
+    return _load_error is None
+
+
+def load_error() -> Optional[str]:
+    """Why the kernels are unavailable (None when they loaded)."""
+    return _load_error
+
+
+def devices() -> set[str]:
+    """Device types the ``glm`` ops have kernels for."""
+    if not available():
+        return set()
+    found = {"cpu"}
+    if torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("glm::attention_fwd", "CUDA"):
+        found.add("cuda")
+    return found
+
+
+def _require() -> None:
+    if _load_error is not None:
+        raise RuntimeError(_load_error)
+
+
+def structure(q: Tensor, k: Tensor, prefix_len: Optional[Tensor], kv_start: Optional[Tensor],
+              kv_len: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention structure as the ops take it: int32 ``[B, Tq]``, ``[B, Tq]``, ``[B]``."""
+    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+
+    def per_query(t: Optional[Tensor]) -> Tensor:
+        if t is None:
+            return torch.zeros(B, Tq, dtype=torch.int32, device=q.device)
+        return t.to(device=q.device, dtype=torch.int32).reshape(B, -1).expand(B, Tq).contiguous()
+
+    lens = (torch.full((B,), Tk, dtype=torch.int32, device=q.device) if kv_len is None
+            else kv_len.to(device=q.device, dtype=torch.int32).contiguous())
+    return per_query(prefix_len), per_query(kv_start), lens
+
+
+if available():
+    @torch.library.register_fake("glm::attention_fwd")
+    def _fwd_fake(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale):
+        return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
+                q.new_empty((*q.shape[:3], 2), dtype=torch.float32))
+
+    @torch.library.register_fake("glm::attention_decode")
+    def _decode_fake(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale):
+        return _fwd_fake(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale)
+
+    @torch.library.register_fake("glm::attention_bwd")
+    def _bwd_fake(grad_out, grad_lse, q, k, v, out, stats, prefix_len, kv_start, kv_len, causal, q_offset, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale = inputs
+        out, lse, stats = output
+        ctx.save_for_backward(q, k, v, out, stats, prefix_len, kv_start, kv_len)
+        ctx.args = (causal, q_offset, scale)
+
+    def _backward(ctx, grad_out, grad_lse, grad_stats):
+        # stats is an internal by-product; nothing differentiates through it.
+        q, k, v, out, stats, prefix_len, kv_start, kv_len = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if grad_lse is None:
+            grad_lse = stats.new_zeros(stats.shape[:3])
+        dq, dk, dv = torch.ops.glm.attention_bwd(grad_out, grad_lse, q, k, v, out, stats, prefix_len, kv_start,
+                                                 kv_len, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    torch.library.register_autograd("glm::attention_fwd", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("glm::small_linear")
+    def _small_linear_fake(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# Input dtypes of the kernels (all computing in fp32).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Up to this many query rows against the cache use the split-KV decode kernel (inference only).
+DECODE_MAX_Q = 16
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, prefix_len: Optional[Tensor] = None,
+                       kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
+                       scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Fused attention returning ``(out, lse)``; differentiable in q, k, v (and through lse)."""
+    _require()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    pl, ks, kl = structure(q, k, prefix_len, kv_start, kv_len)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    op = (torch.ops.glm.attention_decode if q.shape[2] <= DECODE_MAX_Q and not needs_grad
+          else torch.ops.glm.attention_fwd)
+    out, lse, _ = op(q, k, v, pl, ks, kl, causal, q_offset, scale)
+    return out, lse
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, prefix_len: Optional[Tensor] = None,
+                    kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
+                    scale: Optional[float] = None) -> Tensor:
+    """The ``fused`` attention backend (same arguments as every backend in :mod:`glm.attention`)."""
+    return attention_with_lse(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start, kv_len=kv_len,
+                              q_offset=q_offset, scale=scale)[0]
+
+
+# Up to this many rows :func:`linear` takes the small-batch kernel (its C++ limit). Measured on the
+# 2-core test machine against torch's linear with weights streamed from memory: 1.75-4.5x faster in
+# fp32 at 1-8 rows, 1.2-1.9x in bf16 (benchmarks/decode.py has the model-level figure).
+SMALL_LINEAR_MAX_ROWS = 8
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear``, through the multi-threaded small-batch kernel ``glm::small_linear`` when that is
+    faster: few rows (decode), CPU, no gradient needed. The result equals F.linear's up to fp32
+    summation order."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (_load_error is None and x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype
+            and 0 < rows <= SMALL_LINEAR_MAX_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        y = torch.ops.glm.small_linear(x.reshape(rows, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+if available():
+    from glm.attention import register_backend
+
+    # The kernels compute in fp32: float64 (a numerics-checking dtype) stays with sdpa / reference.
+    register_backend("fused", fused_attention, devices=devices(), dtypes=set(DTYPES))
