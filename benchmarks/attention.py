@@ -23,14 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import write_record
+from common import matmul_peak, summary_row, sync, write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def median_time(fn, device: str, repeats: int) -> float:
@@ -185,6 +180,8 @@ def main(argv=None) -> None:
     seqs = [int(s) for s in args.seqs.split(",")]
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"B={args.batch} H={args.heads} D={args.dim}, prefix = T/2")
+    peak = matmul_peak(device, torch.float32 if device == "cpu" else torch.bfloat16)
+    print(f"measured matmul ceiling: {peak / 1e9:.0f} GFLOP/s")
     rows = bench_kernels(device, dtypes, seqs, args.batch, args.heads, args.dim, args.repeats)
     decode_rows = [] if args.no_decode else bench_decode(
         device, args.decode_prompt, args.decode_tokens, [int(b) for b in args.decode_batches.split(",")],
@@ -192,7 +189,12 @@ def main(argv=None) -> None:
     name = f"attention_{device}"
     path = write_record(args.out, name, device, benchmark="attention", shape={"B": args.batch, "H": args.heads,
                         "D": args.dim, "prefix": "T/2"}, threads=torch.get_num_threads(), results=rows,
-                        decode=decode_rows)
+                        decode=decode_rows,
+                        ceiling={"value": peak / 1e12, "unit": "TFLOP/s", "what": "measured matmul"},
+                        summary=[summary_row(f"{r['dtype']} T={r['T']} {r['mask']} {r['pass']}", r["ours_GFLOPs"],
+                                             r["peer_GFLOPs"], "GFLOP/s", r["peer"]) for r in rows]
+                        + [summary_row(f"decode batch {r['batch']} (fused vs sdpa backend)", r["fused_tokens_per_s"],
+                                       r["sdpa_tokens_per_s"], "tokens/s", "sdpa backend") for r in decode_rows])
     plot(rows, os.path.join(args.out, name + ".png"), device)
     print(f"wrote {path}")
 

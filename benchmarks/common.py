@@ -1,4 +1,9 @@
-"""What every benchmark writes: a JSON record with the device, torch version and git sha."""
+"""What the benchmarks share: timing, the device ceilings they quote, and the JSON record they write.
+
+Every record carries the device, torch version and git sha, a ``ceiling`` (what the device can do at
+best for this workload, measured in the same run) and ``summary`` rows (ours vs the peer, measured in
+the same run) that ``glm bench`` prints as one table.
+"""
 from __future__ import annotations
 
 import json
@@ -10,6 +15,62 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device: str, repeats: int) -> float:
+    """Fastest of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None) -> float:
+    """Measured dense matmul throughput (FLOP/s): the compute ceiling MFU and kernels are quoted against."""
+    n = n or (4096 if device == "cpu" else 8192)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, device, 5)
+
+
+def copy_bandwidth(device: str, mb: int = 256) -> float:
+    """Measured device copy bandwidth in GB/s (read + write): the ceiling for weight-streaming decode."""
+    x = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / best_time(lambda: y.copy_(x), device, 5) / 1e9
+
+
+def disk_write_bandwidth(folder: str, mb: int = 256) -> float:
+    """Measured sequential write + fsync bandwidth of ``folder``'s disk in GB/s: the converter's ceiling."""
+    path = os.path.join(folder, ".glm-bench-disk")
+    block = os.urandom(2**20)
+    try:
+        t = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(mb):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        return mb * 2**20 / (time.perf_counter() - t) / 1e9
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def summary_row(case: str, ours: float, peer: float, unit: str, peer_name: str, higher_is_better: bool = True) -> dict:
+    """One line of the table ``glm bench`` prints: ours vs the peer measured in the same run."""
+    ratio = ours / peer if higher_is_better else peer / ours
+    return {"case": case, "ours": ours, "peer": peer, "unit": unit, "peer_name": peer_name, "ratio": ratio}
 
 
 def git_sha() -> str:

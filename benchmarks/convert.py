@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import write_record
+from common import disk_write_bandwidth, summary_row, write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,13 +91,13 @@ def run_job(kind: str, src: str, dst: str, shard_size: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.2, help="synthetic checkpoint size in GB (default 2.2)")
     ap.add_argument("--shard-size", default="1GB", help="shard size of the synthetic input and the output")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON + PNG")
     ap.add_argument("--job", nargs=3, metavar=("KIND", "SRC", "DST"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.job:
         print(json.dumps(job(*args.job, args.shard_size)))
         return
@@ -107,6 +107,7 @@ def main() -> None:
         info = build_checkpoint(src, args.gb, args.shard_size)
         largest = max(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
         results = {k: run_job(k, src, os.path.join(tmp, k), args.shard_size) for k in ("streaming", "naive")}
+        disk = disk_write_bandwidth(tmp, mb=min(256, max(16, info["bytes"] // 2**20)))  # as much as was converted
 
     gb = lambda b: b / 1e9  # noqa: E731
     print(f"synthetic Glm checkpoint: {info['params'] / 1e9:.2f} B params, {gb(info['bytes']):.2f} GB bf16 in "
@@ -120,9 +121,15 @@ def main() -> None:
     print(f"streaming vs naive: {n['peak_rss'] / s['peak_rss']:.2f}x less peak memory, "
           f"{n['seconds'] / s['seconds']:.2f}x the speed; goal peak <= largest shard + 10%: "
           f"{'met' if goal_ok else 'NOT met'}")
+    print(f"disk ceiling (sequential write + fsync): {disk:.2f} GB/s")
 
     path = write_record(args.out, "convert_cpu", "cpu", benchmark="convert", config=info,
-                        largest_shard_bytes=largest, shard_size=args.shard_size, results=results, goal_met=goal_ok)
+                        largest_shard_bytes=largest, shard_size=args.shard_size, results=results, goal_met=goal_ok,
+                        ceiling={"value": disk, "unit": "GB/s", "what": "measured sequential write + fsync"},
+                        summary=[summary_row("peak RSS", gb(s["peak_rss"]), gb(n["peak_rss"]), "GB", "load-everything",
+                                             higher_is_better=False),
+                                 summary_row("throughput", gb(s["bytes"]) / s["seconds"], gb(n["bytes"]) / n["seconds"],
+                                             "GB/s", "load-everything")])
     try:
         import matplotlib
 

@@ -17,36 +17,22 @@ import time
 
 import torch
 
-from common import write_record
+from common import copy_bandwidth, summary_row, sync, write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def bench_config():
+def bench_config(small: bool = False):
+    """The ~120M GLM-4-shaped model decode is measured on (``small``: a 2M one for smoke runs)."""
     import glm
 
+    if small:
+        return glm.preset("tiny-glm-hf").replace(vocab_size=1000, hidden_size=128, num_layers=2, num_heads=2,
+                                                 num_kv_heads=1, head_dim=64, ffn_hidden_size=256,
+                                                 max_positions=2048, name="bench-small")
     return glm.preset("tiny-glm-hf").replace(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12,
                                              num_kv_heads=2, head_dim=64, ffn_hidden_size=2048,
                                              max_positions=2048, name="bench-120m")
-
-
-def copy_bandwidth(device: str, mb: int = 256) -> float:
-    """Measured device copy bandwidth in GB/s (read + write), the ceiling for batch-1 decode."""
-    x = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        y.copy_(x)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * x.numel() * 4 / best / 1e9
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device: str, repeats: int) -> tuple[float, object]:
@@ -61,7 +47,7 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default=None, help="float32 (cpu default) or bfloat16 (cuda default)")
@@ -69,8 +55,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="generated tokens per row")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="a 2M-parameter model (smoke runs)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import transformers
 
@@ -79,7 +66,7 @@ def main() -> None:
 
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    cfg = bench_config()
+    cfg = bench_config(args.small)
     model = glm.GLM(cfg)
     model.init_weights(std=0.02, seed=0)
     weight_bytes = cfg.num_parameters * torch.tensor([], dtype=dtype).element_size()
@@ -123,8 +110,11 @@ def main() -> None:
               f"{r['glm_weight_GBps']:16.2f} {r['glm_weight_GBps'] / ceiling:9.0%} {r['greedy_agreement']:12.0%}")
 
     name = f"decode_{device}"
+    summary = [summary_row(f"decode batch {r['batch']}", r["glm_tokens_per_s"], r["hf_tokens_per_s"], "tokens/s",
+                           "transformers GlmForCausalLM") for r in rows]
     path = write_record(args.out, name, device, benchmark="decode", transformers=transformers.__version__,
-                        dtype=str(dtype), config=cfg.to_dict(), ceiling_GBps=ceiling, results=rows)
+                        dtype=str(dtype), config=cfg.to_dict(), ceiling_GBps=ceiling, results=rows,
+                        ceiling={"value": ceiling, "unit": "GB/s", "what": "measured copy bandwidth"}, summary=summary)
     try:
         import matplotlib
 

@@ -17,33 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import write_record
+from common import matmul_peak, summary_row, sync, write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: str, dtype: torch.dtype) -> float:
-    """Measured dense matmul throughput (FLOP/s): the ceiling MFU is quoted against."""
-    n = 4096 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: thread pool, caches
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--hidden", type=int, default=256)
@@ -52,7 +31,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import transformers
 
@@ -123,7 +102,11 @@ def main() -> None:
 
     path = write_record(args.out, f"train_{device}", device, benchmark="train", transformers=transformers.__version__,
                         config=cfg.to_dict(), batch=args.batch, seq=args.seq, ceiling_flops=peak, results=out,
-                        speedup=t_hf / t_glm)
+                        speedup=t_hf / t_glm,
+                        ceiling={"value": peak / 1e12, "unit": "TFLOP/s", "what": f"measured {dtype} matmul"},
+                        summary=[summary_row(f"train step, MFU {out['glm']['mfu']:.0%} vs {out['transformers']['mfu']:.0%}",
+                                             out["glm"]["tokens_per_s"], out["transformers"]["tokens_per_s"],
+                                             "tokens/s", "transformers GlmForCausalLM")])
     try:
         import matplotlib
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .bench import BenchError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import FormatError, KeyMismatchError
@@ -147,6 +148,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.suite, device=args.device, out=args.out, quick=args.quick, extra=args.extra)
+
+
 def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     d = dict(out="runs/glm", model="tiny-glm", steps=1000, batch_size=16, seq_len=128, lr=3e-3, vocab_size=1000,
              eval_every=250, ckpt_every=250)
@@ -253,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     s.set_defaults(func=cmd_demo)
 
+    from .bench import SUITES
+
+    s = sub.add_parser("bench", help="run a benchmark suite (benchmarks/) and print ours vs the peer and the ceiling",
+                       description="Runs benchmarks/SUITE.py in a fresh process (needs the repository checkout); "
+                                   "arguments after -- go to the script (see python benchmarks/SUITE.py --help).")
+    s.add_argument("suite", choices=SUITES)
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    s.add_argument("--out", default=None, help="folder for the JSON + PNG (default benchmarks/results)")
+    s.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
+    s.set_defaults(func=cmd_bench)
+
     from .tokenizer import FAMILIES as TOKENIZER_FAMILIES
 
     s = sub.add_parser("train-tokenizer", help="train a SentencePiece (or GLM-4 BPE) tokenizer with a family's specials")
@@ -264,13 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, TokenizerError, TrainingError,
+USER_ERRORS = (BenchError, ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, TokenizerError, TrainingError,
                FileNotFoundError,
                FileExistsError, ValueError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `glm bench SUITE [options] -- ARGS`: ARGS go to the benchmark script untouched.
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:len(argv) - len(extra) - 1] if extra or "--" in argv else argv)
+    args.extra = extra
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -1,5 +1,6 @@
 """The user-facing commands end to end on tiny models with tiny trained tokenizers."""
 import io
+import json
 import random
 import sys
 
@@ -112,3 +113,31 @@ def test_train_tokenizer_bad_corpus(tmp_path, capsys):
     assert main(["train-tokenizer", str(tmp_path / "nope.txt"), str(tmp_path / "t"), "--vocab-size", "100",
                  "--family", "chatglm2"]) == 2
     assert "nope.txt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# glm bench: each suite's smoke run writes a record with the peer ratio and the device ceiling
+
+
+@pytest.mark.parametrize("suite", ["attention", "decode", "train", "convert"])
+def test_bench_quick_writes_summary_and_ceiling(suite, tmp_path, capsys):
+    from glm import kernels
+
+    if suite == "attention" and not kernels.available():
+        pytest.skip(f"glm.kernels not built: {kernels.load_error()}")
+    assert main(["bench", suite, "--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / f"{suite}_cpu.json").read_text())
+    assert record["benchmark"] == suite and record["torch"] and record["git_sha"] and record["device"]
+    assert record["summary"] and all(r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0 for r in record["summary"])
+    assert record["ceiling"]["value"] > 0 and record["ceiling"]["unit"] in ("GB/s", "TFLOP/s")
+    assert (tmp_path / f"{suite}_cpu.png").exists()
+    table = capsys.readouterr().out
+    assert "device ceiling" in table and record["summary"][0]["case"] in table
+
+
+def test_bench_errors_are_one_line(tmp_path, capsys):
+    assert main(["bench", "convert", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "convert benchmark" in capsys.readouterr().err
+    # Arguments after -- reach the script; a bad one fails the run with the script's status.
+    assert main(["bench", "train", "--out", str(tmp_path), "--", "--no-such-flag"]) == 2
+    assert "exited with status 2" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""``glm bench``: run one of the benchmark scripts in ``benchmarks/`` and print its summary table.
+
+The scripts live in the repository (they are measurement programs, not library code), so ``glm
+bench`` needs a checkout installed with ``pip install -e .``. Each suite runs in its own process (the
+converter measures peak RSS; the others must not inherit this process's allocations) and writes a
+JSON record plus a PNG into ``--out``; this module then prints the record's ``summary`` rows (ours vs
+the peer measured in the same run) and its ``ceiling`` (what the device can do at best, also
+measured in the same run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+SUITES = ("attention", "decode", "train", "convert")
+
+# Arguments that make each suite a smoke run of a few seconds (tests, first try on a new machine).
+QUICK = {
+    "attention": ["--seqs", "128,256", "--dtypes", "float32", "--repeats", "1", "--no-decode"],
+    "decode": ["--small", "--prompt", "8", "--new-tokens", "2", "--batches", "1", "--repeats", "1"],
+    "train": ["--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2", "--steps", "1"],
+    "convert": ["--gb", "0.02", "--shard-size", "8MB"],
+}
+
+
+class BenchError(Exception):
+    """A benchmark could not be run; the message says why and what to do."""
+
+
+def benchmarks_dir() -> str:
+    """The repository's benchmarks/ folder, found next to the installed glm package."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(here, "benchmarks")
+    if not os.path.isfile(os.path.join(folder, "common.py")):
+        raise BenchError(f"glm bench runs the scripts in the repository's benchmarks/ folder, which is not part of "
+                         f"an installed package (looked in {folder}); run it from a clone installed with "
+                         f"`pip install -e .`")
+    return folder
+
+
+def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, quick: bool = False,
+              extra: Sequence[str] = ()) -> dict:
+    """Runs ``benchmarks/<suite>.py`` in a fresh process and returns the JSON record it wrote."""
+    if suite not in SUITES:
+        raise BenchError(f"unknown benchmark {suite!r}; choose one of {', '.join(SUITES)}")
+    if suite == "convert" and device != "cpu":
+        raise BenchError("the convert benchmark measures disk and host memory; it has no --device (use cpu)")
+    folder = benchmarks_dir()
+    out = os.path.abspath(out or os.path.join(folder, "results"))
+    argv = [sys.executable, os.path.join(folder, f"{suite}.py"), "--out", out]
+    if suite != "convert":
+        argv += ["--device", device]
+    argv += (QUICK[suite] if quick else []) + list(extra)
+    rc = subprocess.run(argv, cwd=folder).returncode
+    if rc != 0:
+        raise BenchError(f"benchmarks/{suite}.py exited with status {rc} (its output is above)")
+    name = f"{suite}_{'cpu' if suite == 'convert' else device}.json"
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def summary_table(record: dict) -> str:
+    """The record's summary rows and ceiling as an aligned text table."""
+    rows = record.get("summary", [])
+    width = max([len(r["case"]) for r in rows] + [4])
+    lines = [f"{record.get('benchmark', '?')} on {record.get('device', '?')} (torch {record.get('torch', '?')}, "
+             f"git {record.get('git_sha', '?')})",
+             f"{'case':<{width}}  {'glm':>10}  {'peer':>10}  {'unit':<9} {'ratio':>6}  peer"]
+    for r in rows:
+        lines.append(f"{r['case']:<{width}}  {r['ours']:10.3g}  {r['peer']:10.3g}  {r['unit']:<9} "
+                     f"{r['ratio']:5.2f}x  {r['peer_name']}")
+    c = record.get("ceiling")
+    if c:
+        lines.append(f"device ceiling: {c['value']:.3g} {c['unit']} ({c['what']}, same run)")
+    return "\n".join(lines)
+
+
+def main(suite: str, *, device: str, out: Optional[str], quick: bool, extra: Sequence[str]) -> int:
+    record = run_suite(suite, device=device, out=out, quick=quick, extra=extra)
+    print()
+    print(summary_table(record))
+    return 0
