@@ -409,6 +409,22 @@ inline void write_stats(float m, float l, int64_t at, float* lse, float* stats) 
   stats[2 * at + 1] = seen ? std::log2(l) : 0.0f;
 }
 
+// What the forward and decode kernels share: inputs with a unit-stride last dim (and one stride set
+// for k and v), the problem, and the three outputs (out in q's dtype; lse and stats fp32).
+struct ForwardIO {
+  at::Tensor q, k, v, out, lse, stats;
+  Problem p;
+  ForwardIO(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& prefix,
+            const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal, int64_t q_offset, double scale)
+      : q(last_dim_contiguous(q_)), k(last_dim_contiguous(k_)), v(last_dim_contiguous(v_)) {
+    if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // one stride set addresses both
+    p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
+    out = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
+    lse = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
+    stats = at::empty({p.B, p.n, p.Tq, 2}, q.options().dtype(at::kFloat));
+  }
+};
+
 // Query positions per work item: about 64 rows per item once the group's heads are stacked.
 inline int64_t q_block(const Problem& p) { return std::max<int64_t>(1, 128 / p.group()); }
 
@@ -421,13 +437,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
                                                              const at::Tensor& v_, const at::Tensor& prefix,
                                                              const at::Tensor& kv_start, const at::Tensor& kv_len,
                                                              bool causal, int64_t q_offset, double scale) {
-  const at::Tensor q = last_dim_contiguous(q_);
-  at::Tensor k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-  if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // one stride set addresses both
-  const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
-  auto out = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
-  auto lse = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
-  auto stats = at::empty({p.B, p.n, p.Tq, 2}, q.options().dtype(at::kFloat));
+  const ForwardIO io(q_, k_, v_, prefix, kv_start, kv_len, causal, q_offset, scale);
+  const at::Tensor &q = io.q, &k = io.k, &v = io.v, &out = io.out, &lse = io.lse, &stats = io.stats;
+  const Problem& p = io.p;
   if (q.numel() == 0) return {out, lse, stats};
   const int64_t G = p.group(), bq = q_block(p), nqb = (p.Tq + bq - 1) / bq;
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
@@ -498,13 +510,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_decode(const at::Tensor
                                                                 const at::Tensor& v_, const at::Tensor& prefix,
                                                                 const at::Tensor& kv_start, const at::Tensor& kv_len,
                                                                 bool causal, int64_t q_offset, double scale) {
-  const at::Tensor q = last_dim_contiguous(q_);
-  at::Tensor k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-  if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // one stride set addresses both
-  const Problem p = make_problem(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
-  auto out = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
-  auto lse = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
-  auto stats = at::empty({p.B, p.n, p.Tq, 2}, q.options().dtype(at::kFloat));
+  const ForwardIO io(q_, k_, v_, prefix, kv_start, kv_len, causal, q_offset, scale);
+  const at::Tensor &q = io.q, &k = io.k, &v = io.v, &out = io.out, &lse = io.lse, &stats = io.stats;
+  const Problem& p = io.p;
   if (q.numel() == 0) return {out, lse, stats};
   const int64_t G = p.group(), rows = G * p.Tq, dpad = p.dpad;
   // Chunks: enough items for every thread to get several, never fewer keys than one tile.
