@@ -221,13 +221,30 @@ def _tokenizer_infill_args(tokenizer) -> dict:
 def encode_blank_text(tokenizer, text: str) -> list[int]:
     """Token ids of a text with blanks, tokenised the way training saw it.
 
-    In training a blank replaces whole tokens of the tokenised document, so the word after a blank
-    keeps its word-start piece and no stray whitespace token sits beside the mask. Encoding
-    "color [MASK] ." piece by piece would instead leave lone "▁" tokens around [MASK]; dropping the
-    whitespace next to each mask token reproduces the training layout.
+    In training a blank replaces whole tokens of the tokenised document: the word after a blank
+    keeps its word-start piece, text glued to the blank ("[MASK].") continues without one, and no
+    stray whitespace token sits beside the mask. Encoding the pieces between masks on their own
+    would instead put SentencePiece's dummy-prefix "▁" before each of them, so whitespace around a
+    mask is dropped and glued text is encoded as a continuation.
     """
     masks = "|".join(re.escape(m) for m in ("[MASK]", "[sMASK]", "[gMASK]"))
-    return tokenizer.encode_with_specials(re.sub(rf"[ \t]*({masks})[ \t]*", r"\1", text))
+    parts = re.split(rf"({masks})", text)
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if i % 2:  # a mask token
+            ids.extend(tokenizer.encode_with_specials(part))
+            continue
+        if i + 1 < len(parts):
+            part = part.rstrip(" \t")
+        glued = i > 0 and part[:1] not in ("", " ", "\t")
+        part = part.lstrip(" \t") if i > 0 else part
+        if not part:
+            continue
+        if glued and tokenizer.encode_with_specials(part) == tokenizer.encode(part):  # no specials inside
+            ids.extend(tokenizer.encode_continuation(part))
+        else:
+            ids.extend(tokenizer.encode_with_specials(part))
+    return ids
 
 
 def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:

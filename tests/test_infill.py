@@ -87,3 +87,46 @@ def test_chatglm6b_infill_uses_2d_rope_positions():
                        max_span_tokens=4, temperature=0.8, seed=0)
     assert res == again and len(res.spans) == 1
     assert res.tokens[:5] == [11, 130, 104, 127, 77]
+
+
+@pytest.fixture(scope="module")
+def corpus_tokenizers(tmp_path_factory):
+    from glm import corpus
+    from glm.tokenizer import load, train
+
+    d = tmp_path_factory.mktemp("blank-corpus")
+    train_file, heldout = corpus.write_corpus(corpus.generate_corpus(seed=0, size="tiny"), str(d))
+    toks = {}
+    for family in ("glm", "chatglm", "chatglm3"):
+        train([train_file], str(d / family), vocab_size=600, family=family)
+        toks[family] = load(str(d / family))
+    import json
+
+    with open(heldout, encoding="utf-8") as f:
+        examples = [json.loads(line) for line in f][:40]
+    return toks, examples
+
+
+@pytest.mark.parametrize("family", ["glm", "chatglm", "chatglm3"])
+def test_blank_text_encodes_like_the_training_layout(corpus_tokenizers, family):
+    """A text with a blank encodes as the whole text's tokens with the answer's run replaced by one
+    mask: no stray dummy-prefix piece after the mask ("[MASK]." must not become [MASK] "▁" ".")."""
+    from glm.generate import encode_blank_text
+
+    toks, examples = corpus_tokenizers
+    tok = toks[family]
+    mask = tok.special_tokens["[MASK]"]
+    checked = glued = 0
+    for ex in examples:
+        ids, whole = encode_blank_text(tok, ex["text"]), tok.encode(ex["text"].replace("[MASK]", ex["answer"]))
+        k = ids.index(mask)
+        head, tail = ids[:k], ids[k + 1:]
+        through_answer = tok.encode(ex["text"].split("[MASK]")[0] + ex["answer"])
+        if whole[:len(head)] != head or whole[:len(through_answer)] != through_answer:
+            continue  # the answer merges with its neighbours ("13." or unsegmented Chinese): no boundary
+        # Where the whole text has a token boundary after the answer, what follows the blank is the
+        # whole text's tail, token for token.
+        assert tail == whole[len(through_answer):], (ex, [tok.decode([i]) for i in tail])
+        checked += 1
+        glued += "[MASK]." in ex["text"]
+    assert checked >= len(examples) // 2 and glued >= 3, (checked, glued)

@@ -63,6 +63,11 @@ class Tokenizer:
     def _decode_text(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of ``text`` as it tokenises in the middle of a longer text, right after other tokens
+        (no word-start marker on its first piece). Byte-level BPE has none to drop."""
+        return self.encode(text)
+
     def build_inputs(self, ids: Sequence[int]) -> list[int]:
         """The release's ``build_inputs_with_special_tokens`` for one sequence."""
         raise NotImplementedError

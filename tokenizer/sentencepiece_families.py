@@ -32,6 +32,19 @@ class _SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        # SentencePiece always adds its dummy-prefix "▁": drop a lone "▁" piece, or swap a "▁xyz" first
+        # piece for "xyz" when that is a piece of its own, which is how the text tokenises mid-word.
+        ids = self.sp.encode(text)
+        if not ids or text[:1].isspace():
+            return ids
+        first = self.sp.id_to_piece(ids[0])
+        if first == "▁":
+            return ids[1:]
+        if first.startswith("▁") and self.sp.piece_to_id(first[1:]) != self.sp.unk_id():
+            return [self.sp.piece_to_id(first[1:]), *ids[1:]]
+        return ids
+
     def _decode_text(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
@@ -140,6 +153,9 @@ class ChatGLM6BTokenizer(_SentencePieceTokenizer):
                                      f"ChatGLM-6B's layout")
             ids = ids[k:]
         return [i + self.num_image_tokens for i in ids]
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self.encode(text, add_dummy_prefix=text[:1].isspace())
 
     def _decode_text(self, ids: list[int]) -> str:
         # The release silently drops image-token ids (below the offset) when decoding text.
