@@ -6,7 +6,9 @@ The mask is never an argument. It is derived from four small pieces of structure
 - ``prefix_len[b]``: keys ``j < prefix_len[b]`` are visible to every query of sample ``b``
   (GLM's bidirectional Part A / ChatGLM-6B's context; 0 or None = plain causal);
 - ``kv_start[b]``: keys ``j < kv_start[b]`` are left padding and hidden;
-- ``kv_len[b]``: keys ``j >= kv_len[b]`` are not (yet) valid, e.g. the unused tail of a static cache.
+- ``kv_len[b]``: keys ``j >= kv_len[b]`` are not (yet) valid, e.g. the unused tail of a static cache
+  (the model itself passes the filled slice of its cache instead; ``kv_len`` is for callers that
+  hand over the whole buffer, as the decode benchmarks and kernel tests do).
 
 ``prefix_len`` and ``kv_start`` may also be given per query, ``[B, Tq]``: several documents packed
 in one row then each see only their own keys (``kv_start`` = the document's first slot) and their

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", help="checkpoint folder (config.json + weights in the release's format)")
     s.add_argument("--cases", default=None, help="cases .json (its .safetensors beside it); default DIR/cases.json")
     s.add_argument("--atol", type=float, default=None, help="max |logit difference| (default: the file's, 1e-4)")
-    s.add_argument("--backend", default=None, help="attention backend: auto, sdpa, reference (default auto)")
+    s.add_argument("--backend", default=None, help="attention backend: auto, fused, sdpa, reference (default auto)")
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
     s.set_defaults(func=cmd_parity)
 

@@ -1,6 +1,6 @@
 """glm.kernels' ops: loading the compiled kernels, their fake impls and autograd, and the Python entry points.
 
-The compiled extension ``glm.kernels._C`` (built at ``pip install``, never at import) defines three
+The compiled extension ``glm.kernels._C`` (built at ``pip install``, never at import) defines four
 ops in the ``glm`` namespace, each with a CPU kernel (C++) and, where built, a CUDA one:
 
 - ``glm::attention_fwd(q, k, v, prefix_len, kv_start, kv_len, causal, q_offset, scale) -> (out, lse, stats)``
