@@ -78,7 +78,71 @@ def summary_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(record: dict) -> str:
+    """The record's summary rows and ceiling as a Markdown table (for benchmarks/README.md)."""
+    lines = [f"| case | glm | peer | unit | ratio | peer |", "|---|---|---|---|---|---|"]
+    for r in record.get("summary", []):
+        lines.append(f"| {r['case']} | {r['ours']:.3g} | {r['peer']:.3g} | {r['unit']} | {r['ratio']:.2f}× | "
+                     f"{r['peer_name']} |")
+    c = record.get("ceiling")
+    tail = f"Device ceiling: {c['value']:.3g} {c['unit']} ({c['what']}, same run). " if c else ""
+    return "\n".join(lines) + f"\n\n{tail}Device: {record.get('device')}, torch {record.get('torch')}, " \
+                               f"git {record.get('git_sha')}, {record.get('time')}."
+
+
+README_HEAD = """# Benchmarks
+
+Each script measures glm against a peer in the same run on the same machine and prints the ratio,
+with the device's ceiling measured in the same run too. Run one with `glm bench SUITE` (a checkout
+installed with `pip install -e .`; `--quick` for a smoke run, `--device cuda` on a GPU, arguments
+after `--` go to the script) or `python benchmarks/SUITE.py --help`. Records (JSON: device, torch
+version, git sha, config, results) and charts (PNG) go to `benchmarks/results/`; this page is
+regenerated from them by `glm bench report`.
+
+| suite | what | peer |
+|---|---|---|
+| attention | fused prefix-LM / causal attention, fwd and fwd+bwd, GFLOP/s over visible pairs; decode with the fused vs sdpa backend | `scaled_dot_product_attention` (dense mask / `is_causal`) |
+| decode | greedy decode tokens/s of a 122M GLM-4-shaped model, batch 1 and 8 | transformers `GlmForCausalLM`, same weights |
+| train | training step tokens/s and MFU, small GLM-4-shaped model | transformers `GlmForCausalLM`, same config and batch |
+| convert | peak RSS and GB/s of streaming checkpoint conversion (2.2 GB, 3 shards) | loading everything, converting, saving |
+"""
+
+
+def write_report(results: Optional[str] = None) -> str:
+    """Regenerates README.md next to the records folder ``results`` (default benchmarks/results, so
+    benchmarks/README.md) from its latest CPU and CUDA records."""
+    results = os.path.abspath(results or os.path.join(benchmarks_dir(), "results"))
+    path = os.path.join(os.path.dirname(results), "README.md")
+    rel = os.path.basename(results)
+    parts = [README_HEAD]
+    for device, title in (("cpu", "CPU"), ("cuda", "GPU")):
+        parts.append(f"## {title}\n")
+        found = False
+        for suite in SUITES:
+            name = f"{suite}_{'cpu' if suite == 'convert' else device}"
+            if suite == "convert" and device != "cpu":
+                continue
+            record_path = os.path.join(results, name + ".json")
+            if not os.path.exists(record_path):
+                continue
+            found = True
+            with open(record_path) as f:
+                record = json.load(f)
+            parts.append(f"### {suite}\n\n{markdown_table(record)}\n")
+            if os.path.exists(os.path.join(results, name + ".png")):
+                parts.append(f"![{suite} on {device}]({rel}/{name}.png)\n")
+        if not found:
+            parts.append(f"No {title} records yet: run `glm bench SUITE --device {device}` on such a machine.\n")
+    from .checkpoint import atomic_write
+
+    atomic_write(path, "\n".join(parts).encode())
+    return path
+
+
 def main(suite: str, *, device: str, out: Optional[str], quick: bool, extra: Sequence[str]) -> int:
+    if suite == "report":
+        print(f"wrote {write_report(out)}")
+        return 0
     record = run_suite(suite, device=device, out=out, quick=quick, extra=extra)
     print()
     print(summary_table(record))

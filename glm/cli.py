@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="run a benchmark suite (benchmarks/) and print ours vs the peer and the ceiling",
                        description="Runs benchmarks/SUITE.py in a fresh process (needs the repository checkout); "
                                    "arguments after -- go to the script (see python benchmarks/SUITE.py --help).")
-    s.add_argument("suite", choices=SUITES)
+    s.add_argument("suite", choices=(*SUITES, "report"),
+                   help="a suite to run, or 'report' to regenerate benchmarks/README.md from the records")
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     s.add_argument("--out", default=None, help="folder for the JSON + PNG (default benchmarks/results)")
     s.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")

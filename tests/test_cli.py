@@ -141,3 +141,12 @@ def test_bench_errors_are_one_line(tmp_path, capsys):
     # Arguments after -- reach the script; a bad one fails the run with the script's status.
     assert main(["bench", "train", "--out", str(tmp_path), "--", "--no-such-flag"]) == 2
     assert "exited with status 2" in capsys.readouterr().err
+
+
+def test_bench_report_collects_the_records(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["bench", "train", "--quick", "--out", str(results)]) == 0
+    assert main(["bench", "report", "--out", str(results)]) == 0
+    page = (tmp_path / "README.md").read_text()
+    assert "## CPU" in page and "### train" in page and "![train on cpu](results/train_cpu.png)" in page
+    assert "No GPU records yet" in page
