@@ -7,6 +7,7 @@ asked for (safetensors: a positioned read of its byte range, after validating th
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from typing import BinaryIO, Callable, Iterator, Optional
@@ -30,34 +31,65 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 
 
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _read_safetensors_header(path: str) -> dict:
-    """Parse the header ourselves first so a truncated file gets a clear error, not a Rust panic."""
+    """Parse and check the header ourselves first, so that a truncated or corrupt file gets a clear
+    error naming it (not a Rust panic, a KeyError, or a huge allocation for a made-up shape).
+
+    Every entry must have a string dtype, a shape of non-negative ints and ``data_offsets``
+    ``[begin, end]`` inside the file whose length matches shape x dtype size; after this, reading a
+    tensor cannot allocate more than the file holds."""
     size = os.path.getsize(path)
+    fix = "re-download or re-convert it"
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-convert it")
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); {fix}")
         n = int.from_bytes(raw, "little")
         if n <= 0 or 8 + n > size:
             raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header bytes in a "
-                                  f"{size}-byte file); re-download or re-convert it")
+                                  f"{size}-byte file); {fix}")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download it") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
-    end = 0
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
+    data_size = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r}; re-download it") from None
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, the "
-                              f"file has {size}; re-download or re-convert it")
+        bad = None
+        if not isinstance(info, dict):
+            bad = "is not an object"
+        elif not isinstance(info.get("dtype"), str):
+            bad = f"has no string 'dtype' (got {info.get('dtype')!r})"
+        elif not isinstance(info.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in info["shape"]):
+            bad = f"has a 'shape' that is not a list of non-negative integers (got {info.get('shape')!r})"
+        elif (not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2
+              or not all(_is_int(o) for o in info["data_offsets"])
+              or not 0 <= info["data_offsets"][0] <= info["data_offsets"][1]):
+            bad = (f"has 'data_offsets' that are not [begin, end] with 0 <= begin <= end "
+                   f"(got {info.get('data_offsets')!r})")
+        elif info["dtype"] in _ST_SIZES:
+            begin, end = info["data_offsets"]
+            nbytes = math.prod(info["shape"]) * _ST_SIZES[info["dtype"]]
+            if end - begin != nbytes:
+                bad = (f"declares {end - begin} bytes for shape {info['shape']} {info['dtype']} "
+                       f"({nbytes} bytes)")
+        if bad is not None:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} {bad}; {fix}")
+        end = info["data_offsets"][1]
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs {8 + n + end} bytes, "
+                                  f"the file has {size}; {fix}")
     return header
 
 
@@ -88,11 +120,15 @@ class CheckpointReader:
         try:
             with open(path, encoding="utf-8") as f:
                 wm = json.load(f)["weight_map"]
-            if not isinstance(wm, dict):
+            if not isinstance(wm, dict) or not all(isinstance(v, str) and v for v in wm.values()):
                 raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
             raise CheckpointError(f"{path}: not a valid index (needs a JSON object with a 'weight_map' "
                                   f"of tensor name -> shard file); restore it from the release") from None
+        odd = sorted({fn for fn in wm.values() if os.path.basename(fn) != fn or fn in (".", "..")})
+        if odd:
+            raise CheckpointError(f"{path}: shard names must be plain file names inside {self.folder}, got "
+                                  f"{', '.join(map(repr, odd[:5]))}; restore the index from the release")
         missing = sorted({fn for fn in wm.values() if not os.path.exists(os.path.join(self.folder, fn))})
         if missing:
             raise CheckpointError(f"{path}: shard file(s) listed in the index are missing: "
@@ -156,7 +192,8 @@ class CheckpointReader:
         dtype = _ST_DTYPES.get(info["dtype"])
         path = os.path.join(self.folder, file)
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which glm cannot load")
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which glm cannot load; "
+                                  f"convert the checkpoint to float32, float16 or bfloat16 first")
         begin, end = info["data_offsets"]
         t = torch.empty(info["shape"], dtype=dtype)
         nbytes = t.numel() * t.element_size()
@@ -179,6 +216,8 @@ class CheckpointReader:
             if file.endswith(".safetensors"):
                 return self._read_safetensors(file, name)
             return self._open(file)[name]
+        except CheckpointError:
+            raise
         except Exception as e:  # KeyError for .bin, SafetensorError for safetensors
             if not isinstance(e, KeyError) and "does not contain" not in str(e):
                 raise CheckpointError(f"{os.path.join(self.folder, file)}: cannot read tensor {name!r} "
@@ -241,9 +280,34 @@ def _as_dtype(dtype: "torch.dtype | str | None") -> Optional[torch.dtype]:
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
+    if not isinstance(dtype, str) or dtype not in names:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(names)}")
     return names[dtype]
+
+
+def check_device(device: "torch.device | str") -> torch.device:
+    """``device`` as a torch.device that exists on this machine, or a ValueError saying what to pass."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use device='cpu' (--device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} was requested but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                             f"cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    # mps, xpu, ...: checked where torch has an is_available for it; plugin devices pass through.
+    is_available = getattr(getattr(torch, dev.type, None), "is_available", None)
+    if is_available is not None and not is_available():
+        raise ValueError(f"device {str(device)!r} was requested but {dev.type} is not available on this machine; "
+                         f"use device='cpu'")
+    return dev
 
 
 def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
@@ -263,6 +327,7 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     dtype = _as_dtype(dtype)
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    device = check_device(device)
     source, reader = open_source(folder)
     if config_overrides:
         source.cfg = source.cfg.replace(**config_overrides)
@@ -326,6 +391,14 @@ def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list
         shards[-1].append((name, t))
         size += n
     return shards if shards[0] else []
+
+
+def write_failed(e: OSError, dest: str, what_now: str) -> OSError:
+    """``e`` (disk full, I/O error, ...) as one OSError of the same kind whose message names ``dest``
+    and what to do; ``str()`` keeps the system's reason ("No space left on device") first."""
+    reason = e.strerror or str(e) or type(e).__name__
+    msg = f"{reason}: writing {dest} failed; {what_now}"
+    return OSError(e.errno, msg) if e.errno is not None else OSError(msg)
 
 
 def fsync_dir(folder: str) -> None:
@@ -407,7 +480,10 @@ def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: It
     parent = os.path.dirname(folder)
     if not os.path.isdir(parent):
         raise CheckpointError(f"{parent}: destination's parent folder does not exist; create it first")
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+    except OSError as e:
+        raise write_failed(e, folder, f"check that {parent} is writable and has free space") from e
     try:
         shards = plan_shards(entries, shard_size)
         names = (["model.safetensors"] if len(shards) == 1 else
@@ -436,6 +512,10 @@ def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: It
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return names
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(e, folder, f"{folder} was left as it was (no partial output); free space or "
+                                      f"choose another destination, then rerun") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

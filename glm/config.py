@@ -78,7 +78,10 @@ class GLMConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        eos = self.eos_token_ids
+        if not isinstance(eos, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+            raise ConfigError(f"GLMConfig.eos_token_ids: must be a list of integer token ids, got {eos!r}")
+        self.eos_token_ids = tuple(int(t) for t in eos)
         self.validate()
 
     # ----------------------------------------------------------------------------------------
@@ -86,20 +89,38 @@ class GLMConfig:
         def bad(fld: str, why: str) -> ConfigError:
             return ConfigError(f"GLMConfig.{fld}: {why}")
 
-        if self.family not in FAMILIES:
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise bad("family", f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
         for fld in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "ffn_hidden_size", "max_positions"):
             v = getattr(self, fld)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(fld, f"must be a positive integer, got {v!r}")
+        numbers = ("rotary_fraction", "rope_base", "norm_eps") + (("residual_alpha",) if self.residual_alpha else ())
+        for fld in numbers:
+            v = getattr(self, fld)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise bad(fld, f"must be a finite number, got {v!r}")
+        for fld in ("sandwich_norm", "qkv_bias", "out_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, fld), bool):
+                raise bad(fld, f"must be true or false, got {getattr(self, fld)!r}")
+        for fld in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, fld)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise bad(fld, f"must be an integer token id or null, got {v!r}")
+        if not isinstance(self.special_tokens, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in self.special_tokens.items()):
+            raise bad("special_tokens", f"must map token strings to integer ids, got {self.special_tokens!r}")
+        if not isinstance(self.name, str):
+            raise bad("name", f"must be a string, got {self.name!r}")
         if self.num_heads % self.num_kv_heads:
             raise bad("num_kv_heads", f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
-        if self.position_encoding not in POSITION_ENCODINGS:
+        if not isinstance(self.position_encoding, str) or self.position_encoding not in POSITION_ENCODINGS:
             raise bad("position_encoding", f"{self.position_encoding!r} is not one of {POSITION_ENCODINGS}")
-        if self.norm not in NORMS:
+        if not isinstance(self.norm, str) or self.norm not in NORMS:
             raise bad("norm", f"{self.norm!r} is not one of {NORMS}")
-        if self.mlp not in MLPS:
+        if not isinstance(self.mlp, str) or self.mlp not in MLPS:
             raise bad("mlp", f"{self.mlp!r} is not one of {MLPS}")
         if self.position_encoding == "rope_2d" and self.head_dim % 4:
             raise bad("head_dim", f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
@@ -109,7 +130,8 @@ class GLMConfig:
             if self.rotary_dim % 2:
                 raise bad("rotary_fraction", f"rotates {self.rotary_dim} dims of head_dim "
                           f"{self.head_dim}; that must be an even number")
-        if self.rope_inv_freq_dtype not in (None, "float16", "bfloat16"):
+        if not (self.rope_inv_freq_dtype is None or isinstance(self.rope_inv_freq_dtype, str)) or \
+                self.rope_inv_freq_dtype not in (None, "float16", "bfloat16"):
             raise bad("rope_inv_freq_dtype", f"{self.rope_inv_freq_dtype!r} is not None, 'float16' or 'bfloat16'")
         if not self.norm_eps > 0:
             raise bad("norm_eps", f"must be positive, got {self.norm_eps}")
@@ -161,20 +183,24 @@ class GLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "GLMConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of GLMConfig fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown GLMConfig fields {unknown}; known fields: {sorted(known)}")
         try:
             return cls(**d)
-        except TypeError as e:  # missing required fields
+        except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError, ArithmeticError) as e:  # missing required fields, odd types
+            raise ConfigError(f"{source}: {e}; fix that field of the config") from None
 
     # ----------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, config: "str | os.PathLike[str] | dict[str, Any]") -> "GLMConfig":
-        """Read a release's config.json (a path to the file or its folder, or the parsed dict)."""
-        source = "config"
+    def from_hf(cls, config: "str | os.PathLike[str] | dict[str, Any]", source: str = "config") -> "GLMConfig":
+        """Read a release's config.json (a path to the file or its folder, or the parsed dict;
+        ``source`` names a dict's file in error messages)."""
         if not isinstance(config, dict):
             path = os.fspath(config)
             if os.path.isdir(path):
@@ -189,10 +215,11 @@ class GLMConfig:
         except KeyError as e:
             raise ConfigError(f"{source}: field {e.args[0]!r} is required for family {family!r} "
                               f"({FAMILIES[family]}); add it to config.json") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ArithmeticError) as e:
             if isinstance(e, ConfigError):
                 raise ConfigError(f"{source}: {e}") from None
-            raise ConfigError(f"{source}: a field has the wrong type for family {family!r}: {e}") from None
+            raise ConfigError(f"{source}: a field has the wrong type or value for family {family!r}: {e}; "
+                              f"fix it in config.json") from None
 
 
 def read_json(path: str) -> Any:
@@ -203,6 +230,8 @@ def read_json(path: str) -> Any:
         raise ConfigError(f"{path}: no such file; a checkpoint folder needs its config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); restore the file from the release") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not usable JSON (nested too deeply); restore the file from the release") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
 
@@ -211,7 +240,7 @@ def detect_family(hf: dict[str, Any], source: str = "config") -> str:
     """Recognise which release format a config.json belongs to, from its keys and names."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
-    archs = archs if isinstance(archs, list) else []
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     name = str(hf.get("_name_or_path", "")).lower()
     if model_type == "glm4":
         return "glm4-hf"
@@ -231,7 +260,9 @@ def detect_family(hf: dict[str, Any], source: str = "config") -> str:
         if "chatglm3" in name:
             return "chatglm3"
         # Unnamed chatglm-format config: GLM-4 is the one with a 151k vocab / 1.5625e-7 eps.
-        if hf.get("padded_vocab_size", 0) >= 150000 or hf.get("layernorm_epsilon", 1e-5) < 1e-6:
+        vocab, eps = hf.get("padded_vocab_size", 0), hf.get("layernorm_epsilon", 1e-5)
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if (number(vocab) and vocab >= 150000) or (number(eps) and eps < 1e-6):
             return "glm4-chatglm"
         return "chatglm3"
     raise ConfigError(
@@ -241,24 +272,54 @@ def detect_family(hf: dict[str, Any], source: str = "config") -> str:
         f"(model_type 'glm', num_hidden_layers) and Glm4 (model_type 'glm4')")
 
 
-def _eos_list(v: Any) -> tuple[int, ...]:
+def _as_int(key: str, v: Any, positive: bool = False) -> int:
+    """A config.json integer field, checked: the error names the field (the caller adds the file)."""
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        raise ConfigError(f"field {key!r} must be an integer, got {v!r}; fix it in config.json")
+    if positive and v <= 0:
+        raise ConfigError(f"field {key!r} must be a positive integer, got {v!r}; fix it in config.json")
+    return int(v)
+
+
+def _as_float(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"field {key!r} must be a finite number, got {v!r}; fix it in config.json")
+    return float(v)
+
+
+def _eos_list(v: Any, key: str = "eos_token_id") -> tuple[int, ...]:
     if v is None:
         return ()
-    return tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return tuple(_as_int(key, x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+
+
+def _optional_id(hf: dict[str, Any], key: str) -> Optional[int]:
+    v = hf.get(key)
+    return None if v is None else _as_int(key, v)
+
+
+def _int_field(hf: dict[str, Any], key: str, default: Any = KeyError, positive: bool = False) -> int:
+    """``hf[key]`` (a missing required key raises KeyError, which from_hf names) as a checked integer."""
+    return _as_int(key, hf[key] if default is KeyError else hf.get(key, default), positive)
+
+
+def _heads(hf: dict[str, Any]) -> tuple[int, int]:
+    return _int_field(hf, "hidden_size"), _int_field(hf, "num_attention_heads", positive=True)
 
 
 def _from_hf_glm(hf: dict[str, Any]) -> GLMConfig:
-    H, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    H, n = _heads(hf)
     if hf.get("block_position_encoding", True) is not True:
         raise ConfigError("block_position_encoding=false (1D learned positions) is not supported; "
                           "every GLM release uses block positions")
     if hf.get("relative_encoding", False):
         raise ConfigError("relative_encoding=true (Transformer-XL positions) is not supported")
     return GLMConfig(
-        family="glm", vocab_size=int(hf["vocab_size"]), hidden_size=H, num_layers=int(hf["num_layers"]),
-        num_heads=n, num_kv_heads=n, head_dim=H // n, ffn_hidden_size=4 * H,
+        family="glm", vocab_size=_int_field(hf, "vocab_size"), hidden_size=H,
+        num_layers=_int_field(hf, "num_layers"), num_heads=n, num_kv_heads=n, head_dim=H // n,
+        ffn_hidden_size=4 * H,
         # The position tables have max_sequence_length + 1 rows.
-        max_positions=int(hf["max_sequence_length"]) + 1, position_encoding="learned_2d",
+        max_positions=_int_field(hf, "max_sequence_length") + 1, position_encoding="learned_2d",
         norm="layernorm", norm_eps=1e-5,  # GLMStack's default; the config has no eps field
         mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True,
         name=str(hf.get("_name_or_path", "")),
@@ -266,19 +327,20 @@ def _from_hf_glm(hf: dict[str, Any]) -> GLMConfig:
 
 
 def _from_hf_chatglm(hf: dict[str, Any]) -> GLMConfig:
-    H, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    H, n = _heads(hf)
     if hf.get("position_encoding_2d", True) is not True:
         raise ConfigError("position_encoding_2d=false is not supported; ChatGLM-6B uses 2D RoPE")
-    specials = {k: int(hf[f"{k}_token_id"]) for k in ("mask", "gmask", "bos", "eos", "pad")
+    specials = {k: _int_field(hf, f"{k}_token_id") for k in ("mask", "gmask", "bos", "eos", "pad")
                 if hf.get(f"{k}_token_id") is not None}
     names = {"mask": "[MASK]", "gmask": "[gMASK]", "bos": "<sop>", "eos": "<eop>"}
     special_tokens = {names[k]: v for k, v in specials.items() if k in names}
     return GLMConfig(
-        family="chatglm", vocab_size=int(hf["vocab_size"]), hidden_size=H, num_layers=int(hf["num_layers"]),
-        num_heads=n, num_kv_heads=n, head_dim=H // n,
-        ffn_hidden_size=int(hf.get("inner_hidden_size") or 4 * H),
-        max_positions=int(hf.get("max_sequence_length", 2048)), position_encoding="rope_2d",
-        rope_inv_freq_dtype="float16", norm="layernorm", norm_eps=float(hf.get("layernorm_epsilon", 1e-5)),
+        family="chatglm", vocab_size=_int_field(hf, "vocab_size"), hidden_size=H,
+        num_layers=_int_field(hf, "num_layers"), num_heads=n, num_kv_heads=n, head_dim=H // n,
+        ffn_hidden_size=_as_int("inner_hidden_size", hf.get("inner_hidden_size") or 4 * H),
+        max_positions=_int_field(hf, "max_sequence_length", 2048), position_encoding="rope_2d",
+        rope_inv_freq_dtype="float16", norm="layernorm",
+        norm_eps=_as_float("layernorm_epsilon", hf.get("layernorm_epsilon", 1e-5)),
         mlp="gelu_tanh", residual_alpha=CHATGLM6B_RESIDUAL_ALPHA, qkv_bias=True, out_bias=True,
         mlp_bias=True, tie_word_embeddings=True, pad_token_id=specials.get("pad"),
         bos_token_id=specials.get("bos"), eos_token_ids=_eos_list(specials.get("eos")),
@@ -287,7 +349,7 @@ def _from_hf_chatglm(hf: dict[str, Any]) -> GLMConfig:
 
 
 def _from_hf_chatglm2(hf: dict[str, Any], family: str) -> GLMConfig:
-    H, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    H, n = _heads(hf)
     mqa = bool(hf.get("multi_query_attention", False))
     if not hf.get("rmsnorm", True):
         raise ConfigError("rmsnorm=false is not supported; every chatglm2-format release uses RMSNorm")
@@ -297,18 +359,20 @@ def _from_hf_chatglm2(hf: dict[str, Any], family: str) -> GLMConfig:
         raise ConfigError("post_layer_norm=false (no final norm) is not supported")
     if not hf.get("original_rope", True):
         raise ConfigError("original_rope=false is not supported")
-    rope_ratio = float(hf.get("rope_ratio", 1.0))
-    vocab = int(hf.get("padded_vocab_size") or hf["vocab_size"])
+    rope_ratio = _as_float("rope_ratio", hf.get("rope_ratio", 1.0))
+    vocab = _as_int("padded_vocab_size", hf.get("padded_vocab_size") or hf["vocab_size"])
     return GLMConfig(
-        family=family, vocab_size=vocab, hidden_size=H, num_layers=int(hf["num_layers"]), num_heads=n,
-        num_kv_heads=int(hf["multi_query_group_num"]) if mqa else n,
-        head_dim=int(hf.get("kv_channels") or H // n), ffn_hidden_size=int(hf["ffn_hidden_size"]),
-        max_positions=int(hf["seq_length"]), position_encoding="rope", rotary_fraction=0.5,
+        family=family, vocab_size=vocab, hidden_size=H, num_layers=_int_field(hf, "num_layers"), num_heads=n,
+        num_kv_heads=_int_field(hf, "multi_query_group_num") if mqa else n,
+        head_dim=_as_int("kv_channels", hf.get("kv_channels") or H // n),
+        ffn_hidden_size=_int_field(hf, "ffn_hidden_size"),
+        max_positions=_int_field(hf, "seq_length"), position_encoding="rope", rotary_fraction=0.5,
         # GLM-4's rope_ratio scales the base, not the positions.
-        rope_base=10000.0 * rope_ratio, norm="rmsnorm", norm_eps=float(hf.get("layernorm_epsilon", 1e-5)),
+        rope_base=10000.0 * rope_ratio, norm="rmsnorm",
+        norm_eps=_as_float("layernorm_epsilon", hf.get("layernorm_epsilon", 1e-5)),
         mlp="swiglu", qkv_bias=bool(hf.get("add_qkv_bias", False)),
         out_bias=bool(hf.get("add_bias_linear", False)), mlp_bias=bool(hf.get("add_bias_linear", False)),
-        tie_word_embeddings=False, pad_token_id=hf.get("pad_token_id"),
+        tie_word_embeddings=False, pad_token_id=_optional_id(hf, "pad_token_id"),
         eos_token_ids=_eos_list(hf.get("eos_token_id")), name=str(hf.get("_name_or_path", "")),
     )
 
@@ -316,32 +380,36 @@ def _from_hf_chatglm2(hf: dict[str, Any], family: str) -> GLMConfig:
 def _rope_params(hf: dict[str, Any]) -> tuple[float, float]:
     # transformers >= 5 nests these in rope_parameters; older configs keep them at the top level.
     rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rp, dict):
+        raise ConfigError(f"field 'rope_parameters' must be an object such as {{\"rope_theta\": 10000.0}}, "
+                          f"got {rp!r}; fix it in config.json")
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type not in ("default", None):
         raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported; only 'default'")
-    theta = float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    frac = float(rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)))
+    theta = _as_float("rope_theta", rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    frac = _as_float("partial_rotary_factor", rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)))
     return theta, frac
 
 
 def _from_hf_glm_native(hf: dict[str, Any], family: str) -> GLMConfig:
-    H, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    H, n = _heads(hf)
     theta, frac = _rope_params(hf)
     stored = hf.get("dtype", hf.get("torch_dtype"))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"hidden_act={act!r} is not supported for {family}; the releases use 'silu'")
     return GLMConfig(
-        family=family, vocab_size=int(hf["vocab_size"]), hidden_size=H,
-        num_layers=int(hf["num_hidden_layers"]), num_heads=n,
-        num_kv_heads=int(hf.get("num_key_value_heads") or n), head_dim=int(hf.get("head_dim") or H // n),
-        ffn_hidden_size=int(hf["intermediate_size"]), max_positions=int(hf["max_position_embeddings"]),
+        family=family, vocab_size=_int_field(hf, "vocab_size"), hidden_size=H,
+        num_layers=_int_field(hf, "num_hidden_layers"), num_heads=n,
+        num_kv_heads=_as_int("num_key_value_heads", hf.get("num_key_value_heads") or n),
+        head_dim=_as_int("head_dim", hf.get("head_dim") or H // n),
+        ffn_hidden_size=_int_field(hf, "intermediate_size"), max_positions=_int_field(hf, "max_position_embeddings"),
         position_encoding="rope", rotary_fraction=frac, rope_base=theta,
         rope_inv_freq_dtype=stored if stored in ("float16", "bfloat16") else None, norm="rmsnorm",
-        norm_eps=float(hf.get("rms_norm_eps", 1.5625e-07)), mlp="swiglu",
+        norm_eps=_as_float("rms_norm_eps", hf.get("rms_norm_eps", 1.5625e-07)), mlp="swiglu",
         sandwich_norm=(family == "glm4-hf"), qkv_bias=bool(hf.get("attention_bias", True)),
         out_bias=False, mlp_bias=False, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"),
+        pad_token_id=_optional_id(hf, "pad_token_id"), bos_token_id=_optional_id(hf, "bos_token_id"),
         eos_token_ids=_eos_list(hf.get("eos_token_id")), name=str(hf.get("_name_or_path", "")),
     )
 

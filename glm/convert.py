@@ -56,11 +56,20 @@ def _permute_heads(t: Tensor, heads: int, index: Tensor) -> Tensor:
     return t.reshape(heads, d, *t.shape[1:])[:, index].reshape(t.shape)
 
 
+def _check_rows(t: Tensor, heads: int, head_dim: int) -> None:
+    # Before building an index of head_dim entries: a config that does not fit the stored rows
+    # (e.g. a corrupt head_dim of 10**10) fails here, as a RuntimeError like a failed reshape.
+    if t.dim() == 0 or t.shape[0] != heads * head_dim:
+        raise RuntimeError(f"{tuple(t.shape)} has no {heads} x {head_dim} head rows")
+
+
 def interleaved_to_half(t: Tensor, heads: int, head_dim: int, rotary_dim: int) -> Tensor:
+    _check_rows(t, heads, head_dim)
     return _permute_heads(t, heads, rope_permutation(head_dim, rotary_dim))
 
 
 def half_to_interleaved(t: Tensor, heads: int, head_dim: int, rotary_dim: int) -> Tensor:
+    _check_rows(t, heads, head_dim)
     return _permute_heads(t, heads, torch.argsort(rope_permutation(head_dim, rotary_dim)))
 
 
@@ -431,14 +440,27 @@ def _glm_identity(cfg: GLMConfig) -> list[Mapping]:
     return [rename(n, n) for n in names]
 
 
+def _meta_shapes(cfg: GLMConfig, where: str) -> dict[str, torch.Size]:
+    """glm tensor name -> shape for ``cfg``, built on the meta device (no memory). Sizes no tensor
+    can have (a corrupt config.json: 2**31 x 2**31 embeddings, 2**70 features) are a CheckpointError."""
+    from .checkpoint import CheckpointError
+    from .model import GLM
+
+    try:
+        with torch.device("meta"):
+            return {n: p.shape for n, p in GLM(cfg).state_dict().items()}
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where}: config.json implies tensors no checkpoint can hold ({reason}); "
+                              f"the config does not belong to these weights, restore it from the release") from None
+
+
 def check_shapes(source: Source, where: str) -> None:
     """Run the source's mappings on meta tensors and compare with the shapes ``source.cfg`` implies,
     so a config that does not belong to its weights fails before anything is read or written."""
     from .checkpoint import CheckpointError
-    from .model import GLM
 
-    with torch.device("meta"):
-        expected = {n: p.shape for n, p in GLM(source.cfg).state_dict().items()}
+    expected = _meta_shapes(source.cfg, where)
     for mp in source.mappings:
         metas = [source.meta(n) for n in mp.hf]
         try:
@@ -455,17 +477,30 @@ def check_shapes(source: Source, where: str) -> None:
 
 def open_source(src: str) -> tuple[Source, "object"]:
     """A `Source` over a checkpoint folder in a release format or in glm's format."""
-    from .checkpoint import CheckpointReader, is_glm_format
-    from .config import read_json
+    from .checkpoint import CheckpointError, CheckpointReader, is_glm_format
+    from .config import ConfigError, read_json
 
-    raw = read_json(os.path.join(src, "config.json"))
+    config_path = os.path.join(src, "config.json")
+    raw = read_json(config_path)
     reader = CheckpointReader(src)
     if is_glm_format(src):
-        cfg = GLMConfig.from_dict(raw.get("config", {}), source=os.path.join(src, "config.json"))
-        hf_cfg, mappings = raw.get("hf_config"), _glm_identity(cfg)
+        cfg = GLMConfig.from_dict(raw.get("config", {}), source=config_path)
+        hf_cfg = raw.get("hf_config")
+        if hf_cfg is not None and not isinstance(hf_cfg, dict):
+            raise ConfigError(f"{config_path}: 'hf_config' must be the release's config.json object or null, "
+                              f"got {type(hf_cfg).__name__}; re-save the folder with glm convert")
     else:
-        cfg = GLMConfig.from_hf(raw if isinstance(raw, dict) else os.path.join(src, "config.json"))
-        hf_cfg, mappings = raw, hf_format(cfg, keys=reader.keys())
+        cfg = GLMConfig.from_hf(raw if isinstance(raw, dict) else config_path, source=config_path)
+        hf_cfg = raw
+    # Every layer has tensors of its own: a layer count beyond the number of stored tensors cannot
+    # be these weights' (and would otherwise spend minutes building a layout for it).
+    if cfg.num_layers > len(reader.keys()):
+        raise CheckpointError(f"{src}: config.json says {cfg.num_layers} layers but the checkpoint holds only "
+                              f"{len(reader.keys())} tensors; the config and weights do not belong together")
+    if is_glm_format(src):
+        mappings = [rename(n, n) for n in _meta_shapes(cfg, src)]
+    else:
+        mappings = hf_format(cfg, keys=reader.keys())
     check_keys(mappings, reader.keys(), "hf", src)
     source = Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys())
     check_shapes(source, src)

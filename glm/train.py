@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_device, write_failed
 from .config import GLMConfig, preset
 from .model import GLM
 
@@ -107,11 +107,43 @@ def checkpoints(out_dir: str) -> list[str]:
 
 
 def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str:
+    """Write ``ckpt-{step}.pt`` atomically (temp file + fsync + rename), then drop all but the last
+    ``keep_last``. A failure (disk full, ...) leaves the earlier checkpoints as they were."""
     path = os.path.join(out_dir, f"ckpt-{step:07d}.pt")
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise write_failed(e, path, f"the earlier checkpoints in {out_dir} are intact; free space (or lower "
+                                    f"--keep-last), then rerun with --resume") from e
     for old in checkpoints(out_dir)[:-keep_last]:
         os.remove(old)
     return path
+
+
+def remove_stale_temp_files(out_dir: str) -> list[str]:
+    """Delete ``ckpt-*.pt.tmp-*`` files that a killed run (kill -9, power loss) left mid-write; they
+    are never read (`checkpoints` only lists complete ``ckpt-*.pt``). Call only when no other run
+    writes to ``out_dir``."""
+    stale = glob.glob(os.path.join(out_dir, "ckpt-*.pt.tmp-*"))
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return stale
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    """A trainer checkpoint, or a TrainingError naming the file and what to do."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated / corrupted: pickle, zip and EOF errors of many kinds
+        raise TrainingError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); delete it to resume "
+                            f"from the previous one, or start over without --resume") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "torch_rng"} <= set(state):
+        raise TrainingError(f"{path}: not a glm trainer checkpoint (needs model, optimizer, step and torch_rng); "
+                            f"move it out of the run folder")
+    return state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,7 +166,7 @@ def _resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", _dist_info()[2])
         return torch.device("cpu")
-    return torch.device(name)
+    return check_device(name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +306,15 @@ def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device,
 # ------------------------------------------------------------------------------------------------
 # The loop
 
+def _parse_record(line: str) -> Optional[dict]:
+    """One metrics.jsonl line, or None for a torn / foreign one."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and line.endswith("\n") else None
+
+
 def _log(path: str, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -330,16 +371,26 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
     optimizer = make_optimizer(model, cfg)
 
     start = 0
+    if is_main:
+        remove_stale_temp_files(cfg.out_dir)
     ckpts = checkpoints(cfg.out_dir)
     if cfg.resume and ckpts:
-        state = torch.load(ckpts[-1], map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(ckpts[-1], device)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            first = " ".join(lines[:2])[:300] if lines else type(e).__name__
+            raise TrainingError(f"{ckpts[-1]}: this checkpoint was written for another model or optimizer setup "
+                                f"({first}); resume with the run's original settings or use a new --out") from None
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
         if is_main and os.path.exists(metrics_path):
-            # Drop what the interrupted run logged after its last checkpoint.
-            keep = [line for line in open(metrics_path, encoding="utf-8") if json.loads(line)["step"] <= start]
+            # Drop what the interrupted run logged after its last checkpoint, and a line torn by a kill.
+            keep = [line for line in open(metrics_path, encoding="utf-8", errors="replace")
+                    if (rec := _parse_record(line)) is not None and isinstance(rec.get("step"), int)
+                    and rec["step"] <= start]
             with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(keep)
             os.replace(metrics_path + ".tmp", metrics_path)
