@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models' forward (same for both)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
 
@@ -55,9 +56,14 @@ def main(argv=None) -> None:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
 
+    fwd_glm = lambda x: ours(x, check_inputs=False)  # noqa: E731
+    fwd_hf = lambda x: ref(input_ids=x).logits  # noqa: E731
+    if args.compile:
+        fwd_glm, fwd_hf = torch.compile(fwd_glm), torch.compile(fwd_hf)
+
     def step_glm(opt):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = ours(x, check_inputs=False)
+            logits = fwd_glm(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
@@ -66,7 +72,7 @@ def main(argv=None) -> None:
 
     def step_hf(opt):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = ref(input_ids=x).logits
+            logits = fwd_hf(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
@@ -75,7 +81,8 @@ def main(argv=None) -> None:
 
     def timed(fn, model) -> float:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        fn(opt)  # warm-up
+        fn(opt)  # warm-up (twice: a compiled step recompiles once for the backward's shapes)
+        fn(opt)
         sync(device)
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -101,7 +108,8 @@ def main(argv=None) -> None:
     print(f"glm / transformers: {t_hf / t_glm:.2f}x")
 
     path = write_record(args.out, f"train_{device}", device, benchmark="train", transformers=transformers.__version__,
-                        config=cfg.to_dict(), batch=args.batch, seq=args.seq, ceiling_flops=peak, results=out,
+                        config=cfg.to_dict(), batch=args.batch, seq=args.seq, compiled=args.compile,
+                        ceiling_flops=peak, results=out,
                         speedup=t_hf / t_glm,
                         ceiling={"value": peak / 1e12, "unit": "TFLOP/s", "what": f"measured {dtype} matmul"},
                         summary=[summary_row(f"train step, MFU {out['glm']['mfu']:.0%} vs {out['transformers']['mfu']:.0%}",
