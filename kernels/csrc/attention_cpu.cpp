@@ -151,18 +151,6 @@ void load_rows(const T* src, int64_t srs, int64_t rows, int64_t d, float mul, fl
   }
 }
 
-// dst[c * ldd + r] = src[r][c]: the transposed tile, columns rows..ldd-1 zeroed; rows of dst d..dpad-1
-// zeroed too, so the padded K dimension contributes nothing.
-template <typename T>
-void load_transposed(const T* src, int64_t srs, int64_t rows, int64_t d, int64_t dpad, float* dst, int64_t ldd) {
-  for (int64_t c = 0; c < dpad; ++c) std::fill(dst + c * ldd + rows, dst + c * ldd + ldd, 0.0f);
-  for (int64_t c = d; c < dpad; ++c) std::fill(dst + c * ldd, dst + c * ldd + rows, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * srs;
-    for (int64_t c = 0; c < d; ++c) dst[c * ldd + r] = to_f(s[c]);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Problem description shared by the three kernels.
 
@@ -614,17 +602,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   if (q.numel() == 0 || p.Tk == 0) {
     return {dq.zero_(), at::zeros_like(k), at::zeros_like(v)};
   }
+  // fp32 copies of each (sample, KV head)'s keys as rows and K, V transposed, zero-padded to
+  // [Tkp x dpad] / [dpad x Tkp]: made once for all the group's query heads by ATen's (vectorised,
+  // parallel) strided copy, instead of a scalar transpose per query head.
+  const auto f32 = q.options().dtype(at::kFloat);
+  const at::Tensor k_rows = at::empty({p.B, p.g, Tkp, dpad}, f32), k_t = at::empty({p.B, p.g, dpad, Tkp}, f32),
+                   v_t = at::empty({p.B, p.g, dpad, Tkp}, f32);
+  k_rows.narrow(2, 0, p.Tk).narrow(3, 0, d).copy_(k);
+  k_t.narrow(2, 0, d).narrow(3, 0, p.Tk).copy_(k.transpose(2, 3));
+  v_t.narrow(2, 0, d).narrow(3, 0, p.Tk).copy_(v.transpose(2, 3));
+  if (Tkp > p.Tk) {
+    k_rows.narrow(2, p.Tk, Tkp - p.Tk).zero_();
+    k_t.narrow(3, p.Tk, Tkp - p.Tk).zero_();
+    v_t.narrow(3, p.Tk, Tkp - p.Tk).zero_();
+  }
+  if (dpad > d) {
+    k_rows.narrow(3, d, dpad - d).zero_();
+    k_t.narrow(2, d, dpad - d).zero_();
+    v_t.narrow(2, d, dpad - d).zero_();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_bwd", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
     const scalar_t* dop = dout.data_ptr<scalar_t>();
     const scalar_t* outp = out.data_ptr<scalar_t>();
     const float* statp = stats.data_ptr<float>();
     const float* glsep = glse.data_ptr<float>();
     scalar_t* dqp = dq.data_ptr<scalar_t>();
     struct Scratch {
-      std::vector<float> Q, Qc, dO, dQ, Dr, M2, LL, Kf, KT, VT, P, dP, dK, dV;
+      std::vector<float> Q, Qc, dO, dQ, Dr, M2, LL, P, dP, dK, dV;
       std::vector<RowRange> rr;
     };
     const int64_t Tqp = round_up(p.Tq, kBQ);
@@ -632,13 +637,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       Scratch s;
       s.Q.resize(Tqp * dpad); s.Qc.resize(Tqp * dpad); s.dO.resize(Tqp * dpad); s.dQ.resize(Tqp * dpad);
       s.Dr.resize(Tqp); s.M2.resize(Tqp); s.LL.resize(Tqp); s.rr.resize(p.Tq);
-      s.Kf.resize(Tkp * dpad); s.KT.resize(dpad * Tkp); s.VT.resize(dpad * Tkp);
       s.P.resize(kBQ * kBK); s.dP.resize(kBQ * kBK); s.dK.resize(kBK * dpad); s.dV.resize(kBK * dpad);
       return s;
     };
     run_items(p.B * p.n, init, [&](int64_t it, Scratch& s) {
       const int64_t b = it / p.n, h = it % p.n, kh = h / G;
-      const int64_t qo = (b * p.n + h) * p.Tq * d, ko = (b * p.g + kh) * p.Tk * d;
+      const int64_t qo = (b * p.n + h) * p.Tq * d;
       load_rows(qp + qo, d, p.Tq, d, 1.0f, s.Q.data(), dpad);
       // The scores exactly as the forward rounded them: same pre-scaled q, same summation order.
       load_rows(qp + qo, d, p.Tq, d, p.scale * kLog2e, s.Qc.data(), dpad);
@@ -655,10 +659,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         s.LL[t] = statp[2 * ((b * p.n + h) * p.Tq + t) + 1];
         s.rr[t] = row_range(p, b, t);
       }
-      load_rows(kp + ko, d, p.Tk, d, 1.0f, s.Kf.data(), dpad);
-      std::fill(s.Kf.begin() + p.Tk * dpad, s.Kf.end(), 0.0f);
-      load_transposed(kp + ko, d, p.Tk, d, dpad, s.KT.data(), Tkp);
-      load_transposed(vp + ko, d, p.Tk, d, dpad, s.VT.data(), Tkp);
+      const float* Kf = k_rows.data_ptr<float>() + (b * p.g + kh) * Tkp * dpad;
+      const float* KT = k_t.data_ptr<float>() + (b * p.g + kh) * dpad * Tkp;
+      const float* VT = v_t.data_ptr<float>() + (b * p.g + kh) * dpad * Tkp;
       float* dKh = dkh + (b * p.n + h) * Tkp * dpad;
       float* dVh = dvh + (b * p.n + h) * Tkp * dpad;
       for (int64_t j0 = 0; j0 < p.Tk; j0 += kBK) {
@@ -677,8 +680,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           float* dP = s.dP.data();
           const float* Qi = s.Q.data() + t0 * dpad;
           const float* dOi = s.dO.data() + t0 * dpad;
-          matmul(nt, kBK, dpad, s.Qc.data() + t0 * dpad, dpad, 1, s.KT.data() + j0, Tkp, P, kBK, false);
-          matmul(nt, kBK, dpad, dOi, dpad, 1, s.VT.data() + j0, Tkp, dP, kBK, false);
+          matmul(nt, kBK, dpad, s.Qc.data() + t0 * dpad, dpad, 1, KT + j0, Tkp, P, kBK, false);
+          matmul(nt, kBK, dpad, dOi, dpad, 1, VT + j0, Tkp, dP, kBK, false);
           for (int64_t r = 0; r < nt; ++r) {
             const RowRange& x = s.rr[t0 + r];
             float* pr = P + r * kBK;
@@ -702,7 +705,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           // dV_j += P^T dO_i ; dK_j += dS^T Q_i ; dQ_i += dS K_j
           matmul(kBK, dpad, nt, P, 1, kBK, dOi, dpad, s.dV.data(), dpad, true);
           matmul(kBK, dpad, nt, dP, 1, kBK, Qi, dpad, s.dK.data(), dpad, true);
-          matmul(nt, dpad, kBK, dP, kBK, 1, s.Kf.data() + j0 * dpad, dpad, s.dQ.data() + t0 * dpad, dpad, true);
+          matmul(nt, dpad, kBK, dP, kBK, 1, Kf + j0 * dpad, dpad, s.dQ.data() + t0 * dpad, dpad, true);
         }
         if (touched) {
           std::copy(s.dK.begin(), s.dK.end(), dKh + j0 * dpad);
