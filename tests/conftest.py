@@ -43,3 +43,14 @@ def edit_json(path: str, fn) -> None:
     fn(d)
     with open(path, "w") as f:
         json.dump(d, f)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file below ``folder`` (relative path -> bytes): to prove a failed write changed nothing."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for fn in files:
+            path = os.path.join(root, fn)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out

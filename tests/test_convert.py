@@ -25,7 +25,7 @@ from glm.cli import main
 from glm.convert import FormatError, KeyMismatchError, convert_checkpoint, save_pretrained
 from glm.parity import load_cases, run_parity
 
-from conftest import FIXTURE_FAMILIES, copy_fixture, edit_json, reference_dir
+from conftest import FIXTURE_FAMILIES, copy_fixture, edit_json, reference_dir, snapshot
 
 SHARD = "50KB"  # every tiny fixture (~100-500 KB) comes out in several shards
 EXPECTED_FAMILY = {"glm": "glm", "chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3",
@@ -93,16 +93,6 @@ def assert_nothing_written(dst) -> None:
     assert not os.path.exists(dst), f"{dst} was created"
     leftovers = [n for n in os.listdir(parent) if n.startswith(base + ".")]
     assert not leftovers, f"left behind: {leftovers}"
-
-
-def snapshot(folder) -> dict[str, bytes]:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for fn in files:
-            p = os.path.join(root, fn)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, folder)] = f.read()
-    return out
 
 
 def load_json(path) -> dict:

@@ -38,6 +38,8 @@ from glm.convert import KeyMismatchError, convert_checkpoint, hf_config, save_pr
 from glm.corpus import DataError, read_documents
 from glm.train import TrainConfig, TrainingError, checkpoints, train
 
+from conftest import snapshot
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB_ERRORS = (ConfigError, CheckpointError, KeyMismatchError)
 FUZZ = dict(deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -68,16 +70,6 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def snapshot(folder) -> dict[str, bytes]:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, folder)] = fh.read()
-    return out
-
-
 def litter(parent, name: str) -> list[str]:
     return sorted(n for n in os.listdir(parent) if n.startswith(name + ".tmp-") or n.startswith(name + ".old-"))
 
@@ -93,6 +85,17 @@ def assert_lib_error(e: BaseException, where: str) -> None:
     assert isinstance(e, LIB_ERRORS), f"{type(e).__name__} escaped: {e!r}"
     msg = str(e)
     assert msg.strip() and where in msg, f"message does not name {where}: {msg}"
+
+
+def loads_or_fails_clearly(d) -> None:
+    """Reading every tensor of folder ``d`` and building the model either works or raises one of the
+    library's own errors naming ``d`` — within 10 s."""
+    for load in (read_everything, glm.from_pretrained):
+        try:
+            with time_limit(10):
+                load(d)
+        except LIB_ERRORS as e:
+            assert_lib_error(e, d)
 
 
 def run_until(code: str, marker: str, timeout: float = 120.0) -> None:
@@ -387,12 +390,7 @@ def test_fuzz_random_bytes_as_weights(data, as_index, folders, scratch):
     target = os.path.join(d, "model.safetensors.index.json" if as_index else "model.safetensors")
     with open(target, "wb") as f:
         f.write(data)
-    for load in (read_everything, glm.from_pretrained):
-        try:
-            with time_limit(10):
-                load(d)
-        except LIB_ERRORS as e:
-            assert_lib_error(e, d)
+    loads_or_fails_clearly(d)
 
 
 @settings(max_examples=30, **FUZZ)
@@ -415,12 +413,7 @@ def test_fuzz_index_json(index, folders, scratch):
     d = fresh(scratch, "w-index", like=folders["glm-format"])
     with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f)
-    for load in (read_everything, glm.from_pretrained):
-        try:
-            with time_limit(10):
-                load(d)
-        except LIB_ERRORS as e:
-            assert_lib_error(e, d)
+    loads_or_fails_clearly(d)
 
 
 HEADER_FIELDS = ["dtype", "shape", "data_offsets", None]  # None: replace the whole entry
@@ -455,12 +448,7 @@ def test_fuzz_corrupted_safetensors(how, pos, junk_bytes, field, value, pick, fo
         raw = _join(header, data)
     with open(_st_file(d), "wb") as f:
         f.write(raw)
-    for load in (read_everything, glm.from_pretrained):
-        try:
-            with time_limit(10):
-                load(d)
-        except LIB_ERRORS as e:
-            assert_lib_error(e, d)
+    loads_or_fails_clearly(d)
 
 
 @pytest.mark.parametrize("shape,offsets,message", [
