@@ -61,39 +61,31 @@ def main(argv=None) -> None:
     if args.compile:
         fwd_glm, fwd_hf = torch.compile(fwd_glm), torch.compile(fwd_hf)
 
-    def step_glm(opt):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = fwd_glm(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    def step_hf(opt):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = fwd_hf(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    def timed(fn, model) -> float:
+    def timed(forward, model) -> float:
+        """Seconds per training step (forward, fp32 cross entropy, backward, AdamW) of ``forward``."""
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        fn(opt)  # warm-up (twice: a compiled step recompiles once for the backward's shapes)
-        fn(opt)
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm-up (twice: a compiled step recompiles once for the backward's shapes)
+        step()
         sync(device)
         t = time.perf_counter()
         for _ in range(args.steps):
-            fn(opt)
+            step()
         sync(device)
         return (time.perf_counter() - t) / args.steps
 
     peak = matmul_peak(device, dtype)
     tokens = args.batch * args.seq
     flops_per_token = 6 * cfg.num_parameters + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.seq
-    t_glm, t_hf = timed(step_glm, ours), timed(step_hf, ref)
+    t_glm, t_hf = timed(fwd_glm, ours), timed(fwd_hf, ref)
     rows = {"glm": t_glm, "transformers": t_hf}
     print(f"{cfg.num_parameters / 1e6:.1f}M-param GLM-4-shaped model, batch {args.batch} x {args.seq} tokens, "
           f"{device} {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
