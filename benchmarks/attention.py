@@ -18,27 +18,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import matmul_peak, summary_row, sync, write_record
+from common import matmul_peak, run_timed, summary_row, write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def median_time(fn, device: str, repeats: int) -> float:
     """Median wall time of ``fn`` after one warm-up call (medians shrug off a stray slow run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(run_timed(fn, device, repeats)[0])
 
 
 def prefix_mask(T: int, prefix: int, device: str) -> torch.Tensor:

@@ -22,17 +22,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_time(fn, device: str, repeats: int) -> float:
-    """Fastest of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    best = float("inf")
+def run_timed(fn, device: str, repeats: int) -> tuple[list[float], object]:
+    """Wall times of ``repeats`` calls of ``fn`` after one warm-up call, and the last call's result."""
+    out = fn()
+    times = []
     for _ in range(repeats):
         sync(device)
         t = time.perf_counter()
-        fn()
+        out = fn()
         sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return times, out
+
+
+def best_time(fn, device: str, repeats: int) -> float:
+    """Fastest of ``repeats`` calls of ``fn`` after one warm-up call."""
+    return min(run_timed(fn, device, repeats)[0])
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None) -> float:

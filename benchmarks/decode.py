@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import torch
 
-from common import copy_bandwidth, summary_row, sync, write_record
+from common import copy_bandwidth, run_timed, summary_row, write_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,15 +35,9 @@ def bench_config(small: bool = False):
 
 
 def timed(fn, device: str, repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best, out
+    """Best time of ``fn`` and its (last) result: the generated tokens, compared across libraries."""
+    times, out = run_timed(fn, device, repeats)
+    return min(times), out
 
 
 def main(argv=None) -> None:
