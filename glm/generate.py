@@ -240,10 +240,7 @@ def encode_blank_text(tokenizer, text: str) -> list[int]:
         part = part.lstrip(" \t") if i > 0 else part
         if not part:
             continue
-        if glued and tokenizer.encode_with_specials(part) == tokenizer.encode(part):  # no specials inside
-            ids.extend(tokenizer.encode_continuation(part))
-        else:
-            ids.extend(tokenizer.encode_with_specials(part))
+        ids.extend(tokenizer.encode_with_specials(part, continuation=glued))
     return ids
 
 

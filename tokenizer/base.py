@@ -127,18 +127,19 @@ class Tokenizer:
             raise TokenizerError(f"{name!r} is not a special token of this {self.family} tokenizer ({self.source}); "
                                  f"known: {', '.join(sorted(self.special_tokens))}") from None
 
-    def encode_with_specials(self, text: str) -> list[int]:
+    def encode_with_specials(self, text: str, continuation: bool = False) -> list[int]:
         """Text that may contain special-token strings literally ("[gMASK]", "<|user|>"): each one becomes
         its id and the text between them is encoded on its own, as a Hugging Face tokenizer does with
-        its added tokens."""
+        its added tokens. ``continuation``: the text continues a word already tokenised (its first run
+        is encoded by :meth:`encode_continuation`)."""
         if self._split_re is None:
-            return self.encode(text)
+            return self.encode_continuation(text) if continuation else self.encode(text)
         out: list[int] = []
         for i, part in enumerate(self._split_re.split(text)):
             if i % 2:
                 out.append(self.special_tokens[part])
             elif part:
-                out.extend(self.encode(part))
+                out.extend(self.encode_continuation(part) if continuation and i == 0 else self.encode(part))
         return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
