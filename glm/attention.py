@@ -78,11 +78,15 @@ def reference_attention(
     kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
     scale: Optional[float] = None,
 ) -> Tensor:
-    """The oracle: fp32, dense mask, explicit softmax. Returns the output in q's dtype."""
+    """The oracle: fp32 (float64 inputs stay float64), dense mask, explicit softmax. Returns the
+    output in q's dtype."""
     B, n, Tq, d = q.shape
     g, Tk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qf, kf, vf = q.float(), _expand_kv(k.float(), n // g), _expand_kv(v.float(), n // g)
+    # Never narrower than fp32, never narrower than the input: a float64 caller is checking at
+    # float64 tolerances, which an fp32 oracle would fail by rounding alone.
+    ct = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(ct), _expand_kv(k.to(ct), n // g), _expand_kv(v.to(ct), n // g)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     vis = visible_mask(B, Tq, Tk, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
                        kv_len=kv_len, q_offset=q_offset, device=q.device)
