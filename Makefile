@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv install test test-all demo clean
+.PHONY: venv install test test-all demo kernels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test-all: $(VENV)/.installed
 # Pretrains a tiny GLM on the embedded corpus (a few minutes on 2 cores) and shows it filling blanks.
 demo: $(VENV)/.installed
 	$(PY) -m glm demo
+
+# On a GPU machine: builds the C++ and CUDA kernels into $(PYTHON)'s environment, whose torch must be
+# a CUDA build (the CPU venv above never is), e.g. `make kernels PYTHON=python`. The CUDA kernels
+# target the GPUs present (TORCH_CUDA_ARCH_LIST="8.0;9.0" to choose); tests: `pytest -m cuda`.
+kernels:
+	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
+	@$(PYTHON) -c "import glm.kernels as k; print('glm.kernels devices:', sorted(k.devices()), '| CUDA kernels:', k.cuda_load_error() or 'built')"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

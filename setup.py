@@ -6,6 +6,10 @@ and the `auto` attention backend falls back to sdpa.
 
 GLM_KERNELS_MARCH picks the target CPU (default: native, the machine that builds is the one that
 runs, as with `make test`); set it to e.g. x86-64-v3 to build for other machines.
+
+The CUDA kernels (glm.kernels._C_cuda) are a second extension, built only where torch is a CUDA
+build and nvcc is found (CUDA_HOME); a CPU-only install never tries. They target the GPUs present at
+build time, or TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") when set; GLM_KERNELS_CUDA=0 skips them.
 """
 import os
 import sys
@@ -14,7 +18,8 @@ from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    import torch
 except ImportError as exc:  # torch missing at build time (an isolated build): pure-Python install
     print(f"glm: not building the C++ kernels, torch is not importable at build time ({exc}); "
           "install with --no-build-isolation to build them", file=sys.stderr)
@@ -30,6 +35,13 @@ else:
         extra_link_args=["-fopenmp"],
     ))
 
+    if torch.version.cuda and CUDA_HOME and os.environ.get("GLM_KERNELS_CUDA", "1") != "0":
+        ext_modules.append(CUDAExtension(
+            "glm.kernels._C_cuda",
+            ["kernels/csrc/attention_cuda.cu"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        ))
+
     class OptionalBuild(BuildExtension):
         """A failed kernel build warns and leaves the pure-Python package installable."""
 
@@ -39,7 +51,8 @@ else:
             except Exception as exc:  # compiler missing, unsupported flags, ...
                 # Forget the extension, so that the install does not look for its output.
                 self.extensions = [e for e in self.extensions if e is not ext]
-                print(f"\nglm: WARNING: the C++ attention kernels failed to build ({exc}); glm works without "
+                which = "CUDA" if ext.name.endswith("_cuda") else "C++"
+                print(f"\nglm: WARNING: the {which} attention kernels failed to build ({exc}); glm works without "
                       "them (attention backend 'auto' -> 'sdpa'). See docs/kernels.md.\n", file=sys.stderr)
 
     cmdclass["build_ext"] = OptionalBuild.with_options(use_ninja=True)

@@ -135,39 +135,42 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-# Where each limited backend runs: device types and dtypes. A backend missing here runs anywhere
-# torch does.
+# Limits of the backends that do not run everywhere torch does: the device types they have kernels
+# for, and a check of the rest (dtype, head dim) that says why a call cannot go there.
 BACKEND_DEVICES: dict[str, set[str]] = {}
-BACKEND_DTYPES: dict[str, set[torch.dtype]] = {}
+SupportsFn = Callable[[Optional[str], Optional[torch.dtype], Optional[int]], Optional[str]]
+BACKEND_SUPPORTS: dict[str, SupportsFn] = {}
 
 
 def register_backend(name: str, fn: AttentionFn, devices: Optional[set[str]] = None,
-                     dtypes: Optional[set[torch.dtype]] = None) -> None:
+                     supports: Optional[SupportsFn] = None) -> None:
     """Add a backend (the fused kernels register themselves here when they are built), optionally
-    limited to some device types (``{"cpu"}``, ``{"cpu", "cuda"}``) and dtypes."""
+    limited to some device types (``{"cpu"}``, ``{"cpu", "cuda"}``) and by ``supports(device_type,
+    dtype, head_dim)``, which returns why those tensors cannot go there (None when they can)."""
     BACKENDS[name] = fn
-    for table, allowed in ((BACKEND_DEVICES, devices), (BACKEND_DTYPES, dtypes)):
-        if allowed is None:
+    for table, value in ((BACKEND_DEVICES, None if devices is None else set(devices)), (BACKEND_SUPPORTS, supports)):
+        if value is None:
             table.pop(name, None)
         else:
-            table[name] = set(allowed)
+            table[name] = value
 
 
-def _unsupported(name: str, device_type: Optional[str], dtype: Optional[torch.dtype]) -> Optional[str]:
+def _unsupported(name: str, device_type: Optional[str], dtype: Optional[torch.dtype],
+                 head_dim: Optional[int]) -> Optional[str]:
     """Why backend ``name`` cannot take these tensors (None when it can)."""
     if device_type is not None and name in BACKEND_DEVICES and device_type not in BACKEND_DEVICES[name]:
         return f"has no kernel for {device_type} tensors (it runs on {', '.join(sorted(BACKEND_DEVICES[name]))})"
-    if dtype is not None and name in BACKEND_DTYPES and dtype not in BACKEND_DTYPES[name]:
-        names = ", ".join(sorted(str(d).replace("torch.", "") for d in BACKEND_DTYPES[name]))
-        return f"does not take {str(dtype).replace('torch.', '')} tensors (it takes {names})"
+    if name in BACKEND_SUPPORTS:
+        return BACKEND_SUPPORTS[name](device_type, dtype, head_dim)
     return None
 
 
-def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> AttentionFn:
-    """The backend called ``name``; ``auto`` = ``fused`` where it has a kernel for this device type and
-    dtype, else ``sdpa``."""
+def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                    head_dim: Optional[int] = None) -> AttentionFn:
+    """The backend called ``name``; ``auto`` = ``fused`` where it has a kernel for this device type,
+    dtype and head dim, else ``sdpa``."""
     if name == "auto":
-        name = "fused" if "fused" in BACKENDS and _unsupported("fused", device_type, dtype) is None else "sdpa"
+        name = "fused" if "fused" in BACKENDS and _unsupported("fused", device_type, dtype, head_dim) is None else "sdpa"
     try:
         fn = BACKENDS[name]
     except KeyError:
@@ -178,7 +181,7 @@ def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optiona
             hint = f" ({kernels.load_error()})" if kernels.load_error() else ""
         raise ValueError(f"unknown attention backend {name!r}{hint}; available: "
                          f"{', '.join(['auto', *BACKENDS])}") from None
-    why = _unsupported(name, device_type, dtype)
+    why = _unsupported(name, device_type, dtype, head_dim)
     if why is not None:
         raise ValueError(f"attention backend {name!r} {why}; use backend 'auto' or 'sdpa'")
     return fn
@@ -205,5 +208,5 @@ def attention(
     if q_offset < 0 or q_offset + Tq > Tk:
         raise ValueError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
                          f"{Tk} keys; q_offset must be in [0, Tk - Tq]")
-    return resolve_backend(backend, q.device.type, q.dtype)(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
+    return resolve_backend(backend, q.device.type, q.dtype, q.shape[-1])(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
                                     kv_len=kv_len, q_offset=q_offset, scale=scale)

@@ -9,7 +9,11 @@ ops in the ``glm`` namespace, each with a CPU kernel (C++) and, where built, a C
 - ``glm::attention_decode(...)`` same arguments and results as the forward, split along the keys
   for a few query rows against a long KV cache.
 - ``glm::small_linear(x [M, K], weight [N, K], bias?) -> [M, N]``: a linear layer for a few rows
-  (decode), bandwidth-bound and split over all threads (:func:`linear` routes to it).
+  (decode), bandwidth-bound and split over all threads (:func:`linear` routes to it). CPU only.
+
+The CUDA kernels (``kernels/csrc/attention_cuda.cu``) live in a second library, ``glm.kernels._C_cuda``,
+built only where the install finds nvcc and a CUDA build of torch; it adds CUDA implementations of
+the three attention ops (bf16/fp16, head dims multiple of 8 up to 128).
 
 ``prefix_len`` and ``kv_start`` are int32 ``[B, Tq]``, ``kv_len`` int32 ``[B]``; the mask they describe
 is the one in :mod:`glm.attention`. ``lse`` is fp32 ``[B, n, Tq]`` (natural log; ``-inf`` for a row that
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 
 _load_error: Optional[str] = None
+_cuda_load_error: Optional[str] = None
 try:
     from glm.kernels import _C  # noqa: F401  (loading it registers the ops)
 except ImportError as exc:  # not built (isolated install, no compiler) or built for another torch
@@ -37,6 +42,17 @@ except ImportError as exc:  # not built (isolated install, no compiler) or built
     _load_error = (f"the C++ attention kernels are not available ({why}). Build them with "
                    "`pip install --no-build-isolation -e .` in the repository (needs a C++ compiler, and torch "
                    "installed first); until then the 'auto' attention backend uses 'sdpa'")
+else:
+    # The CUDA kernels are a second library that adds CUDA implementations to the ops _C defined.
+    # It exists only where the install found nvcc and a CUDA build of torch.
+    if importlib.util.find_spec("glm.kernels._C_cuda") is None:
+        _cuda_load_error = ("the CUDA kernels were not built (the install needs nvcc and a CUDA build of torch; "
+                            "`make kernels` on a GPU machine)")
+    else:
+        try:
+            from glm.kernels import _C_cuda  # noqa: F401
+        except ImportError as exc:
+            _cuda_load_error = f"the CUDA kernels failed to load: {exc}"
 
 
 def available() -> bool:
@@ -47,6 +63,11 @@ def available() -> bool:
 def load_error() -> Optional[str]:
     """Why the kernels are unavailable (None when they loaded)."""
     return _load_error
+
+
+def cuda_load_error() -> Optional[str]:
+    """Why the CUDA kernels are unavailable (None when they loaded; the CPU ones may still be there)."""
+    return _load_error or _cuda_load_error
 
 
 def devices() -> set[str]:
@@ -117,8 +138,27 @@ if available():
         return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-# Input dtypes of the kernels (all computing in fp32).
+# Input dtypes of the kernels (all computing in fp32). The CUDA kernels run on tensor cores, which
+# take 16-bit operands: fp32 stays with sdpa there (an fp32 tensor-core path would be tf32, below
+# the accuracy an fp32 caller checks at), as do head dims the CUDA tiles do not cover.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_MAX_HEAD_DIM = 128
+
+
+def _names(dtypes) -> str:
+    return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+
+
+def supports(device_type: Optional[str], dtype: Optional[torch.dtype], head_dim: Optional[int]) -> Optional[str]:
+    """Why the kernels cannot take tensors of this device type, dtype and head dim (None if they can)."""
+    allowed = CUDA_DTYPES if device_type == "cuda" else DTYPES
+    if dtype is not None and dtype not in allowed:
+        where = " on cuda" if device_type == "cuda" else ""
+        return f"does not take {str(dtype).replace('torch.', '')} tensors{where} (it takes {_names(allowed)})"
+    if device_type == "cuda" and head_dim is not None and (head_dim % 8 or head_dim > CUDA_MAX_HEAD_DIM):
+        return f"takes head dims that are multiples of 8 up to {CUDA_MAX_HEAD_DIM} on cuda, not {head_dim}"
+    return None
 
 # Up to this many query rows against the cache use the split-KV decode kernel (inference only).
 DECODE_MAX_Q = 16
@@ -170,4 +210,4 @@ if available():
     from glm.attention import register_backend
 
     # The kernels compute in fp32: float64 (a numerics-checking dtype) stays with sdpa / reference.
-    register_backend("fused", fused_attention, devices=devices(), dtypes=set(DTYPES))
+    register_backend("fused", fused_attention, devices=devices(), supports=supports)

@@ -5,7 +5,9 @@ import shutil
 import pytest
 import torch
 
-REFERENCE_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference"))
+# GLM_REFERENCE_DIR points elsewhere, e.g. on a GPU machine that has a copy but no ../shared.
+REFERENCE_DIR = os.environ.get("GLM_REFERENCE_DIR") or os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference"))
 FIXTURE_FAMILIES = ["glm", "chatglm-6b", "chatglm2-6b", "chatglm3-6b", "glm-4-9b-chatglm",
                     "glm-4-9b-chat-hf", "glm-4-9b-0414"]
 

@@ -254,6 +254,11 @@ LARGE_LOGITS = problem(B=1, n=1, g=1, d=128, Tq=4, Tk=50, q_offset=46, causal=Fa
 @example(p=EDGES[2]).via("tile edges")
 @example(p=EDGES[3]).via("tile edges")
 def test_forward_matches_oracle(dtype, p):
+    check_forward(p, dtype)
+
+
+def check_forward(p: dict, dtype: torch.dtype, device: str = "cpu") -> None:
+    """The forward and decode ops on ``device`` against the oracle (computed on the CPU)."""
     q, k, v = make_qkv(p["B"], p["n"], p["g"], p["Tq"], p["Tk"], p["d"], p["seed"], dtype, p["temp"])
     kw = mask_kw(p)
     mask = scores_mask(q, k, **kw)
@@ -267,16 +272,17 @@ def test_forward_matches_oracle(dtype, p):
     plain_o, plain_l = dense_attention(q, k, v, mask, p["scale"])
 
     scale = 1.0 / math.sqrt(p["d"]) if p["scale"] is None else p["scale"]
-    args = fused_ops_args(q, k, p["prefix_len"], p["kv_start"], p["kv_len"])
+    qd, kd, vd = (t.to(device) for t in (q, k, v))
+    args = fused_ops_args(qd, kd, p["prefix_len"], p["kv_start"], p["kv_len"])
     ops = [("attention_fwd", torch.ops.glm.attention_fwd)]
     if p["Tq"] <= kernels.DECODE_MAX_Q:
         ops.append(("attention_decode", torch.ops.glm.attention_decode))
     for name, op in ops:
-        out, lse, stats = op(q, k, v, *args, p["causal"], p["q_offset"], scale)
+        out, lse, stats = (t.cpu() for t in op(qd, kd, vd, *args, p["causal"], p["q_offset"], scale))
         assert stats.shape == (*q.shape[:3], 2) and stats.dtype == torch.float32
         assert out.shape == q.shape and out.dtype == dtype
         assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
-        ctx = f"({name}, {dtype}) {describe(p)}"
+        ctx = f"({name}, {dtype}, {device}) {describe(p)}"
         assert torch.isfinite(out).all(), f"non-finite output {ctx}"
         assert_within_oracle_tolerance(f"{name} out", out, ref_o, plain_o, keep_o, ctx)
         assert_within_oracle_tolerance(f"{name} lse", lse, ref_l, plain_l, keep_l, ctx)
@@ -315,7 +321,8 @@ def _grads(fn, q, k, v, go, gl):
     return out, q.grad, k.grad, v.grad
 
 
-def _check_grads(p, dtype, through_lse: bool):
+def _check_grads(p, dtype, through_lse: bool, device: str = "cpu"):
+    """Gradients of the fused op on ``device`` (through lse too if asked) against the oracle's."""
     q, k, v = make_qkv(p["B"], p["n"], p["g"], p["Tq"], p["Tk"], p["d"], p["seed"], dtype, p["temp"])
     kw = mask_kw(p)
     mask = scores_mask(q, k, **kw)
@@ -324,12 +331,15 @@ def _check_grads(p, dtype, through_lse: bool):
     go = torch.randn(q.shape, generator=gen).masked_fill(empty[..., None], 0.0).to(dtype)
     gl = torch.randn(q.shape[:3], generator=gen).masked_fill(empty, 0.0) if through_lse else None
 
-    fused = lambda q_, k_, v_: kernels.attention_with_lse(q_, k_, v_, scale=p["scale"], **kw)  # noqa: E731
+    def fused(q_, k_, v_):
+        out, lse = kernels.attention_with_lse(q_.to(device), k_.to(device), v_.to(device), scale=p["scale"], **kw)
+        return out.cpu(), lse.cpu()
+
     _, dq, dk, dv = _grads(fused, q, k, v, go, gl)
     _, rq, rk, rv = _grads(lambda *t: truth(*t, mask, p["scale"]), q.double(), k.double(), v.double(), go.double(),
                            None if gl is None else gl.double())
     _, pq, pk, pv = _grads(lambda *t: dense_attention(*t, mask, p["scale"]), q, k, v, go, gl)
-    ctx = f"({dtype}, through_lse={through_lse}) {describe(p)}"
+    ctx = f"({dtype}, {device}, through_lse={through_lse}) {describe(p)}"
     everything = torch.ones((), dtype=torch.bool)
     mags = grad_magnitudes(q, k, v, mask, p["scale"], go, gl)
     for name, got, ref, plain, mag in zip(("dq", "dk", "dv"), (dq, dk, dv), (rq, rk, rv), (pq, pk, pv), mags):
@@ -636,8 +646,9 @@ def test_auto_backend_is_fused_on_cpu():
 @needs_kernels
 def test_backend_limited_to_another_device_raises(monkeypatch):
     monkeypatch.setattr(attention_module, "BACKENDS", dict(attention_module.BACKENDS))
-    for table in ("BACKEND_DEVICES", "BACKEND_DTYPES"):
-        monkeypatch.setattr(attention_module, table, {k: set(v) for k, v in getattr(attention_module, table).items()})
+    monkeypatch.setattr(attention_module, "BACKEND_DEVICES",
+                        {k: set(v) for k, v in attention_module.BACKEND_DEVICES.items()})
+    monkeypatch.setattr(attention_module, "BACKEND_SUPPORTS", dict(attention_module.BACKEND_SUPPORTS))
 
     def cuda_only(q, k, v, **kw):
         raise AssertionError("must not run on CPU")
@@ -674,7 +685,21 @@ def test_backend_registry_restored():
     """The monkeypatching above left the real registry alone."""
     assert "cuda_only" not in BACKENDS and BACKENDS is attention_module.BACKENDS
     assert attention_module.BACKEND_DEVICES.get("fused") == kernels.devices()
-    assert attention_module.BACKEND_DTYPES.get("fused") == set(kernels.DTYPES)
+    assert attention_module.BACKEND_SUPPORTS.get("fused") is kernels.supports
+
+
+def test_cuda_limits_are_stated():
+    """What the CUDA kernels cannot take goes to sdpa under auto (checked without a GPU: the limits
+    are a table, whatever this machine has)."""
+    assert kernels.supports("cuda", torch.bfloat16, 128) is None
+    assert kernels.supports("cuda", torch.float16, 64) is None
+    assert "float32" in kernels.supports("cuda", torch.float32, 64)
+    assert "multiples of 8" in kernels.supports("cuda", torch.bfloat16, 36)
+    assert "128" in kernels.supports("cuda", torch.bfloat16, 256)
+    assert kernels.supports("cpu", torch.float32, 40) is None  # the CPU kernels take any head dim
+    if "fused" in BACKENDS and "cuda" in attention_module.BACKEND_DEVICES.get("fused", ()):
+        assert resolve_backend("auto", "cuda", torch.float32, 64) is BACKENDS["sdpa"]
+        assert resolve_backend("auto", "cuda", torch.bfloat16, 64) is BACKENDS["fused"]
 
 
 # ------------------------------------------------------------------------------------------------
