@@ -44,7 +44,7 @@ def _load(args: argparse.Namespace):
 
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+                repetition_penalty=args.repetition_penalty, seed=args.seed, cuda_graphs=args.cuda_graphs)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -198,6 +198,8 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each decode step from a CUDA graph (default: on with a CUDA --device)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,16 +3,23 @@
 One prefill forward fills the cache with the prompt, then each step feeds one token per row; the
 model continues every row's position ids from the cache (1D families count up; GLM/ChatGLM-6B keep
 the mask position and count the block position up, generating inside a blank).
+
+Decode steps run eagerly (the cached keys so far, Python-int offsets) or as the *static step*
+(`StaticDecoder`: the whole cache buffer, device tensors only), which a CUDA graph captures once and
+replays: batch-1 decode is then bound by reading the weights, not by launching ~50 kernels per
+layer from Python. On a CUDA model `generate` / `stream` use the graph by default.
 """
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .kv_cache import KVCache
 from .model import GLM, InputError
 
 
@@ -79,13 +86,150 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
     return ids, torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
 
 
+# ---------------------------------------------------------------------------------------------
+# The static decode step, eager or replayed from a CUDA graph
+
+class StaticDecoder:
+    """Decode steps against a prefilled `KVCache` in device tensors only (``GLM.forward(static=True)``),
+    replayed from a CUDA graph when ``cuda_graph``.
+
+    Per step, the host writes the tokens and position ids into fixed input tensors and the cache's
+    slot / kv_len tensors (kernel launches with the values as arguments, no synchronisation), runs
+    the step (one graph replay), and advances ``cache.length``. The graph is captured at the first
+    step, so it sees the cache after prefill; it stays valid for this cache and these weights.
+    """
+
+    def __init__(self, model: GLM, cache: KVCache, *, cuda_graph: bool = False, backend: Optional[str] = None):
+        device = cache.k.device
+        if cuda_graph and device.type != "cuda":
+            raise InputError(f"CUDA graphs need the model on a CUDA device; it is on {device}. Use "
+                             f"cuda_graphs=False (the static step still runs eagerly)")
+        # The decoder keeps no strong reference to the model: decoders kept for reuse
+        # (`_reusable_decoder`) must not keep their model alive.
+        self._model = weakref.ref(model)
+        self.cache, self.cuda_graph, self.backend = cache, cuda_graph, backend
+        self.streams = model.config.position_streams
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(cache.batch, self.streams, 1, dtype=torch.long, device=device)
+        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.logits: Optional[Tensor] = None  # the graph's output buffer
+        self.weights = _weight_pointers(model)
+        self.in_use = False
+
+    @property
+    def model(self) -> GLM:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this StaticDecoder no longer exists")
+        return model
+
+    def _forward(self) -> Tensor:
+        return self.model(self.tokens, self.position_ids, cache=self.cache, backend=self.backend, static=True,
+                          last_only=True)[:, -1]
+
+    def _capture(self, warmup: int = 2) -> None:
+        # PyTorch's recipe: run the step a few times on a side stream first, so one-time work (cuBLAS
+        # handles and workspaces, allocator growth, lazy init) happens outside the capture. The
+        # warm-up steps write this step's own keys into the slot it is about to fill anyway.
+        side = torch.cuda.Stream(self.tokens.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self._forward()
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({e}); an attention backend "
+                               f"or op synchronises with the host. Pass cuda_graphs=False to decode eagerly") from e
+        self.graph = graph
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, position_ids: Tensor) -> Tensor:
+        """Feed one token per row, ``tokens`` ``[B]`` at ``position_ids`` ``[B, S]``, and return the
+        logits ``[B, V]``. With a CUDA graph they live in its output buffer, which the next step
+        overwrites: use (or copy) them before stepping again."""
+        B, S = self.cache.batch, self.streams
+        if tokens.shape != (B,) or position_ids.shape != (B, S):
+            raise InputError(f"a decode step takes tokens [{B}] and position_ids [{B}, {S}]; got "
+                             f"{tuple(tokens.shape)} and {tuple(position_ids.shape)}")
+        self.cache.begin_static_step()
+        self.tokens.copy_(tokens.reshape(B, 1))
+        self.position_ids.copy_(position_ids.reshape(B, S, 1))
+        if not self.cuda_graph:
+            logits = self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        self.cache.advance(1, position_ids.to(self.tokens.device))
+        return logits
+
+
+def _weight_pointers(model: GLM) -> tuple[int, ...]:
+    # A captured graph reads the weights at these addresses; a model moved or reloaded since then
+    # (new storage) needs a new graph.
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
+# One kept CUDA-graph decoder per model: capturing costs a few eager steps, so later calls with the
+# same batch and a cache of the same (rounded-up) size reuse it.
+_DECODERS: "weakref.WeakKeyDictionary[GLM, StaticDecoder]" = weakref.WeakKeyDictionary()
+CACHE_ROUND = 256  # cache sizes of graph decoders are rounded up to a multiple of this, for reuse
+
+
+def release_cuda_graphs(model: GLM) -> None:
+    """Free the CUDA graph and KV cache that `generate` / `stream` keep for ``model``."""
+    _DECODERS.pop(model, None)
+
+
+def _decoder(model: GLM, batch: int, need: int, cuda_graph: bool) -> StaticDecoder:
+    """A StaticDecoder over an empty cache of at least ``need`` slots."""
+    if not cuda_graph:
+        return StaticDecoder(model, model.new_cache(batch, need))
+    max_len = -(-need // CACHE_ROUND) * CACHE_ROUND
+    dtype = next(model.parameters()).dtype
+    kept = _DECODERS.get(model)
+    if (kept is not None and not kept.in_use and kept.cache.batch == batch and kept.cache.max_len == max_len
+            and kept.cache.k.dtype == dtype and kept.backend == model.backend
+            and kept.weights == _weight_pointers(model)):
+        kept.cache.reset()
+        return kept
+    if kept is not None and not kept.in_use:
+        del _DECODERS[model]  # free its cache and graph memory before allocating the new ones
+        del kept
+    dec = StaticDecoder(model, model.new_cache(batch, max_len), cuda_graph=True, backend=model.backend)
+    if model not in _DECODERS:
+        _DECODERS[model] = dec
+    return dec
+
+
+def _decode_mode(device: torch.device, cuda_graphs: Optional[bool], static: Optional[bool]) -> tuple[bool, bool]:
+    """(cuda_graphs, static) from the caller's choices; None = CUDA graphs on a CUDA model."""
+    graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+    if graphs and device.type != "cuda":
+        raise InputError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}. Leave "
+                         f"cuda_graphs unset (or pass static=True to run the static step eagerly)")
+    static = graphs if static is None else bool(static)
+    if graphs and not static:
+        raise InputError("CUDA graphs replay the static decode step; cuda_graphs=True needs static=True (or unset)")
+    return graphs, static
+
+
 @torch.no_grad()
 def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = None,
            prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
-           sampling: Optional[SamplingConfig] = None, **overrides) -> Iterator[Tensor]:
+           sampling: Optional[SamplingConfig] = None, cuda_graphs: Optional[bool] = None,
+           static: Optional[bool] = None, **overrides) -> Iterator[Tensor]:
     """Yield the next token of every row, ``[B]``, as soon as it is chosen.
 
     Rows that produced an eos keep yielding that eos. ``overrides`` set `SamplingConfig` fields.
+    ``cuda_graphs``: replay each decode step from a CUDA graph (default: when the model is on CUDA);
+    ``static``: run the static step (the graph's) without a graph, e.g. on CPU (default: as
+    ``cuda_graphs``). Every mode picks the same greedy tokens.
     """
     cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
     cfg.validate()
@@ -97,24 +241,35 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
         raise InputError(f"prompt of {P} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
                          f"{limit} positions; shorten the prompt or lower max_new_tokens")
     device = next(model.parameters()).device
+    graphs, static = _decode_mode(device, cuda_graphs, static)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = model.new_cache(B, P + cfg.max_new_tokens)
+    decoder = _decoder(model, B, P + cfg.max_new_tokens, graphs) if static else None
+    cache = decoder.cache if decoder is not None else model.new_cache(B, P + cfg.max_new_tokens)
     eos = torch.tensor(list(cfg.eos_token_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seen = input_ids.to(device) if cfg.repetition_penalty != 1.0 else None
-    logits = model(input_ids.to(device), position_ids, prefix_len=prefix_len, pad_left=pad_left, cache=cache,
-                   last_only=True)[:, -1]
-    for step in range(cfg.max_new_tokens):
-        tok = next_token(logits, cfg, gen, seen)
-        if eos.numel():
-            tok = torch.where(done, eos[0], tok)
-            done |= torch.isin(tok, eos)
-        yield tok
-        if step + 1 == cfg.max_new_tokens or (eos.numel() and bool(done.all())):
-            return
-        if seen is not None:
-            seen = torch.cat((seen, tok[:, None]), dim=1)
-        logits = model(tok[:, None], cache=cache, last_only=True, check_inputs=False)[:, -1]
+    if decoder is not None:
+        decoder.in_use = True  # a second stream on this model meanwhile gets its own decoder
+    try:
+        logits = model(input_ids.to(device), position_ids, prefix_len=prefix_len, pad_left=pad_left, cache=cache,
+                       last_only=True)[:, -1]
+        for step in range(cfg.max_new_tokens):
+            tok = next_token(logits, cfg, gen, seen)
+            if eos.numel():
+                tok = torch.where(done, eos[0], tok)
+                done |= torch.isin(tok, eos)
+            yield tok
+            if step + 1 == cfg.max_new_tokens or (eos.numel() and bool(done.all())):
+                return
+            if seen is not None:
+                seen = torch.cat((seen, tok[:, None]), dim=1)
+            if decoder is None:
+                logits = model(tok[:, None], cache=cache, last_only=True, check_inputs=False)[:, -1]
+            else:
+                logits = decoder.step(tok, model.next_position_ids(cache.last_position_ids))
+    finally:
+        if decoder is not None:
+            decoder.in_use = False
 
 
 def generate(model: GLM, input_ids: Tensor, **kwargs) -> Tensor:
@@ -147,9 +302,11 @@ def _infill_layout(tokens: Sequence[int], masks: set[int], cls_id: Optional[int]
 @torch.no_grad()
 def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
                   cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
-                  sampling: Optional[SamplingConfig] = None, **overrides) -> Iterator[tuple[int, Optional[int]]]:
+                  sampling: Optional[SamplingConfig] = None, cuda_graphs: Optional[bool] = None,
+                  static: Optional[bool] = None, **overrides) -> Iterator[tuple[int, Optional[int]]]:
     """Yield ``(blank, token)`` as each blank's span is generated, then ``(blank, None)`` when that
-    span ends (``<eop>`` or ``max_span_tokens``). See `infill_ids` for the layout."""
+    span ends (``<eop>`` or ``max_span_tokens``). See `infill_ids` for the layout; ``cuda_graphs``
+    and ``static`` as in `stream`."""
     if model.config.position_streams != 2:
         raise InputError(f"blank infilling needs a model with 2D positions (GLM, ChatGLM-6B); family "
                          f"{model.config.family} generates left to right only (use generate)")
@@ -162,22 +319,38 @@ def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int],
     if A > model.config.max_positions:
         raise InputError(f"the text is {A} tokens; the model has {model.config.max_positions} positions")
     device = next(model.parameters()).device
+    graphs, static = _decode_mode(device, cuda_graphs, static)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = model.new_cache(1, A + len(blanks) * (max_span_tokens + 1))
-    pos = torch.stack((torch.arange(A), torch.zeros(A, dtype=torch.long)))[None].to(device)
-    model(torch.tensor([part_a], device=device), pos, prefix_len=torch.tensor([A], device=device), cache=cache,
-          last_only=True)
-    for b, m in enumerate(blanks):
-        sop_pos = torch.tensor([[[m], [1]]], device=device)
-        logits = model(torch.tensor([[sop_id]], device=device), sop_pos, cache=cache, last_only=True)[:, -1]
-        for n in range(max_span_tokens + 1):
-            tok = int(next_token(logits, cfg, gen))
-            if tok == eop_id or n == max_span_tokens:
-                yield b, (None if tok == eop_id else -1)
-                break
-            yield b, tok
-            logits = model(torch.tensor([[tok]], device=device), cache=cache, last_only=True,
-                           check_inputs=False)[:, -1]
+    need = A + len(blanks) * (max_span_tokens + 1)
+    decoder = _decoder(model, 1, need, graphs) if static else None
+    cache = decoder.cache if decoder is not None else model.new_cache(1, need)
+
+    def step(tok: int, pos: Optional[Tensor] = None) -> Tensor:
+        # pos [1, 2, 1] for <sop> (the blank's position); None continues inside the blank.
+        ids = torch.tensor([[tok]], device=device)
+        if decoder is None:
+            return model(ids, pos, cache=cache, last_only=True, check_inputs=pos is not None)[:, -1]
+        pos = model.next_position_ids(cache.last_position_ids) if pos is None else pos[..., 0]
+        return decoder.step(ids[:, 0], pos)
+
+    if decoder is not None:
+        decoder.in_use = True
+    try:
+        pos = torch.stack((torch.arange(A), torch.zeros(A, dtype=torch.long)))[None].to(device)
+        model(torch.tensor([part_a], device=device), pos, prefix_len=torch.tensor([A], device=device),
+              cache=cache, last_only=True)
+        for b, m in enumerate(blanks):
+            logits = step(sop_id, torch.tensor([[[m], [1]]], device=device))
+            for n in range(max_span_tokens + 1):
+                tok = int(next_token(logits, cfg, gen))
+                if tok == eop_id or n == max_span_tokens:
+                    yield b, (None if tok == eop_id else -1)
+                    break
+                yield b, tok
+                logits = step(tok)
+    finally:
+        if decoder is not None:
+            decoder.in_use = False
 
 
 def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
@@ -256,11 +429,12 @@ def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
 
 
 def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,
-                **sampling) -> Iterator[str]:
+                cuda_graphs: Optional[bool] = None, **sampling) -> Iterator[str]:
     """Generate after ``prompt_ids`` (already wrapped the release's way) and yield text as it grows.
 
     2D families (GLM, ChatGLM-6B) generate inside a ``[gMASK]`` blank after ``<sop>`` until
     ``<eop>``, the way their references do; the others generate left to right until an eos.
+    ``cuda_graphs`` as in `stream`.
     """
     ids = list(prompt_ids)
     new: list[int] = []
@@ -269,11 +443,12 @@ def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tok
         if ids and ids[-1] == tokenizer.sop_id:
             ids = ids[:-1]  # stream_infill feeds <sop> itself, at the blank's position
         tokens = (t for _, t in stream_infill(model, ids, **_tokenizer_infill_args(tokenizer),
-                                             max_span_tokens=max_new_tokens, **sampling))
+                                             max_span_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
+                                             **sampling))
     else:
         eos = tuple(sampling.pop("eos_token_ids", ())) or tokenizer.eos_ids
         tokens = (int(t[0]) for t in stream(model, torch.tensor([ids]), max_new_tokens=max_new_tokens,
-                                            eos_token_ids=eos, **sampling))
+                                            eos_token_ids=eos, cuda_graphs=cuda_graphs, **sampling))
     for t in tokens:
         if t is None or t == -1 or t in tokenizer.eos_ids:
             break

@@ -4,6 +4,11 @@ One buffer per layer for keys and values, ``[B, g, max_len, d]`` with the unexpa
 RoPE already applied, so a decode step only writes ``T`` new slots and reads a prefix of the buffer.
 The cache also remembers what describes the cached keys: left padding, the prefix length, and the
 last position ids, so that ``model(next_token, cache=cache)`` continues a sequence unaided.
+
+The static decode step (``GLM.forward(..., static=True)``, which CUDA graphs replay) never reads the
+host-side ``length``: it writes the new token at the device tensor ``slot`` and attends over the
+whole buffer, masked by the device tensors ``kv_start`` (left padding) and ``kv_len`` (filled
+slots). `begin_static_step` sets them from ``length`` before each step; `advance` follows it.
 """
 from __future__ import annotations
 
@@ -28,6 +33,11 @@ class KVCache:
         self.pad_left: Optional[Tensor] = None
         self.prefix_len: Optional[Tensor] = None
         self.last_position_ids: Optional[Tensor] = None  # [B, S]
+        # The static step's view of the cache, on the device. A captured CUDA graph holds on to these
+        # very tensors, so they are only ever written in place, never replaced.
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the next token goes
+        self.kv_len = torch.zeros(batch, dtype=torch.int32, device=device)  # filled slots, new token included
+        self.kv_start = torch.zeros(batch, dtype=torch.int32, device=device)  # = pad_left (0 without padding)
 
     @classmethod
     def for_model(cls, model: "torch.nn.Module", batch: int, max_len: int,
@@ -40,6 +50,15 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self.pad_left = self.prefix_len = self.last_position_ids = None
+        self.kv_start.zero_()
+
+    def set_structure(self, pad_left: Optional[Tensor], prefix_len: Optional[Tensor]) -> None:
+        """Record, at prefill, the left padding and prefix length that describe the cached keys."""
+        self.pad_left, self.prefix_len = pad_left, prefix_len
+        if pad_left is None:
+            self.kv_start.zero_()
+        else:
+            self.kv_start.copy_(pad_left)
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_len:
@@ -56,6 +75,23 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def begin_static_step(self) -> None:
+        """Point the device-side step state at slot ``length`` (host values written into device
+        tensors: no synchronisation). Call before each static step, outside any CUDA graph."""
+        if self.length == 0:
+            raise ValueError("the static decode step continues a prefilled cache; run the prompt through "
+                             "the model with this cache first")
+        self.check_room(1)
+        self.slot.fill_(self.length)
+        self.kv_len.fill_(self.length + 1)
+
+    def update_static(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one token's ``k, v`` ``[B, g, 1, d]`` at ``slot``; return the whole buffers
+        ``[B, g, max_len, d]`` (``kv_len`` says which slots are filled)."""
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
 
     def advance(self, new_tokens: int, last_position_ids: Tensor) -> None:
         self.length += new_tokens

@@ -103,7 +103,7 @@ class Attention(nn.Module):
         self.out = Linear(self.n * self.d, cfg.hidden_size, bias=cfg.out_bias)
 
     def forward(self, x: Tensor, rotary: Optional[Rotary], cos_sin: Optional[tuple[Tensor, Tensor]],
-                layer: int, cache: Optional[KVCache], mask: dict, backend: str) -> Tensor:
+                layer: int, cache: Optional[KVCache], mask: dict, backend: str, static: bool = False) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split((self.n * self.d, self.g * self.d, self.g * self.d), dim=-1)
         q = q.view(B, T, self.n, self.d).transpose(1, 2)
@@ -112,8 +112,8 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = rotary.apply(q, *cos_sin), rotary.apply(k, *cos_sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
-        o = attention(q, k, v, causal=True, backend=backend, **mask)
+            k, v = cache.update_static(layer, k, v) if static else cache.update(layer, k, v)
+        o = attention(q, k, v, backend=backend, **mask)
         return self.out(o.transpose(1, 2).reshape(B, T, self.n * self.d))
 
 
@@ -154,9 +154,9 @@ class Block(nn.Module):
         else:
             self.attn_out_norm = self.mlp_out_norm = None
 
-    def forward(self, x: Tensor, rotary, cos_sin, layer, cache, mask, backend) -> Tensor:
+    def forward(self, x: Tensor, rotary, cos_sin, layer, cache, mask, backend, static=False) -> Tensor:
         h = self.attn_norm(x)
-        a = self.attn(h, rotary, cos_sin, layer, cache, mask, backend)
+        a = self.attn(h, rotary, cos_sin, layer, cache, mask, backend, static)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         # ChatGLM-6B: the residual is the *normalised* input times alpha, not the raw stream.
@@ -282,6 +282,29 @@ class GLM(nn.Module):
             if cache.batch != B:
                 raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
 
+    def _check_static(self, input_ids: Tensor, position_ids: Optional[Tensor], cache: Optional[KVCache]) -> Tensor:
+        """Shape checks of a static step (host metadata only: reading values would synchronise);
+        returns position_ids as ``[B, S, 1]``."""
+        S = self.config.position_streams
+        if cache is None:
+            raise InputError("static=True decodes one token against a KV cache; pass cache=")
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise InputError(f"static=True takes one token per row, input_ids [batch, 1]; got shape "
+                             f"{tuple(input_ids.shape)}")
+        B = input_ids.shape[0]
+        if cache.batch != B:
+            raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
+        if position_ids is None:
+            raise InputError("static=True needs position_ids on the device (e.g. "
+                             "model.next_position_ids(cache.last_position_ids)); it never derives them on the host")
+        if position_ids.dim() == 2 and S == 1:
+            position_ids = position_ids.unsqueeze(1)
+        if tuple(position_ids.shape) != (B, S, 1):
+            want = "[B, 2, 1]" if S == 2 else "[B, 1]"
+            raise InputError(f"position_ids has shape {tuple(position_ids.shape)}; a static step of family "
+                             f"{self.config.family} takes {want}")
+        return position_ids
+
     # ------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -296,6 +319,7 @@ class GLM(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         check_inputs: bool = True,
+        static: bool = False,
     ) -> Tensor:
         """Logits for ``input_ids`` ``[B, T]``.
 
@@ -307,25 +331,33 @@ class GLM(nn.Module):
         doc_start: ``[B, T]`` first key slot each query may see: documents packed in one row do not
           attend across each other (training; replaces pad_left).
         cache: a `KVCache`; the first call fills it (prefill), later calls append one or more tokens.
+        static: one decode step in device tensors only, so a CUDA graph can capture it: one token per
+          row at ``position_ids`` (required) is written at ``cache.slot`` and attends over the whole
+          cache buffer, masked by ``cache.kv_start`` / ``cache.kv_len``. The caller brackets it with
+          ``cache.begin_static_step()`` and ``cache.advance(1, position_ids)`` (host bookkeeping a
+          graph would not replay); `glm.generate.StaticDecoder` does.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if cache is not None and start > 0:
-            # Decoding: the structure of the cached keys was fixed at prefill.
-            pad_left = cache.pad_left if pad_left is None else pad_left
-            prefix_len = cache.prefix_len if prefix_len is None else prefix_len
-        if position_ids is None:
-            if cache is not None and cache.last_position_ids is not None:
-                nxt = self.next_position_ids(cache.last_position_ids)
-                step = torch.arange(T, device=input_ids.device)
-                position_ids = nxt.unsqueeze(-1) + (step if nxt.shape[1] == 1 else
-                                                    torch.stack((torch.zeros_like(step), step)))
-            else:
-                position_ids = self.default_position_ids(B, T, pad_left, start, input_ids.device)
-        elif position_ids.dim() == 2 and self.config.position_streams == 1:
-            position_ids = position_ids.unsqueeze(1)
-        if check_inputs and not torch.compiler.is_compiling():
-            self._check_inputs(input_ids, position_ids, cache, prefix_len, pad_left, doc_start)
+        if static:
+            position_ids = self._check_static(input_ids, position_ids, cache)
+        else:
+            if cache is not None and start > 0:
+                # Decoding: the structure of the cached keys was fixed at prefill.
+                pad_left = cache.pad_left if pad_left is None else pad_left
+                prefix_len = cache.prefix_len if prefix_len is None else prefix_len
+            if position_ids is None:
+                if cache is not None and cache.last_position_ids is not None:
+                    nxt = self.next_position_ids(cache.last_position_ids)
+                    step = torch.arange(T, device=input_ids.device)
+                    position_ids = nxt.unsqueeze(-1) + (step if nxt.shape[1] == 1 else
+                                                        torch.stack((torch.zeros_like(step), step)))
+                else:
+                    position_ids = self.default_position_ids(B, T, pad_left, start, input_ids.device)
+            elif position_ids.dim() == 2 and self.config.position_streams == 1:
+                position_ids = position_ids.unsqueeze(1)
+            if check_inputs and not torch.compiler.is_compiling():
+                self._check_inputs(input_ids, position_ids, cache, prefix_len, pad_left, doc_start)
 
         x = self.embed(input_ids)
         cos_sin = None
@@ -334,14 +366,22 @@ class GLM(nn.Module):
             x = x + self.block_pos_embed(position_ids[:, 1])
         else:
             cos_sin = self.rotary.cos_sin(position_ids, x.dtype)
-        mask = dict(prefix_len=prefix_len, kv_start=doc_start if doc_start is not None else pad_left,
-                    q_offset=start)
+        if static:
+            # The query sits at the last key index, max_len - 1, and is not causal: with kv_len
+            # masking it sees exactly the filled slots from kv_start on, its own included, as the
+            # causal step at q_offset = length does. (Attention's "own key" exemption, j == i, only
+            # fires on the last slot, i.e. when this token fills the cache and is that key; the
+            # prefix length cannot widen what the last query sees.)
+            mask = dict(causal=False, kv_start=cache.kv_start, kv_len=cache.kv_len, q_offset=cache.max_len - 1)
+        else:
+            mask = dict(causal=True, prefix_len=prefix_len,
+                        kv_start=doc_start if doc_start is not None else pad_left, q_offset=start)
         backend = backend or self.backend
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rotary, cos_sin, i, cache, mask, backend)
-        if cache is not None:
+            x = layer(x, self.rotary, cos_sin, i, cache, mask, backend, static)
+        if cache is not None and not static:
             if start == 0:
-                cache.pad_left, cache.prefix_len = pad_left, prefix_len
+                cache.set_structure(pad_left, prefix_len)
             cache.advance(T, position_ids[:, :, -1])
         if last_only:
             x = x[:, -1:]

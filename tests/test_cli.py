@@ -101,6 +101,19 @@ def test_chat_from_a_pipe_keeps_history_and_resets(checkpoint, capsys, monkeypat
     assert calls[2][1] == []
 
 
+def test_cuda_graphs_flag(checkpoint, capsys):
+    """--no-cuda-graphs generates as the default does on CPU; --cuda-graphs on CPU is a one-line error."""
+    _, d = checkpoint
+    args = ["generate", d, "--prompt", "the cat", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    default = capsys.readouterr().out
+    assert main(args + ["--no-cuda-graphs"]) == 0
+    assert capsys.readouterr().out == default
+    assert main(args + ["--cuda-graphs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA device" in err
+
+
 def test_missing_tokenizer_is_a_clear_error(tmp_path, capsys):
     model = glm.GLM(glm.preset("tiny-chatglm3"))
     model.save_pretrained(str(tmp_path / "m"), format="hf")
@@ -150,3 +163,61 @@ def test_bench_report_collects_the_records(tmp_path, capsys):
     page = (tmp_path / "README.md").read_text()
     assert "## CPU" in page and "### train" in page and "![train on cpu](results/train_cpu.png)" in page
     assert "No GPU records yet" in page
+
+
+@pytest.fixture
+def attention_bench(monkeypatch):
+    """benchmarks/attention.py as a module (benchmarks/ is a folder of scripts, so it is forgotten after)."""
+    import importlib
+    import os
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(folder)
+    before = set(sys.modules)
+    yield importlib.import_module("attention")
+    for name in set(sys.modules) - before:
+        if os.path.abspath(getattr(sys.modules[name], "__file__", None) or "").startswith(folder + os.sep):
+            del sys.modules[name]
+
+
+def test_bench_attention_flex_smoke(tmp_path, capsys):
+    # Issue 9's glm vs FlexAttention vs SDPA section at a tiny size on CPU (Flex eager, forward only).
+    from glm import kernels
+
+    if not kernels.available():
+        pytest.skip(f"glm.kernels not built: {kernels.load_error()}")
+    assert main(["bench", "attention", "--quick", "--out", str(tmp_path), "--", "--flex", "--seqs", "64",
+                 "--dtypes", "bfloat16", "--batch", "1", "--heads", "2", "--dim", "32"]) == 0
+    record = json.loads((tmp_path / "attention_cpu.json").read_text())
+    assert "FlexAttention" in record["comparison"] and "NOT measured" in record["reference"]["what"]
+    rows = {(r["mask"], r["pass"]): r for r in record["results"]}
+    assert set(rows) == {(m, p) for m in ("prefix", "causal") for p in ("fwd", "fwd+bwd")}
+    for r in rows.values():
+        assert set(r["ms"]) == ({"glm", "flex", "sdpa"} if r["pass"] == "fwd" else {"glm", "sdpa"})
+        assert all(e < record["guard"]["max_rel_error"] for e in r["rel_error"].values()) and not r["refused"]
+        assert r["glm/sdpa"] == pytest.approx(r["ms"]["sdpa"] / r["ms"]["glm"])
+    assert "backward on CPU" in record["skipped"]["flex"][0]  # said why, not silently dropped
+    cases = [s["case"] for s in record["summary"]]
+    assert "bfloat16 T=64 prefix fwd vs flex" in cases and "bfloat16 T=64 prefix fwd+bwd vs sdpa" in cases
+    assert {g["goal"] for g in record["goals"]} >= {"fwd T=64: glm/flex >= 1.0", "fwd T=64: glm/sdpa >= 1.5"}
+    assert record["ceiling"]["value"] > 0 and (tmp_path / "attention_cpu.png").exists()
+    assert "device ceiling" in capsys.readouterr().out
+
+
+def test_bench_attention_refuses_a_wrong_kernel(attention_bench):
+    from torch.nn.attention.flex_attention import create_mask
+
+    T, prefix = 48, 24
+    mask_mod = attention_bench.flex_block_mask(T, prefix, "cpu").mask_mod
+    assert torch.equal(create_mask(mask_mod, 1, 1, T, T, "cpu")[0, 0], attention_bench.prefix_mask(T, prefix, "cpu"))
+
+    def ignores_prefix(q, k, v, prefix_len):  # fast and wrong: plain causal attention
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    rows, _ = attention_bench.bench_flex("cpu", [torch.float32], [T], B=1, H=2, D=16, repeats=1, ours=ignores_prefix)
+    for r in rows:
+        if r["mask"] == "prefix":
+            assert "glm" in r["refused"] and "glm" not in r["ms"] and r["glm/sdpa"] is None
+        else:
+            assert "glm" in r["ms"] and not r["refused"]
+    assert all(g["met"] is None for g in attention_bench.goals(rows))
