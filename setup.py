@@ -38,7 +38,7 @@ else:
     if torch.version.cuda and CUDA_HOME and os.environ.get("GLM_KERNELS_CUDA", "1") != "0":
         ext_modules.append(CUDAExtension(
             "glm.kernels._C_cuda",
-            ["kernels/csrc/attention_cuda.cu"],
+            ["kernels/csrc/attention_cuda_host.cpp", "kernels/csrc/attention_cuda.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         ))
 

@@ -21,10 +21,7 @@
 // Numerics: bf16/fp16 operands, fp32 accumulation; the softmax runs in the log2 domain in fp32.
 // P and dS are rounded to the input dtype before their matrix products (as FlashAttention does and
 // as plain bf16 PyTorch attention does for its second matmul).
-#include <torch/library.h>
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "attention_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,33 +34,16 @@
 namespace glm_kernels_cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kBN = 64;  // keys per tile (forward, dQ) and per dK/dV block
+constexpr int kBN = kKeyTile;
 
-// ---------------------------------------------------------------------------------------------
-// Problem description shared by every kernel. Strides in elements; last dims are unit-stride.
-struct Params {
-  const void *q, *k, *v;
-  int64_t q_sb, q_sh, q_st;
-  int64_t k_sb, k_sh, k_st;
-  int64_t v_sb, v_sh, v_st;
-  const int *prefix, *kv_start, *kv_len;  // [B, Tq], [B, Tq], [B]
-  int B, n, g, group, Tq, Tk, d, rows;    // rows = group * Tq per (sample, KV head)
-  int q_offset;
-  bool causal;
-  float scale, scale_log2;  // softmax scale, and scale * log2(e)
-  // forward / decode outputs: out [B, n, Tq, d] (contiguous), lse [B, n, Tq], stats [B, n, Tq, 2]
-  void* out;
-  float *lse, *stats;
-  // decode: splits along the keys; partial outputs [split, B, n, Tq, d] and (max, log2 sum)
-  int num_splits, tiles_per_split;
-  float *part_o, *part_ml;
-  // backward
-  const void* dout;  // [B, n, Tq, d] contiguous
-  const float* delta;  // [B, n, Tq]: rowsum(dO * O) - grad_lse
-  void *dq, *dk, *dv;  // dq like q (contiguous), dk/dv [B, g, Tk, d] contiguous
-};
+// 2^x on the special-function unit (one MUFU.EX2; ~2 ulp, 2^-inf = 0). The accurate exp2f adds
+// range handling these arguments (<= 0, or -inf for masked keys) never need.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 
 // Key range of one query row: visible iff lo <= j < hi, or j == own (own = -1: none).
 struct Range {
@@ -316,13 +296,13 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(const Params p) {
     const float nA = fmaxf(mA, tmA), nB = fmaxf(mB, tmB);
     // A row that has seen nothing yet keeps max -inf; subtract 0 then, so exp2 gives 0, not NaN.
     const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
-    const float aA = exp2f(mA - uA), aB = exp2f(mB - uB);
+    const float aA = ex2(mA - uA), aB = ex2(mB - uB);
     mA = nA, mB = nB;
     float sA = 0.f, sB = 0.f;
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
-      s[i][0] = exp2f(s[i][0] - uA), s[i][1] = exp2f(s[i][1] - uA);
-      s[i][2] = exp2f(s[i][2] - uB), s[i][3] = exp2f(s[i][3] - uB);
+      s[i][0] = ex2(s[i][0] - uA), s[i][1] = ex2(s[i][1] - uA);
+      s[i][2] = ex2(s[i][2] - uB), s[i][3] = ex2(s[i][3] - uB);
       sA += s[i][0] + s[i][1];
       sB += s[i][2] + s[i][3];
     }
@@ -411,7 +391,7 @@ __global__ void combine_kernel(const Params p) {
   if (M != -INFINITY)
     for (int s = 0; s < p.num_splits; ++s) {
       const float* ml = p.part_ml + 2 * (s * rows + row);
-      if (ml[0] != -INFINITY) tot += exp2f(ml[0] + ml[1] - M);
+      if (ml[0] != -INFINITY) tot += ex2(ml[0] + ml[1] - M);
     }
   const float logtot = M != -INFINITY ? log2f(tot) : 0.f;  // ~0; folds the rounding of the weights in
   T* out = static_cast<T*>(p.out) + row * p.d;
@@ -419,7 +399,7 @@ __global__ void combine_kernel(const Params p) {
     float acc = 0.f;
     for (int s = 0; s < p.num_splits; ++s) {
       const float* ml = p.part_ml + 2 * (s * rows + row);
-      if (ml[0] != -INFINITY) acc += exp2f(ml[0] + ml[1] - M - logtot) * p.part_o[(s * rows + row) * p.d + c];
+      if (ml[0] != -INFINITY) acc += ex2(ml[0] + ml[1] - M - logtot) * p.part_o[(s * rows + row) * p.d + c];
     }
     out[c] = Mma<T>::from_float(acc);
   }
@@ -546,7 +526,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const Params p) {
       for (int e = 0; e < 4; ++e) {
         const int c = i * 8 + tig * 2 + (e & 1), j = e < 2 ? kA : kB;
         const bool vis = ((j >= sLo[c] && j < sHi[c]) || j == sOwn[c]) && sM[c] != -INFINITY;
-        const float pv = vis ? exp2f(pt[i][e] * p.scale_log2 - sM[c] - sL[c]) : 0.f;
+        const float pv = vis ? ex2(pt[i][e] * p.scale_log2 - sM[c] - sL[c]) : 0.f;
         pt[i][e] = pv;
         dpt[i][e] = pv * (dpt[i][e] - sD[c]);  // dS^T
       }
@@ -683,7 +663,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const Params p) {
         const bool top = e < 2;
         const float m = top ? mA : mB;
         const bool vis = (full || sees(top ? xA : xB, j)) && m != -INFINITY;
-        const float pv = vis ? exp2f(s[i][e] * p.scale_log2 - m - (top ? lA : lB)) : 0.f;
+        const float pv = vis ? ex2(s[i][e] * p.scale_log2 - m - (top ? lA : lB)) : 0.f;
         s[i][e] = pv * (dp[i][e] - (top ? dA : dB));  // dS
       }
 #pragma unroll
@@ -716,87 +696,32 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const Params p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side.
+// Launchers.
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "glm attention (CUDA): ", what, " failed to launch: ", cudaGetErrorString(err));
-}
-
-// A kernel taking more than 48 KB of dynamic shared memory must say so once per device.
+// A kernel taking more than 48 KB of dynamic shared memory must raise its limit first (cheap, and
+// legal while a CUDA graph is being captured).
 template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p, const char* what) {
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    TORCH_CHECK(err == cudaSuccess, "glm attention (CUDA): ", what, " needs ", smem,
-                " bytes of shared memory: ", cudaGetErrorString(err));
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
-  check_launch(what);
-}
-
-// cp.async moves 16-byte chunks: the base must be 16-byte aligned and every row stride a multiple of
-// 8 elements; anything else is copied to a contiguous tensor first.
-at::Tensor aligned(const at::Tensor& x) {
-  const bool ok = x.stride(-1) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                  x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0;
-  return ok ? x : x.contiguous();
-}
-
-Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix,
-                   const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal, int64_t q_offset,
-                   double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
-              "glm attention: q must be [B,n,Tq,d] and k, v [B,g,Tk,d]");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "glm attention: q, k, v must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "glm attention CUDA kernels take bfloat16 or float16 (tensor cores, fp32 accumulation), got ",
-              q.scalar_type(), "; use the 'sdpa' or 'reference' backend for float32/float64 on CUDA");
-  const int64_t d = q.size(3);
-  TORCH_CHECK(d % 8 == 0 && d <= 128, "glm attention CUDA kernels take head dims that are multiples of 8 up to 128, "
-              "got ", d, "; use the 'sdpa' backend for this model");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && prefix.device() == q.device() &&
-              kv_start.device() == q.device() && kv_len.device() == q.device(),
-              "glm attention: all tensors must be on ", q.device());
-  const int64_t B = q.size(0), Tq = q.size(2);
-  TORCH_CHECK(prefix.scalar_type() == at::kInt && kv_start.scalar_type() == at::kInt && kv_len.scalar_type() == at::kInt,
-              "glm attention: prefix_len, kv_start and kv_len must be int32");
-  TORCH_CHECK(prefix.numel() == B * Tq && kv_start.numel() == B * Tq && kv_len.numel() == B,
-              "glm attention: prefix_len and kv_start must be [B, Tq], kv_len [B]");
-  TORCH_CHECK(prefix.is_contiguous() && kv_start.is_contiguous() && kv_len.is_contiguous(),
-              "glm attention: structure tensors must be contiguous");
-  TORCH_CHECK(q_offset >= 0 && q_offset + Tq <= k.size(2), "glm attention: q_offset out of range");
-  TORCH_CHECK(k.size(1) * Tq < INT_MAX / 2 && k.size(2) < INT_MAX / 2, "glm attention: sizes too large");
-  Params p{};
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_st = q.stride(2);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_st = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_st = v.stride(2);
-  p.prefix = prefix.data_ptr<int>(), p.kv_start = kv_start.data_ptr<int>(), p.kv_len = kv_len.data_ptr<int>();
-  p.B = B, p.n = q.size(1), p.g = k.size(1), p.group = p.n / p.g, p.Tq = Tq, p.Tk = k.size(2), p.d = d;
-  p.rows = p.group * p.Tq;
-  p.q_offset = q_offset, p.causal = causal;
-  p.scale = static_cast<float>(scale), p.scale_log2 = static_cast<float>(scale) * kLog2e;
-  p.num_splits = 1, p.tiles_per_split = 0;
-  return p;
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename T, int D, int WARPS>
-void run_fwd(const Params& p, int splits) {
+cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   constexpr int BM = 16 * WARPS, LD = D + 8;
   const size_t smem = static_cast<size_t>(BM + 4 * kBN) * LD * sizeof(T);
-  dim3 grid((p.rows + BM - 1) / BM, p.B * p.g, splits);
-  launch(fwd_kernel<T, D, WARPS>, grid, WARPS * 32, smem, p, "attention forward");
+  const dim3 grid((p.rows + BM - 1) / BM, p.B * p.g, p.num_splits);
+  return launch(fwd_kernel<T, D, WARPS>, grid, WARPS * 32, smem, p, stream);
 }
 
-// Rows per forward block: 4 warps by default; GLM_CUDA_FWD_WARPS=8 picks 128-row blocks (halves the
-// K/V traffic per row; the benchmark compares the two).
 int fwd_warps(const Params& p) {
   if (p.rows <= 16) return 1;
+  // GLM_CUDA_FWD_WARPS=8: 128-row blocks (half the K/V traffic per row; the benchmark compares).
   static const int env = [] {
     const char* s = std::getenv("GLM_CUDA_FWD_WARPS");
     return s ? std::atoi(s) : 4;
@@ -805,159 +730,59 @@ int fwd_warps(const Params& p) {
 }
 
 template <typename T, int D>
-void dispatch_fwd(const Params& p, int splits) {
+cudaError_t dispatch_fwd(const Params& p, cudaStream_t stream) {
   switch (fwd_warps(p)) {
-    case 1: run_fwd<T, D, 1>(p, splits); break;
-    case 8: run_fwd<T, D, 8>(p, splits); break;
-    default: run_fwd<T, D, 4>(p, splits); break;
+    case 1: return run_fwd<T, D, 1>(p, stream);
+    case 8: return run_fwd<T, D, 8>(p, stream);
+    default: return run_fwd<T, D, 4>(p, stream);
   }
 }
 
-void forward_any(const Params& p, at::ScalarType st, int splits) {
-  const bool small = p.d <= 64;
-  if (st == at::kBFloat16) {
-    small ? dispatch_fwd<__nv_bfloat16, 64>(p, splits) : dispatch_fwd<__nv_bfloat16, 128>(p, splits);
-  } else {
-    small ? dispatch_fwd<__half, 64>(p, splits) : dispatch_fwd<__half, 128>(p, splits);
-  }
-}
-
-struct Prepared {
-  at::Tensor q, k, v, out, lse, stats;
-  Params p;
-};
-
-Prepared prepare(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& prefix,
-                 const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal, int64_t q_offset, double scale) {
-  Prepared r;
-  r.q = aligned(q_), r.k = aligned(k_), r.v = aligned(v_);
-  r.p = make_params(r.q, r.k, r.v, prefix, kv_start, kv_len, causal, q_offset, scale);
-  r.out = at::empty({r.p.B, r.p.n, r.p.Tq, r.p.d}, r.q.options());
-  r.lse = at::empty({r.p.B, r.p.n, r.p.Tq}, r.q.options().dtype(at::kFloat));
-  r.stats = at::empty({r.p.B, r.p.n, r.p.Tq, 2}, r.q.options().dtype(at::kFloat));
-  r.p.out = r.out.data_ptr(), r.p.lse = r.lse.data_ptr<float>(), r.p.stats = r.stats.data_ptr<float>();
-  return r;
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& v, const at::Tensor& prefix,
-                                                                  const at::Tensor& kv_start, const at::Tensor& kv_len,
-                                                                  bool causal, int64_t q_offset, double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  Prepared r = prepare(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
-  if (r.out.numel() > 0) forward_any(r.p, r.q.scalar_type(), 1);
-  return {r.out, r.lse, r.stats};
-}
-
-// Decode: the forward kernel with the keys split across blocks so that a handful of query rows still
-// fills the GPU; the split count depends only on shapes (never on kv_len's values), so a CUDA graph
-// captured once stays valid as the cache fills.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                                     const at::Tensor& v, const at::Tensor& prefix,
-                                                                     const at::Tensor& kv_start,
-                                                                     const at::Tensor& kv_len, bool causal,
-                                                                     int64_t q_offset, double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  Prepared r = prepare(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
-  Params& p = r.p;
-  if (r.out.numel() == 0) return {r.out, r.lse, r.stats};
-  const int bm = fwd_warps(p) * 16;
-  const int64_t blocks = static_cast<int64_t>((p.rows + bm - 1) / bm) * p.B * p.g;
-  const int tiles = (p.Tk + kBN - 1) / kBN;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
-  // Aim at ~4 blocks per SM; never split below 4 tiles (256 keys) per block.
-  int splits = static_cast<int>(std::min<int64_t>((4 * sms + blocks - 1) / blocks, (tiles + 3) / 4));
-  splits = std::max(1, std::min(splits, 64));
-  if (splits == 1) {
-    forward_any(p, r.q.scalar_type(), 1);
-    return {r.out, r.lse, r.stats};
-  }
-  p.tiles_per_split = (tiles + splits - 1) / splits;
-  splits = (tiles + p.tiles_per_split - 1) / p.tiles_per_split;
-  p.num_splits = splits;
-  at::Tensor part_o = at::empty({splits, p.B, p.n, p.Tq, p.d}, r.q.options().dtype(at::kFloat));
-  at::Tensor part_ml = at::empty({splits, p.B, p.n, p.Tq, 2}, r.q.options().dtype(at::kFloat));
-  p.part_o = part_o.data_ptr<float>(), p.part_ml = part_ml.data_ptr<float>();
-  forward_any(p, r.q.scalar_type(), splits);
-  const int64_t rows = static_cast<int64_t>(p.B) * p.n * p.Tq;
-  const dim3 grid(static_cast<unsigned>((rows + 3) / 4));
-  if (r.q.scalar_type() == at::kBFloat16)
-    launch(combine_kernel<__nv_bfloat16>, grid, 128, 0, p, "attention decode combine");
-  else
-    launch(combine_kernel<__half>, grid, 128, 0, p, "attention decode combine");
-  return {r.out, r.lse, r.stats};
-}
-
-namespace {
 template <typename T, int D>
-void run_bwd(const Params& p) {
+cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   constexpr int LD = D + 8;
   const size_t smem_kv = static_cast<size_t>(2 * kBN + 2 * 32) * LD * sizeof(T);
-  launch(bwd_dkdv_kernel<T, D>, dim3((p.Tk + kBN - 1) / kBN, p.B * p.g), 128, smem_kv, p, "attention backward dK/dV");
+  cudaError_t err = launch(bwd_dkdv_kernel<T, D>, dim3((p.Tk + kBN - 1) / kBN, p.B * p.g), 128, smem_kv, p, stream);
+  if (err != cudaSuccess) return err;
   const size_t smem_q = static_cast<size_t>(2 * 64 + 4 * kBN) * LD * sizeof(T);
-  launch(bwd_dq_kernel<T, D>, dim3((p.rows + 63) / 64, p.B * p.g), 128, smem_q, p, "attention backward dQ");
+  return launch(bwd_dq_kernel<T, D>, dim3((p.rows + 63) / 64, p.B * p.g), 128, smem_q, p, stream);
 }
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_, const at::Tensor& k_,
-    const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& stats_, const at::Tensor& prefix,
-    const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal, int64_t q_offset, double scale) {
-  const c10::cuda::CUDAGuard guard(q_.device());
-  const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
-  Params p = make_params(q, k, v, prefix, kv_start, kv_len, causal, q_offset, scale);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out_.sizes() == q.sizes(), "glm attention bwd: grad/out shape mismatch");
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out_.scalar_type() == q.scalar_type(),
-              "glm attention bwd: grad_out and out must have q's dtype");
-  TORCH_CHECK(stats_.scalar_type() == at::kFloat && stats_.numel() == 2 * p.B * p.n * p.Tq &&
-                  grad_lse.scalar_type() == at::kFloat && grad_lse.numel() == p.B * p.n * p.Tq,
-              "glm attention bwd: stats must be fp32 [B, n, Tq, 2] and grad_lse fp32 [B, n, Tq]");
-  const at::Tensor dout = grad_out.contiguous(), out = out_.contiguous(), stats = stats_.contiguous(),
-                   glse = grad_lse.contiguous();
-  at::Tensor dq = at::empty({p.B, p.n, p.Tq, p.d}, q.options());
-  at::Tensor dk = at::empty({p.B, p.g, p.Tk, p.d}, q.options());
-  at::Tensor dv = at::empty({p.B, p.g, p.Tk, p.d}, q.options());
-  if (dk.numel() == 0) return {dq.zero_(), dk, dv};
-  if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
-  at::Tensor delta = at::empty({p.B, p.n, p.Tq}, q.options().dtype(at::kFloat));
-  const int64_t rows = static_cast<int64_t>(p.B) * p.n * p.Tq;
-  const dim3 grid(static_cast<unsigned>((rows + 3) / 4));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kBFloat16)
-    delta_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(dout.data_ptr()), static_cast<const __nv_bfloat16*>(out.data_ptr()),
-        glse.data_ptr<float>(), delta.data_ptr<float>(), rows, p.d);
-  else
-    delta_kernel<__half><<<grid, 128, 0, stream>>>(static_cast<const __half*>(dout.data_ptr()),
-                                                   static_cast<const __half*>(out.data_ptr()), glse.data_ptr<float>(),
-                                                   delta.data_ptr<float>(), rows, p.d);
-  check_launch("attention backward delta");
-  p.dout = dout.data_ptr(), p.delta = delta.data_ptr<float>(), p.stats = stats.data_ptr<float>();
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+int forward_block_rows(const Params& p) { return 16 * fwd_warps(p); }
+
+cudaError_t forward(const Params& p, DType dt, cudaStream_t stream) {
   const bool small = p.d <= 64;
-  if (q.scalar_type() == at::kBFloat16)
-    small ? run_bwd<__nv_bfloat16, 64>(p) : run_bwd<__nv_bfloat16, 128>(p);
-  else
-    small ? run_bwd<__half, 64>(p) : run_bwd<__half, 128>(p);
-  return {dq, dk, dv};
+  if (dt == DType::kBFloat16)
+    return small ? dispatch_fwd<__nv_bfloat16, 64>(p, stream) : dispatch_fwd<__nv_bfloat16, 128>(p, stream);
+  return small ? dispatch_fwd<__half, 64>(p, stream) : dispatch_fwd<__half, 128>(p, stream);
 }
 
-TORCH_LIBRARY_IMPL(glm, CUDA, m) {
-  m.impl("attention_fwd", &attention_fwd_cuda);
-  m.impl("attention_bwd", &attention_bwd_cuda);
-  m.impl("attention_decode", &attention_decode_cuda);
+cudaError_t combine(const Params& p, DType dt, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.n * p.Tq;
+  const dim3 grid(static_cast<unsigned>((rows + 3) / 4));
+  if (dt == DType::kBFloat16) return launch(combine_kernel<__nv_bfloat16>, grid, 128, 0, p, stream);
+  return launch(combine_kernel<__half>, grid, 128, 0, p, stream);
+}
+
+cudaError_t backward_delta(const void* dout, const void* out, const float* grad_lse, float* delta, int64_t rows, int d,
+                           DType dt, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((rows + 3) / 4));
+  if (dt == DType::kBFloat16)
+    delta_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(dout),
+                                                          static_cast<const __nv_bfloat16*>(out), grad_lse, delta,
+                                                          rows, d);
+  else
+    delta_kernel<__half><<<grid, 128, 0, stream>>>(static_cast<const __half*>(dout), static_cast<const __half*>(out),
+                                                   grad_lse, delta, rows, d);
+  return cudaGetLastError();
+}
+
+cudaError_t backward(const Params& p, DType dt, cudaStream_t stream) {
+  const bool small = p.d <= 64;
+  if (dt == DType::kBFloat16) return small ? run_bwd<__nv_bfloat16, 64>(p, stream) : run_bwd<__nv_bfloat16, 128>(p, stream);
+  return small ? run_bwd<__half, 64>(p, stream) : run_bwd<__half, 128>(p, stream);
 }
 
 }  // namespace glm_kernels_cuda
-
-// Loading this module (after glm.kernels._C, which defines the ops) adds the CUDA kernels.
-extern "C" {
-#include <Python.h>
-PyObject* PyInit__C_cuda(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", "glm's CUDA attention kernels", -1, nullptr};
-  return PyModule_Create(&module);
-}
-}
