@@ -205,6 +205,7 @@ def test_bench_attention_flex_smoke(tmp_path, capsys):
 
 
 def test_bench_attention_refuses_a_wrong_kernel(attention_bench):
+    import torch
     from torch.nn.attention.flex_attention import create_mask
 
     T, prefix = 48, 24
@@ -214,7 +215,7 @@ def test_bench_attention_refuses_a_wrong_kernel(attention_bench):
     def ignores_prefix(q, k, v, prefix_len):  # fast and wrong: plain causal attention
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    rows, _ = attention_bench.bench_flex("cpu", [torch.float32], [T], B=1, H=2, D=16, repeats=1, ours=ignores_prefix)
+    rows, _ = attention_bench.bench_flex("cpu", [torch.bfloat16], [T], B=1, H=2, D=16, repeats=1, ours=ignores_prefix)
     for r in rows:
         if r["mask"] == "prefix":
             assert "glm" in r["refused"] and "glm" not in r["ms"] and r["glm/sdpa"] is None
