@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 namespace glm_kernels_cuda {
 namespace {
@@ -194,11 +195,15 @@ __device__ BlockSpan block_span(const Params& p, int b, int row0, int* sh) {
 
 // ---------------------------------------------------------------------------------------------
 // Forward. Grid: x = row tile (heaviest first), y = b * g + kv_head, z = key split (decode).
-// Each warp owns 16 rows; a lane holds rows gq and gq + 8 of them (the m16n8 C layout).
+// Each warp owns MT m16 tiles (16 * MT rows); a lane holds rows gq and gq + 8 of each (the m16n8 C
+// layout). MT = 1 keeps the warp's Q fragments in registers; MT = 2 reads them from shared memory
+// per k-step (no room for both) but shares every K and V fragment between two row tiles, which
+// halves the shared-memory traffic of P V.
 
-template <typename T, int D, int WARPS>
+template <typename T, int D, int WARPS, int MT>
 __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(const Params p) {
-  constexpr int BM = 16 * WARPS, LD = D + 8, THREADS = WARPS * 32, NT = kBN / 8, DT = D / 8;
+  constexpr int WR = 16 * MT, BM = WR * WARPS, LD = D + 8, THREADS = WARPS * 32, NT = kBN / 8, DT = D / 8;
+  constexpr bool kQRegs = MT == 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * LD;        // [2][kBN][LD]
@@ -219,10 +224,14 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(const Params p) {
     t_end = min(t_end, (split + 1) * p.tiles_per_split);
   }
 
-  // This thread's two rows.
-  const int rA = row0 + warp * 16 + gq, rB = rA + 8;
-  const Range xA = row_range(p, b, min(rA, p.rows - 1) / p.group);
-  const Range xB = row_range(p, b, min(rB, p.rows - 1) / p.group);
+  // This thread's rows: [mt][0] = gq, [mt][1] = gq + 8 of row tile mt.
+  const int wrow = warp * WR;
+  Range x[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      x[mt][hf] = row_range(p, b, min(row0 + wrow + mt * 16 + hf * 8 + gq, p.rows - 1) / p.group);
 
   const int valid_rows = min(BM, p.rows - row0);
   load_tile<T, D, LD, THREADS>(sQ, q, BM, valid_rows, p.d, [&](int r) {
@@ -239,14 +248,21 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(const Params p) {
   cp_async_wait_all();
   __syncthreads();
 
-  uint32_t qf[D / 16][4];
+  uint32_t qf[kQRegs ? D / 16 : 1][4];
+  if constexpr (kQRegs) {
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) ldsm_x4(qf[ks], a_ptr<LD>(sQ, warp * 16, ks * 16, lane));
+    for (int ks = 0; ks < D / 16; ++ks) ldsm_x4(qf[ks], a_ptr<LD>(sQ, wrow, ks * 16, lane));
+  }
 
-  float o[DT][4];
+  float o[MT][DT][4];
+  float m[MT][2], l[MT][2];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int buf = (tile - t_begin) & 1;
@@ -259,115 +275,139 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(const Params p) {
     const T* kt = sK + buf * kBN * LD;
     const T* vt = sV + buf * kBN * LD;
 
-    float s[NT][4];
+    float s[MT][NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int n2 = 0; n2 < NT / 2; ++n2) {
+      for (int i = 0; i < NT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (kQRegs) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a[mt][r] = qf[ks][r];
+        } else {
+          ldsm_x4(a[mt], a_ptr<LD>(sQ, wrow + mt * 16, ks * 16, lane));
+        }
+      }
+#pragma unroll
+      for (int n2 = 0; n2 < NT / 2; ++n2) {
         uint32_t bb[4];
         ldsm_x4(bb, bn_ptr<LD>(kt, n2 * 16, ks * 16, lane));
-        Mma<T>::run(s[2 * n2], qf[ks], bb[0], bb[1]);
-        Mma<T>::run(s[2 * n2 + 1], qf[ks], bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(s[mt][2 * n2], a[mt], bb[0], bb[1]);
+          Mma<T>::run(s[mt][2 * n2 + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
 
     const int j0 = tile * kBN;
     const bool full = j0 >= bs.max_lo && j0 + kBN <= bs.min_hi;
-    float tmA = -INFINITY, tmB = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
+    for (int mt = 0; mt < MT; ++mt) {
+      float tm[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = j0 + i * 8 + tig * 2 + (e & 1);
-        float x = s[i][e] * p.scale_log2;
-        if (!full && !sees(e < 2 ? xA : xB, j)) x = -INFINITY;
-        s[i][e] = x;
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + i * 8 + tig * 2 + (e & 1);
+          float xs = s[mt][i][e] * p.scale_log2;
+          if (!full && !sees(x[mt][e >> 1], j)) xs = -INFINITY;
+          s[mt][i][e] = xs;
+        }
+        tm[0] = fmaxf(tm[0], fmaxf(s[mt][i][0], s[mt][i][1]));
+        tm[1] = fmaxf(tm[1], fmaxf(s[mt][i][2], s[mt][i][3]));
       }
-      tmA = fmaxf(tmA, fmaxf(s[i][0], s[i][1]));
-      tmB = fmaxf(tmB, fmaxf(s[i][2], s[i][3]));
-    }
+      float alpha[2], use[2];
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      tmA = fmaxf(tmA, __shfl_xor_sync(0xffffffffu, tmA, off));
-      tmB = fmaxf(tmB, __shfl_xor_sync(0xffffffffu, tmB, off));
-    }
-    const float nA = fmaxf(mA, tmA), nB = fmaxf(mB, tmB);
-    // A row that has seen nothing yet keeps max -inf; subtract 0 then, so exp2 gives 0, not NaN.
-    const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
-    const float aA = ex2(mA - uA), aB = ex2(mB - uB);
-    mA = nA, mB = nB;
-    float sA = 0.f, sB = 0.f;
+      for (int hf = 0; hf < 2; ++hf) {
+        tm[hf] = fmaxf(tm[hf], __shfl_xor_sync(0xffffffffu, tm[hf], 1));
+        tm[hf] = fmaxf(tm[hf], __shfl_xor_sync(0xffffffffu, tm[hf], 2));
+        const float mn = fmaxf(m[mt][hf], tm[hf]);
+        // A row that has seen nothing yet keeps max -inf; subtract 0 then, so exp2 gives 0, not NaN.
+        use[hf] = mn == -INFINITY ? 0.f : mn;
+        alpha[hf] = ex2(m[mt][hf] - use[hf]);
+        m[mt][hf] = mn;
+      }
+      float sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      s[i][0] = ex2(s[i][0] - uA), s[i][1] = ex2(s[i][1] - uA);
-      s[i][2] = ex2(s[i][2] - uB), s[i][3] = ex2(s[i][3] - uB);
-      sA += s[i][0] + s[i][1];
-      sB += s[i][2] + s[i][3];
-    }
-    lA = lA * aA + sA;  // per-lane partial sums; the quad's are added at the end
-    lB = lB * aB + sB;
+      for (int i = 0; i < NT; ++i) {
 #pragma unroll
-    for (int i = 0; i < DT; ++i) o[i][0] *= aA, o[i][1] *= aA, o[i][2] *= aB, o[i][3] *= aB;
+        for (int e = 0; e < 4; ++e) {
+          s[mt][i][e] = ex2(s[mt][i][e] - use[e >> 1]);
+          sum[e >> 1] += s[mt][i][e];
+        }
+      }
+      // Per-lane partial sums; the quad's are added at the end.
+      l[mt][0] = l[mt][0] * alpha[0] + sum[0];
+      l[mt][1] = l[mt][1] * alpha[1] + sum[1];
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        o[mt][i][0] *= alpha[0], o[mt][i][1] *= alpha[0];
+        o[mt][i][2] *= alpha[1], o[mt][i][3] *= alpha[1];
+      }
+    }
 
 #pragma unroll
     for (int ks = 0; ks < kBN / 16; ++ks) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * ks], s[2 * ks + 1]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) c_to_a<T>(a[mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
 #pragma unroll
       for (int n2 = 0; n2 < DT / 2; ++n2) {
         uint32_t bb[4];
         ldsm_x4_t(bb, a_ptr<LD>(vt, ks * 16, n2 * 16, lane));
-        Mma<T>::run(o[2 * n2], a, bb[0], bb[1]);
-        Mma<T>::run(o[2 * n2 + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(o[mt][2 * n2], a[mt], bb[0], bb[1]);
+          Mma<T>::run(o[mt][2 * n2 + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
   }
   cp_async_wait_all();
 
 #pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, off);
-    lB += __shfl_xor_sync(0xffffffffu, lB, off);
-  }
-  const float iA = lA > 0.f ? 1.f / lA : 0.f, iB = lB > 0.f ? 1.f / lB : 0.f;
-
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int R = half ? rB : rA;
-    if (R >= p.rows) continue;
-    const int t = R / p.group, h = kvh * p.group + R % p.group;
-    const float inv = half ? iB : iA, m = half ? mB : mA, l = half ? lB : lA;
-    const int64_t row = (static_cast<int64_t>(b) * p.n + h) * p.Tq + t;
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out) + row * p.d;
+    for (int hf = 0; hf < 2; ++hf) {
+      float lt = l[mt][hf];
+      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+      const int R = row0 + wrow + mt * 16 + hf * 8 + gq;
+      if (R >= p.rows) continue;
+      const int t = R / p.group, h = kvh * p.group + R % p.group;
+      const float inv = lt > 0.f ? 1.f / lt : 0.f, mx = m[mt][hf];
+      const bool seen = lt > 0.f;
+      const int64_t row = (static_cast<int64_t>(b) * p.n + h) * p.Tq + t;
+      if (p.num_splits == 1) {
+        T* out = static_cast<T*>(p.out) + row * p.d;
 #pragma unroll
-      for (int i = 0; i < DT; ++i) {
-        const int c = i * 8 + tig * 2;
-        if (c < p.d) {
-          const uint32_t w = Mma<T>::pack(o[i][2 * half] * inv, o[i][2 * half + 1] * inv);
-          *reinterpret_cast<uint32_t*>(out + c) = w;
+        for (int i = 0; i < DT; ++i) {
+          const int c = i * 8 + tig * 2;
+          if (c < p.d)
+            *reinterpret_cast<uint32_t*>(out + c) = Mma<T>::pack(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
         }
-      }
-      if (tig == 0) {
-        const bool seen = l > 0.f;
-        p.lse[row] = seen ? (m + log2f(l)) * kLn2 : -INFINITY;
-        p.stats[2 * row] = seen ? m : -INFINITY;
-        p.stats[2 * row + 1] = seen ? log2f(l) : 0.f;
-      }
-    } else {
-      const int64_t prow = static_cast<int64_t>(split) * p.B * p.n * p.Tq + row;
-      float* out = p.part_o + prow * p.d;
+        if (tig == 0) {
+          p.lse[row] = seen ? (mx + log2f(lt)) * kLn2 : -INFINITY;
+          p.stats[2 * row] = seen ? mx : -INFINITY;
+          p.stats[2 * row + 1] = seen ? log2f(lt) : 0.f;
+        }
+      } else {
+        const int64_t prow = static_cast<int64_t>(split) * p.B * p.n * p.Tq + row;
+        float* out = p.part_o + prow * p.d;
 #pragma unroll
-      for (int i = 0; i < DT; ++i) {
-        const int c = i * 8 + tig * 2;
-        if (c < p.d) *reinterpret_cast<float2*>(out + c) = make_float2(o[i][2 * half] * inv, o[i][2 * half + 1] * inv);
-      }
-      if (tig == 0) {
-        const bool seen = l > 0.f;
-        p.part_ml[2 * prow] = seen ? m : -INFINITY;
-        p.part_ml[2 * prow + 1] = seen ? log2f(l) : 0.f;
+        for (int i = 0; i < DT; ++i) {
+          const int c = i * 8 + tig * 2;
+          if (c < p.d) *reinterpret_cast<float2*>(out + c) = make_float2(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
+        }
+        if (tig == 0) {
+          p.part_ml[2 * prow] = seen ? mx : -INFINITY;
+          p.part_ml[2 * prow + 1] = seen ? log2f(lt) : 0.f;
+        }
       }
     }
   }
@@ -711,30 +751,36 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Par
   return cudaGetLastError();
 }
 
-template <typename T, int D, int WARPS>
+template <typename T, int D, int WARPS, int MT>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
-  constexpr int BM = 16 * WARPS, LD = D + 8;
+  constexpr int BM = 16 * MT * WARPS, LD = D + 8;
   const size_t smem = static_cast<size_t>(BM + 4 * kBN) * LD * sizeof(T);
   const dim3 grid((p.rows + BM - 1) / BM, p.B * p.g, p.num_splits);
-  return launch(fwd_kernel<T, D, WARPS>, grid, WARPS * 32, smem, p, stream);
+  return launch(fwd_kernel<T, D, WARPS, MT>, grid, WARPS * 32, smem, p, stream);
 }
 
-int fwd_warps(const Params& p) {
-  if (p.rows <= 16) return 1;
-  // GLM_CUDA_FWD_WARPS=8: 128-row blocks (half the K/V traffic per row; the benchmark compares).
-  static const int env = [] {
-    const char* s = std::getenv("GLM_CUDA_FWD_WARPS");
-    return s ? std::atoi(s) : 4;
+// Forward block shapes: "1" = 1 warp x 16 rows (a few rows: decode), "4" = 4 warps x 16 rows,
+// "8" = 8 warps x 16 rows, "4x2" = 4 warps x 32 rows. GLM_CUDA_FWD_BLOCK picks the shape used for
+// more than 16 rows (the benchmark compares them); the default is the fastest measured.
+enum class FwdShape { k1, k4, k8, k4x2 };
+
+FwdShape fwd_shape(const Params& p) {
+  if (p.rows <= 16) return FwdShape::k1;
+  static const FwdShape chosen = [] {
+    const char* s = std::getenv("GLM_CUDA_FWD_BLOCK");
+    const std::string v = s ? s : "";
+    return v == "4" ? FwdShape::k4 : v == "8" ? FwdShape::k8 : v == "4x2" ? FwdShape::k4x2 : FwdShape::k4;
   }();
-  return env == 8 ? 8 : 4;
+  return chosen;
 }
 
 template <typename T, int D>
 cudaError_t dispatch_fwd(const Params& p, cudaStream_t stream) {
-  switch (fwd_warps(p)) {
-    case 1: return run_fwd<T, D, 1>(p, stream);
-    case 8: return run_fwd<T, D, 8>(p, stream);
-    default: return run_fwd<T, D, 4>(p, stream);
+  switch (fwd_shape(p)) {
+    case FwdShape::k1: return run_fwd<T, D, 1, 1>(p, stream);
+    case FwdShape::k8: return run_fwd<T, D, 8, 1>(p, stream);
+    case FwdShape::k4x2: return run_fwd<T, D, 4, 2>(p, stream);
+    default: return run_fwd<T, D, 4, 1>(p, stream);
   }
 }
 
@@ -750,7 +796,13 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-int forward_block_rows(const Params& p) { return 16 * fwd_warps(p); }
+int forward_block_rows(const Params& p) {
+  switch (fwd_shape(p)) {
+    case FwdShape::k1: return 16;
+    case FwdShape::k4: return 64;
+    default: return 128;
+  }
+}
 
 cudaError_t forward(const Params& p, DType dt, cudaStream_t stream) {
   const bool small = p.d <= 64;
