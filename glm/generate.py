@@ -91,7 +91,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
 
 class StaticDecoder:
     """Decode steps against a prefilled `KVCache` in device tensors only (``GLM.forward(static=True)``),
-    replayed from a CUDA graph when ``cuda_graph``.
+    replayed from a CUDA graph when ``cuda_graph``, compiled with `torch.compile` when ``compile``.
 
     Per step, the host writes the tokens and position ids into fixed input tensors and the cache's
     slot / kv_len tensors (kernel launches with the values as arguments, no synchronisation), runs
@@ -99,7 +99,8 @@ class StaticDecoder:
     step, so it sees the cache after prefill; it stays valid for this cache and these weights.
     """
 
-    def __init__(self, model: GLM, cache: KVCache, *, cuda_graph: bool = False, backend: Optional[str] = None):
+    def __init__(self, model: GLM, cache: KVCache, *, cuda_graph: bool = False, compile: bool = False,
+                 backend: Optional[str] = None):
         device = cache.k.device
         if cuda_graph and device.type != "cuda":
             raise InputError(f"CUDA graphs need the model on a CUDA device; it is on {device}. Use "
@@ -115,6 +116,11 @@ class StaticDecoder:
         self.logits: Optional[Tensor] = None  # the graph's output buffer
         self.weights = _weight_pointers(model)
         self.in_use = False
+        self.compiled = compile
+        # A graph removes the launches but not the kernels: each of the step's ~50 small kernels per
+        # layer (norms, RoPE, SwiGLU, residuals) still costs its start and tail on the GPU. Inductor
+        # fuses them into a few, and the graph then replays the compiled step like any other.
+        self._run = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     @property
     def model(self) -> GLM:
@@ -135,12 +141,12 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                self._forward()
+                self._run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self.logits = self._forward()
+                self.logits = self._run()
         except RuntimeError as e:
             raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({e}); an attention backend "
                                f"or op synchronises with the host. Pass cuda_graphs=False to decode eagerly") from e
@@ -159,7 +165,7 @@ class StaticDecoder:
         self.tokens.copy_(tokens.reshape(B, 1))
         self.position_ids.copy_(position_ids.reshape(B, S, 1))
         if not self.cuda_graph:
-            logits = self._forward()
+            logits = self._run()
         else:
             if self.graph is None:
                 self._capture()
@@ -186,36 +192,40 @@ def release_cuda_graphs(model: GLM) -> None:
     _DECODERS.pop(model, None)
 
 
-def _decoder(model: GLM, batch: int, need: int, cuda_graph: bool) -> StaticDecoder:
+def _decoder(model: GLM, batch: int, need: int, cuda_graph: bool, compile: bool = False) -> StaticDecoder:
     """A StaticDecoder over an empty cache of at least ``need`` slots."""
     if not cuda_graph:
-        return StaticDecoder(model, model.new_cache(batch, need))
+        return StaticDecoder(model, model.new_cache(batch, need), compile=compile)
     max_len = -(-need // CACHE_ROUND) * CACHE_ROUND
     dtype = next(model.parameters()).dtype
     kept = _DECODERS.get(model)
     if (kept is not None and not kept.in_use and kept.cache.batch == batch and kept.cache.max_len == max_len
-            and kept.cache.k.dtype == dtype and kept.backend == model.backend
+            and kept.cache.k.dtype == dtype and kept.backend == model.backend and kept.compiled == compile
             and kept.weights == _weight_pointers(model)):
         kept.cache.reset()
         return kept
     if kept is not None and not kept.in_use:
         del _DECODERS[model]  # free its cache and graph memory before allocating the new ones
         del kept
-    dec = StaticDecoder(model, model.new_cache(batch, max_len), cuda_graph=True, backend=model.backend)
+    dec = StaticDecoder(model, model.new_cache(batch, max_len), cuda_graph=True, compile=compile,
+                        backend=model.backend)
     if model not in _DECODERS:
         _DECODERS[model] = dec
     return dec
 
 
-def _decode_mode(device: torch.device, cuda_graphs: Optional[bool], static: Optional[bool]) -> tuple[bool, bool]:
+def _decode_mode(device: torch.device, cuda_graphs: Optional[bool], static: Optional[bool],
+                 compile: bool = False) -> tuple[bool, bool]:
     """(cuda_graphs, static) from the caller's choices; None = CUDA graphs on a CUDA model."""
     graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
     if graphs and device.type != "cuda":
         raise InputError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}. Leave "
                          f"cuda_graphs unset (or pass static=True to run the static step eagerly)")
-    static = graphs if static is None else bool(static)
+    static = (graphs or compile) if static is None else bool(static)
     if graphs and not static:
         raise InputError("CUDA graphs replay the static decode step; cuda_graphs=True needs static=True (or unset)")
+    if compile and not static:
+        raise InputError("compile=True compiles the static decode step; it needs static=True (or unset)")
     return graphs, static
 
 
@@ -223,13 +233,15 @@ def _decode_mode(device: torch.device, cuda_graphs: Optional[bool], static: Opti
 def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = None,
            prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
            sampling: Optional[SamplingConfig] = None, cuda_graphs: Optional[bool] = None,
-           static: Optional[bool] = None, **overrides) -> Iterator[Tensor]:
+           static: Optional[bool] = None, compile: bool = False, **overrides) -> Iterator[Tensor]:
     """Yield the next token of every row, ``[B]``, as soon as it is chosen.
 
     Rows that produced an eos keep yielding that eos. ``overrides`` set `SamplingConfig` fields.
     ``cuda_graphs``: replay each decode step from a CUDA graph (default: when the model is on CUDA);
     ``static``: run the static step (the graph's) without a graph, e.g. on CPU (default: as
-    ``cuda_graphs``). Every mode picks the same greedy tokens.
+    ``cuda_graphs``). ``compile``: `torch.compile` the static step first (slow to start, once per
+    batch size and cache size; fewer kernels per step). Every mode picks the same greedy tokens, up to
+    ties within rounding.
     """
     cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
     cfg.validate()
@@ -241,9 +253,9 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
         raise InputError(f"prompt of {P} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
                          f"{limit} positions; shorten the prompt or lower max_new_tokens")
     device = next(model.parameters()).device
-    graphs, static = _decode_mode(device, cuda_graphs, static)
+    graphs, static = _decode_mode(device, cuda_graphs, static, compile)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    decoder = _decoder(model, B, P + cfg.max_new_tokens, graphs) if static else None
+    decoder = _decoder(model, B, P + cfg.max_new_tokens, graphs, compile) if static else None
     cache = decoder.cache if decoder is not None else model.new_cache(B, P + cfg.max_new_tokens)
     eos = torch.tensor(list(cfg.eos_token_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -303,10 +315,11 @@ def _infill_layout(tokens: Sequence[int], masks: set[int], cls_id: Optional[int]
 def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
                   cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
                   sampling: Optional[SamplingConfig] = None, cuda_graphs: Optional[bool] = None,
-                  static: Optional[bool] = None, **overrides) -> Iterator[tuple[int, Optional[int]]]:
+                  static: Optional[bool] = None, compile: bool = False,
+                  **overrides) -> Iterator[tuple[int, Optional[int]]]:
     """Yield ``(blank, token)`` as each blank's span is generated, then ``(blank, None)`` when that
-    span ends (``<eop>`` or ``max_span_tokens``). See `infill_ids` for the layout; ``cuda_graphs``
-    and ``static`` as in `stream`."""
+    span ends (``<eop>`` or ``max_span_tokens``). See `infill_ids` for the layout; ``cuda_graphs``,
+    ``static`` and ``compile`` as in `stream`."""
     if model.config.position_streams != 2:
         raise InputError(f"blank infilling needs a model with 2D positions (GLM, ChatGLM-6B); family "
                          f"{model.config.family} generates left to right only (use generate)")
@@ -319,10 +332,10 @@ def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int],
     if A > model.config.max_positions:
         raise InputError(f"the text is {A} tokens; the model has {model.config.max_positions} positions")
     device = next(model.parameters()).device
-    graphs, static = _decode_mode(device, cuda_graphs, static)
+    graphs, static = _decode_mode(device, cuda_graphs, static, compile)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     need = A + len(blanks) * (max_span_tokens + 1)
-    decoder = _decoder(model, 1, need, graphs) if static else None
+    decoder = _decoder(model, 1, need, graphs, compile) if static else None
     cache = decoder.cache if decoder is not None else model.new_cache(1, need)
 
     def step(tok: int, pos: Optional[Tensor] = None) -> Tensor:
