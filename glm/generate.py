@@ -120,7 +120,9 @@ class StaticDecoder:
         # A graph removes the launches but not the kernels: each of the step's ~50 small kernels per
         # layer (norms, RoPE, SwiGLU, residuals) still costs its start and tail on the GPU. Inductor
         # fuses them into a few, and the graph then replays the compiled step like any other.
-        self._run = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # Compiled as a plain function taking the decoder: a bound method kept on self would be a
+        # reference cycle, and the graph's memory would then wait for the garbage collector.
+        self._compiled = torch.compile(StaticDecoder._forward, dynamic=False) if compile else None
 
     @property
     def model(self) -> GLM:
@@ -132,6 +134,9 @@ class StaticDecoder:
     def _forward(self) -> Tensor:
         return self.model(self.tokens, self.position_ids, cache=self.cache, backend=self.backend, static=True,
                           last_only=True)[:, -1]
+
+    def _run(self) -> Tensor:
+        return self._forward() if self._compiled is None else self._compiled(self)
 
     def _capture(self, warmup: int = 2) -> None:
         # PyTorch's recipe: run the step a few times on a side stream first, so one-time work (cuBLAS
