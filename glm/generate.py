@@ -105,8 +105,8 @@ class StaticDecoder:
         if cuda_graph and device.type != "cuda":
             raise InputError(f"CUDA graphs need the model on a CUDA device; it is on {device}. Use "
                              f"cuda_graphs=False (the static step still runs eagerly)")
-        # The decoder keeps no strong reference to the model: decoders kept for reuse
-        # (`_reusable_decoder`) must not keep their model alive.
+        # No strong reference to the model: the decoders `_decoder` keeps for reuse, keyed weakly by
+        # their model, must not keep that model alive.
         self._model = weakref.ref(model)
         self.cache, self.cuda_graph, self.backend = cache, cuda_graph, backend
         self.streams = model.config.position_streams
@@ -153,8 +153,9 @@ class StaticDecoder:
             with torch.cuda.graph(graph):
                 self.logits = self._run()
         except RuntimeError as e:
-            raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({e}); an attention backend "
-                               f"or op synchronises with the host. Pass cuda_graphs=False to decode eagerly") from e
+            raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({e}); usually an op in the "
+                               f"step (e.g. an attention backend) synchronises with the host. Pass cuda_graphs=False "
+                               f"to decode without a graph") from e
         self.graph = graph
 
     @torch.no_grad()
