@@ -761,17 +761,24 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
 
 // Forward block shapes: "1" = 1 warp x 16 rows (a few rows: decode), "4" = 4 warps x 16 rows,
 // "8" = 8 warps x 16 rows, "4x2" = 4 warps x 32 rows. GLM_CUDA_FWD_BLOCK picks the shape used for
-// more than 16 rows (the benchmark compares them); the default is the fastest measured.
+// more than 16 rows. Default: 4x2 for head dim 128 (H200, bf16, B=4 H=32, prefix-LM forward at
+// T=2k/8k: 177/228 TFLOP/s vs 163/193 for "4" and 157/189 for "8"), "4" for head dim 64, where
+// the 4x2 shape was not measured.
 enum class FwdShape { k1, k4, k8, k4x2 };
 
 FwdShape fwd_shape(const Params& p) {
   if (p.rows <= 16) return FwdShape::k1;
-  static const FwdShape chosen = [] {
+  static const int chosen = [] {
     const char* s = std::getenv("GLM_CUDA_FWD_BLOCK");
     const std::string v = s ? s : "";
-    return v == "4" ? FwdShape::k4 : v == "8" ? FwdShape::k8 : v == "4x2" ? FwdShape::k4x2 : FwdShape::k4;
+    return v == "4" ? 1 : v == "8" ? 2 : v == "4x2" ? 3 : 0;
   }();
-  return chosen;
+  switch (chosen) {
+    case 1: return FwdShape::k4;
+    case 2: return FwdShape::k8;
+    case 3: return FwdShape::k4x2;
+    default: return p.d > 64 ? FwdShape::k4x2 : FwdShape::k4;
+  }
 }
 
 template <typename T, int D>
