@@ -137,7 +137,7 @@ def _decode_case(model: GLM, name: str, inputs: dict, outputs: dict, atol: float
         mine = torch.stack(fed, dim=-1)  # [B, S, steps-1]
         ref_pos = outputs["fed_position_ids"]
         ref_pos = ref_pos.unsqueeze(1) if ref_pos.dim() == 2 else ref_pos
-        if mine.shape != ref_pos.shape or not torch.equal(mine.cpu(), ref_pos):
+        if mine.shape != ref_pos.shape or not torch.equal(mine.to(ref_pos.device), ref_pos):
             res.problems.append("decode position ids differ from the reference's")
     return res
 

@@ -189,10 +189,16 @@ def test_cuda_golden_fixtures_fused_as_close_as_sdpa(folder):
             f"{folder} {r_fused.name}: fused {r_fused.max_abs_diff:.3e} vs sdpa {r_sdpa.max_abs_diff:.3e}")
 
 
+def _tiny(name: str, std: float) -> glm.GLM:
+    # 256 positions: sequences long enough to span several of the kernels' 64-key tiles.
+    model = glm.GLM(glm.preset(name).replace(max_positions=256)).eval()
+    model.init_weights(std=std, seed=0)
+    return model
+
+
 @pytest.mark.parametrize("name", ["tiny-glm", "tiny-chatglm", "tiny-glm4-hf", "tiny-chatglm3"])
 def test_cuda_model_fused_vs_reference(name):
-    model = glm.GLM(glm.preset(name)).eval()
-    model.init_weights(std=0.1, seed=0)
+    model = _tiny(name, std=0.1)
     gen = torch.Generator().manual_seed(0)
     B, T = 2, 150
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=gen)
@@ -210,20 +216,24 @@ def test_cuda_model_fused_vs_reference(name):
     assert err["fused"] <= 3 * err["sdpa"] + torch.finfo(torch.bfloat16).eps * scale, err
 
 
-@pytest.mark.parametrize("name", ["tiny-chatglm3", "tiny-glm"])
-def test_cuda_greedy_generation_fused_equals_reference_tokens(name):
-    """Greedy tokens with the fused kernels on the GPU (bf16) vs the fp32 model on the CPU: equal
-    for these well-separated tiny models."""
-    model = glm.GLM(glm.preset(name)).eval()
-    model.init_weights(std=0.3, seed=0)
+def test_cuda_greedy_choices_are_near_argmax_of_fp32():
+    """Greedy generation on the GPU (bf16, fused kernels, CUDA graphs) picks at every step a token
+    whose fp32 logit (teacher-forced, CPU reference) is within the bf16 tolerance of the best: twice
+    3x sdpa-in-bf16's logit error plus one bf16 ulp. (Exact token equality with fp32 is no test: one
+    near-tie flips and the rest of the row diverges.)"""
+    model = _tiny("tiny-chatglm3", std=0.3)
     prompts = [[4, 8, 15, 16, 23, 42, 7, 9, 11, 30, 31, 12, 60, 61, 62], [7, 7, 100], [100, 3, 9, 5]]
     ids, pad = left_pad(prompts, pad_id=0)
-    kw = dict(pad_left=pad, max_new_tokens=8)
-    if model.config.position_streams == 2:
-        kw["prefix_len"] = torch.full((len(prompts),), ids.shape[1])
-    cpu_tokens = generate(model, ids, **kw)
-    m = model.to(device="cuda", dtype=torch.bfloat16)
+    n = 24
+    m = _tiny("tiny-chatglm3", std=0.3).to(device="cuda", dtype=torch.bfloat16)
     m.backend = "fused"
-    gpu_tokens = generate(m, ids.cuda(), **{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()})
-    agree = (gpu_tokens.cpu() == cpu_tokens).float().mean().item()
-    assert agree >= 0.9, f"bf16 GPU greedy tokens agree with fp32 CPU on only {agree:.0%}"
+    gen_tokens = generate(m, ids.cuda(), pad_left=pad.cuda(), max_new_tokens=n).cpu()
+    full = torch.cat([ids, gen_tokens], dim=1)
+    with torch.no_grad():
+        ref = model(full, pad_left=pad, backend="reference")[:, ids.shape[1] - 1:-1].float()
+        m.backend = "sdpa"
+        bf = m(full.cuda(), pad_left=pad.cuda()).cpu()[:, ids.shape[1] - 1:-1].float()
+    tol = 2 * (3 * (bf - ref).abs().max().item() + torch.finfo(torch.bfloat16).eps * ref.abs().max().item())
+    chosen = ref.gather(-1, gen_tokens.unsqueeze(-1)).squeeze(-1)
+    gap = ref.max(-1).values - chosen
+    assert (gap <= tol).all(), f"a greedy pick is {gap.max().item():.3e} below the fp32 best (tolerance {tol:.3e})"

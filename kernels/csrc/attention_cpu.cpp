@@ -16,6 +16,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "message.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -360,12 +362,12 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
               "glm attention: q must be [B,n,Tq,d] and k, v [B,g,Tk,d]");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups");
+              msg("glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups"));
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "glm attention: q, k, v must share a dtype");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "glm attention kernels take float32, bfloat16 or float16 (they compute in fp32), got ", q.scalar_type(),
-              "; use the 'sdpa' or 'reference' backend for other dtypes");
+              msg("glm attention kernels take float32, bfloat16 or float16 (they compute in fp32), got ", q.scalar_type(),
+                  "; use the 'sdpa' or 'reference' backend for other dtypes"));
   const int64_t B = q.size(0), Tq = q.size(2);
   TORCH_CHECK(prefix.scalar_type() == at::kInt && kv_start.scalar_type() == at::kInt && kv_len.scalar_type() == at::kInt,
               "glm attention: prefix_len, kv_start and kv_len must be int32");
@@ -818,8 +820,8 @@ void linear_rows(const float* x, int64_t kpad, const T* w, int64_t swn, int64_t 
 
 at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const c10::optional<at::Tensor>& b_) {
   TORCH_CHECK(x_.dim() == 2 && w_.dim() == 2 && x_.size(1) == w_.size(1),
-              "glm small_linear: x must be [M, K] and weight [N, K], got ", x_.sizes(), " and ", w_.sizes());
-  TORCH_CHECK(x_.size(0) <= kLinearMaxRows, "glm small_linear: at most ", kLinearMaxRows, " rows, got ", x_.size(0));
+              msg("glm small_linear: x must be [M, K] and weight [N, K], got ", x_.sizes(), " and ", w_.sizes()));
+  TORCH_CHECK(x_.size(0) <= kLinearMaxRows, msg("glm small_linear: at most ", kLinearMaxRows, " rows, got ", x_.size(0)));
   TORCH_CHECK(x_.scalar_type() == w_.scalar_type(), "glm small_linear: x and weight must share a dtype");
   const at::Tensor x = x_.contiguous(), w = w_.stride(1) == 1 ? w_ : w_.contiguous();
   const at::Tensor b = b_.has_value() ? b_->contiguous() : at::Tensor();

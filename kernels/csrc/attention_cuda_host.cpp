@@ -14,14 +14,17 @@
 #include <tuple>
 
 #include "attention_cuda.h"
+#include "message.h"
 
 namespace glm_kernels_cuda {
 namespace {
 
+using glm_kernels::msg;
+
 constexpr float kLog2e = 1.4426950408889634f;
 
 void check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "glm attention (CUDA): ", what, " failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, msg("glm attention (CUDA): ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 DType dtype_of(const at::Tensor& x) { return x.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kHalf; }
@@ -39,18 +42,18 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
               "glm attention: q must be [B,n,Tq,d] and k, v [B,g,Tk,d]");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups");
+              msg("glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups"));
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "glm attention: q, k, v must share a dtype");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "glm attention CUDA kernels take bfloat16 or float16 (tensor cores, fp32 accumulation), got ",
-              q.scalar_type(), "; use the 'sdpa' or 'reference' backend for float32/float64 on CUDA");
+              msg("glm attention CUDA kernels take bfloat16 or float16 (tensor cores, fp32 accumulation), got ",
+                  q.scalar_type(), "; use the 'sdpa' or 'reference' backend for float32/float64 on CUDA"));
   const int64_t d = q.size(3);
-  TORCH_CHECK(d % 8 == 0 && d <= 128, "glm attention CUDA kernels take head dims that are multiples of 8 up to 128, "
-              "got ", d, "; use the 'sdpa' backend for this model");
+  TORCH_CHECK(d % 8 == 0 && d <= 128, msg("glm attention CUDA kernels take head dims that are multiples of 8 up to "
+                                          "128, got ", d, "; use the 'sdpa' backend for this model"));
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && prefix.device() == q.device() &&
                   kv_start.device() == q.device() && kv_len.device() == q.device(),
-              "glm attention: all tensors must be on ", q.device());
+              msg("glm attention: all tensors must be on ", q.device().str()));
   const int64_t B = q.size(0), Tq = q.size(2);
   TORCH_CHECK(prefix.scalar_type() == at::kInt && kv_start.scalar_type() == at::kInt && kv_len.scalar_type() == at::kInt,
               "glm attention: prefix_len, kv_start and kv_len must be int32");
