@@ -101,8 +101,8 @@ regenerated from them by `glm bench report`.
 
 | suite | what | peer |
 |---|---|---|
-| attention | fused prefix-LM / causal attention, fwd and fwd+bwd, GFLOP/s over visible pairs; decode with the fused vs sdpa backend | `scaled_dot_product_attention` (dense mask / `is_causal`) |
-| decode | greedy decode tokens/s of a 122M GLM-4-shaped model, batch 1 and 8 | transformers `GlmForCausalLM`, same weights |
+| attention | fused prefix-LM / causal attention, fwd and fwd+bwd, FLOP/s over visible pairs (CPU: also decode with the fused vs sdpa backend) | `scaled_dot_product_attention` (dense mask / `is_causal`); on GPU also FlexAttention (compiled, prefix-LM `BlockMask`) |
+| decode | greedy decode tokens/s, batch 1 and 8: a 122M GLM-4-shaped model on CPU; GLM-4-9B-shaped (random bf16 weights) on GPU, eager / CUDA graphs / graphs + `torch.compile`, against the bandwidth roofline | transformers `GlmForCausalLM`, same weights |
 | train | training step tokens/s and MFU, small GLM-4-shaped model | transformers `GlmForCausalLM`, same config and batch |
 | convert | peak RSS and GB/s of streaming checkpoint conversion (2.2 GB, 3 shards) | loading everything, converting, saving |
 """
