@@ -9,14 +9,17 @@ from glm.parity import load_cases
 from conftest import FIXTURE_FAMILIES, reference_dir
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
 @pytest.mark.parametrize("folder", FIXTURE_FAMILIES)
-def test_greedy_reproduces_reference_decode(folder):
+def test_greedy_reproduces_reference_decode(folder, static):
+    """The golden decode cases (prefix_len, left padding and explicit positions included), through
+    the eager decode and through the static step that CUDA graphs capture."""
     d = reference_dir(folder)
     model = glm.from_pretrained(d)
     _, t = load_cases(d)
     out = generate(model, t["decode.input_ids"], position_ids=t["decode.position_ids"],
                    prefix_len=t["decode.prefix_len"], pad_left=t["decode.pad_left"],
-                   max_new_tokens=t["decode.tokens"].shape[1])
+                   max_new_tokens=t["decode.tokens"].shape[1], static=static)
     assert torch.equal(out, t["decode.tokens"])
 
 

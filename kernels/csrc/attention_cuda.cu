@@ -471,6 +471,48 @@ __global__ void delta_kernel(const T* __restrict__ dout, const T* __restrict__ o
   if (lane == 0) delta[row] = acc - glse[row];
 }
 
+// Two products of one warp's 16 rows at once, over the head dim: c1 = A1 B1^T and c2 = A2 B2^T,
+// A1/A2 the rows [arow, arow + 16) of shared tiles a1/a2, B1/B2 the first 8 * NT rows of b1/b2 (all
+// [row][d], row stride LD). Interleaved so each k-step's fragments are loaded once. The dQ kernel
+// uses it for S = Q K^T and dP = dO V^T, the dK/dV kernel for S^T = K Q^T and dP^T = V dO^T.
+template <typename T, int D, int LD, int NT>
+__device__ __forceinline__ void two_products(float (&c1)[NT][4], float (&c2)[NT][4], const T* a1, const T* a2,
+                                             int arow, const T* b1, const T* b2, int lane) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c1[i][e] = c2[i][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t x1[4], x2[4];
+    ldsm_x4(x1, a_ptr<LD>(a1, arow, ks * 16, lane));
+    ldsm_x4(x2, a_ptr<LD>(a2, arow, ks * 16, lane));
+#pragma unroll
+    for (int n2 = 0; n2 < NT / 2; ++n2) {
+      uint32_t y1[4], y2[4];
+      ldsm_x4(y1, bn_ptr<LD>(b1, n2 * 16, ks * 16, lane));
+      Mma<T>::run(c1[2 * n2], x1, y1[0], y1[1]);
+      Mma<T>::run(c1[2 * n2 + 1], x1, y1[2], y1[3]);
+      ldsm_x4(y2, bn_ptr<LD>(b2, n2 * 16, ks * 16, lane));
+      Mma<T>::run(c2[2 * n2], x2, y2[0], y2[1]);
+      Mma<T>::run(c2[2 * n2 + 1], x2, y2[2], y2[3]);
+    }
+  }
+}
+
+// c += A B for one 16-wide k-slab: A a register fragment (16 rows x 16), B the rows [k0, k0 + 16)
+// of a [k][n] shared tile, all DT n8 tiles of its width (dQ += dS K, dV += P^T dO, dK += dS^T Q).
+template <typename T, int LD, int DT>
+__device__ __forceinline__ void accumulate_ab(float (&c)[DT][4], const uint32_t (&a)[4], const T* b, int k0, int lane) {
+#pragma unroll
+  for (int n2 = 0; n2 < DT / 2; ++n2) {
+    uint32_t y[4];
+    ldsm_x4_t(y, a_ptr<LD>(b, k0, n2 * 16, lane));
+    Mma<T>::run(c[2 * n2], a, y[0], y[1]);
+    Mma<T>::run(c[2 * n2 + 1], a, y[2], y[3]);
+  }
+}
+
 // dK, dV: a block owns kBN keys of one KV head (each warp 16 of them) and walks the row tiles of
 // every query head of the group that see any of those keys; the whole sum stays in registers.
 template <typename T, int D>
@@ -538,28 +580,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const Params p) {
     cp_async_wait_all();
     __syncthreads();
 
-    // S^T = K Q^T (16 keys x BM rows per warp), then P^T.
+    // S^T = K Q^T and dP^T = V dO^T (16 keys x BM rows per warp), then P^T and dS^T.
     float pt[NT][4], dpt[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pt[i][e] = dpt[i][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t a[4], a2[4];
-      ldsm_x4(a, a_ptr<LD>(sK, warp * 16, ks * 16, lane));
-      ldsm_x4(a2, a_ptr<LD>(sV, warp * 16, ks * 16, lane));
-#pragma unroll
-      for (int n2 = 0; n2 < NT / 2; ++n2) {
-        uint32_t bb[4], bo[4];
-        ldsm_x4(bb, bn_ptr<LD>(sQ, n2 * 16, ks * 16, lane));
-        Mma<T>::run(pt[2 * n2], a, bb[0], bb[1]);
-        Mma<T>::run(pt[2 * n2 + 1], a, bb[2], bb[3]);
-        ldsm_x4(bo, bn_ptr<LD>(sO, n2 * 16, ks * 16, lane));  // dP^T = V dO^T
-        Mma<T>::run(dpt[2 * n2], a2, bo[0], bo[1]);
-        Mma<T>::run(dpt[2 * n2 + 1], a2, bo[2], bo[3]);
-      }
-    }
+    two_products<T, D, LD, NT>(pt, dpt, sK, sV, warp * 16, sQ, sO, lane);
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
@@ -576,16 +599,8 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const Params p) {
       uint32_t ap[4], as[4];
       c_to_a<T>(ap, pt[2 * ks], pt[2 * ks + 1]);
       c_to_a<T>(as, dpt[2 * ks], dpt[2 * ks + 1]);
-#pragma unroll
-      for (int n2 = 0; n2 < DT / 2; ++n2) {
-        uint32_t bo[4], bq[4];
-        ldsm_x4_t(bo, a_ptr<LD>(sO, ks * 16, n2 * 16, lane));
-        Mma<T>::run(dv[2 * n2], ap, bo[0], bo[1]);
-        Mma<T>::run(dv[2 * n2 + 1], ap, bo[2], bo[3]);
-        ldsm_x4_t(bq, a_ptr<LD>(sQ, ks * 16, n2 * 16, lane));
-        Mma<T>::run(dk[2 * n2], as, bq[0], bq[1]);
-        Mma<T>::run(dk[2 * n2 + 1], as, bq[2], bq[3]);
-      }
+      accumulate_ab<T, LD, DT>(dv, ap, sO, ks * 16, lane);
+      accumulate_ab<T, LD, DT>(dk, as, sQ, ks * 16, lane);
     }
     __syncthreads();  // before the next row tile overwrites sQ, sO and the row arrays
   }
@@ -672,27 +687,9 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const Params p) {
     const T* kt = sK + buf * kBN * LD;
     const T* vt = sV + buf * kBN * LD;
 
+    // S = Q K^T and dP = dO V^T.
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t aq[4], ao[4];
-      ldsm_x4(aq, a_ptr<LD>(sQ, warp * 16, ks * 16, lane));
-      ldsm_x4(ao, a_ptr<LD>(sO, warp * 16, ks * 16, lane));
-#pragma unroll
-      for (int n2 = 0; n2 < NT / 2; ++n2) {
-        uint32_t bk[4], bv[4];
-        ldsm_x4(bk, bn_ptr<LD>(kt, n2 * 16, ks * 16, lane));
-        Mma<T>::run(s[2 * n2], aq, bk[0], bk[1]);
-        Mma<T>::run(s[2 * n2 + 1], aq, bk[2], bk[3]);
-        ldsm_x4(bv, bn_ptr<LD>(vt, n2 * 16, ks * 16, lane));  // dP = dO V^T
-        Mma<T>::run(dp[2 * n2], ao, bv[0], bv[1]);
-        Mma<T>::run(dp[2 * n2 + 1], ao, bv[2], bv[3]);
-      }
-    }
+    two_products<T, D, LD, NT>(s, dp, sQ, sO, warp * 16, kt, vt, lane);
     const int j0 = tile * kBN;
     const bool full = j0 >= bs.max_lo && j0 + kBN <= bs.min_hi;
 #pragma unroll
@@ -710,13 +707,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const Params p) {
     for (int ks = 0; ks < kBN / 16; ++ks) {
       uint32_t a[4];
       c_to_a<T>(a, s[2 * ks], s[2 * ks + 1]);
-#pragma unroll
-      for (int n2 = 0; n2 < DT / 2; ++n2) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, a_ptr<LD>(kt, ks * 16, n2 * 16, lane));
-        Mma<T>::run(dq[2 * n2], a, bb[0], bb[1]);
-        Mma<T>::run(dq[2 * n2 + 1], a, bb[2], bb[3]);
-      }
+      accumulate_ab<T, LD, DT>(dq, a, kt, ks * 16, lane);
     }
   }
   cp_async_wait_all();
