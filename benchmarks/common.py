@@ -113,9 +113,13 @@ def summary_row(case: str, ours: float, peer: float, unit: str, peer_name: str, 
 
 
 def git_sha() -> str:
+    """HEAD's short sha, with "+dirty" when tracked files differ from it: a copied working tree (the GPU
+    machine gets one with an older .git) must not pass for the commit its .git names."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        run = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        sha = run("rev-parse", "--short", "HEAD")
+        return sha + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
