@@ -128,7 +128,9 @@ def bench_decode(device: str, prompt: int, new_tokens: int, batches, repeats: in
     return rows
 
 
-def plot(rows: list[dict], path: str, device: str) -> None:
+def panel_figure(ylabel: str, draw, height: float = 3.2):
+    """One figure of four panels, (prefix, causal) x (fwd, fwd+bwd), each drawn by ``draw(ax, mask,
+    pass)``. Returns (figure, axes), or None without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -137,21 +139,35 @@ def plot(rows: list[dict], path: str, device: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(m, p) for m in ("prefix", "causal") for p in ("fwd", "fwd+bwd")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), height), sharey=True)
     for ax, (m, p) in zip(axes, panels):
+        draw(ax, m, p)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{m} mask, {p}")
+        ax.set_xlabel("sequence length")
+    axes[0].set_ylabel(ylabel)
+    return fig, axes
+
+
+def save_figure(fig, path: str, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot(rows: list[dict], path: str, device: str) -> None:
+    def draw(ax, m, p):
         for dtype in sorted({r["dtype"] for r in rows}):
             sel = [r for r in rows if r["mask"] == m and r["pass"] == p and r["dtype"] == dtype]
             xs = [r["T"] for r in sel]
             line, = ax.plot(xs, [r["ours_GFLOPs"] for r in sel], "o-", label=f"glm fused {dtype}")
             ax.plot(xs, [r["peer_GFLOPs"] for r in sel], "x--", color=line.get_color(), label=f"{sel[0]['peer']} {dtype}")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{m} mask, {p}")
-        ax.set_xlabel("sequence length")
-    axes[0].set_ylabel("GFLOP/s (visible pairs only)")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle(f"attention, {device}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    made = panel_figure("GFLOP/s (visible pairs only)", draw)
+    if made:
+        fig, axes = made
+        axes[-1].legend(fontsize=7)
+        save_figure(fig, path, f"attention, {device}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,17 +386,9 @@ def goals(rows: list[dict]) -> list[dict]:
 
 
 def plot_flex(rows: list[dict], path: str, device: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(m, p) for m in ("prefix", "causal") for p in ("fwd", "fwd+bwd")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
     styles = {"glm": ("C0", "o"), "flex": ("C1", "s"), "sdpa": ("C2", "x")}  # one colour per implementation
-    for ax, (m, p) in zip(axes, panels):
+
+    def draw(ax, m, p):
         for dtype, linestyle in zip(sorted({r["dtype"] for r in rows}), ("-", "--", ":")):
             sel = [r for r in rows if r["mask"] == m and r["pass"] == p and r["dtype"] == dtype]
             for name, (color, marker) in styles.items():
@@ -392,14 +400,13 @@ def plot_flex(rows: list[dict], path: str, device: str) -> None:
             for name, marker in (("flex", "s"), ("sdpa dense mask", "x")):
                 ax.plot(REFERENCE["T"], REFERENCE[name], marker=marker, color="0.6", linestyle="none",
                         label=f"{name} bf16, issue 9 H100 (not this run)")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{m} mask, {p}")
-        ax.set_xlabel("sequence length")
-    axes[0].set_ylabel("TFLOP/s (visible pairs only)")
-    axes[0].legend(fontsize=6)
-    fig.suptitle(f"attention: glm vs FlexAttention vs SDPA, {device}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    title = f"attention: glm vs FlexAttention vs SDPA, {device}"
+    made = panel_figure("TFLOP/s (visible pairs only)", draw, height=3.4)
+    if made:
+        fig, axes = made
+        axes[0].legend(fontsize=6)
+        save_figure(fig, path, title)
 
 
 def run_flex(args, device: str) -> None:
