@@ -484,6 +484,11 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
                        plot=plot_metrics(metrics_path, os.path.join(cfg.out_dir, "loss.png")),
                        baseline=prep.baseline, parameters=model_cfg.num_parameters,
                        seconds=time.perf_counter() - t_start)
+    if world > 1:
+        # Every rank returns once the run is complete (the final model written), so the ranks also
+        # reach the process group's teardown together: a rank tearing down while rank 0 still
+        # saved was seen to abort once in CI (gloo, "terminate called without an active exception").
+        torch.distributed.barrier()
     return summary
 
 

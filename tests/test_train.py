@@ -1,7 +1,6 @@
 """The trainer end to end on tiny models: learning, bit-identical resume, the NaN guard, DDP on gloo."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -88,16 +87,13 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, tokenizer_dir, monke
     assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+def _ddp_worker(rank: int, world: int, store_file: str, cfg: TrainConfig) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # A file store rather than env:// (a TCP store served by rank 0): no rank depends on another
+    # process staying alive through its own teardown (CI once saw rank 1 abort in gloo at exit).
+    # train() finds the group initialised and uses it.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         train(cfg)
     finally:
@@ -109,7 +105,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, tokenizer_dir):
     single = str(tmp_path / "single")
     train(TrainConfig(out_dir=single, **kw))
     ddp = str(tmp_path / "ddp")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), TrainConfig(out_dir=ddp, **kw)), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "ddp_store"), TrainConfig(out_dir=ddp, **kw)), nprocs=2,
                        start_method="spawn")
     a, b = losses(single), losses(ddp)
     assert sorted(a) == sorted(b)
