@@ -317,6 +317,7 @@ class GLM(nn.Module):
         cache: Optional[KVCache] = None,
         backend: Optional[str] = None,
         last_only: bool = False,
+        logits_at: Optional[Tensor] = None,
         return_hidden: bool = False,
         check_inputs: bool = True,
         static: bool = False,
@@ -331,6 +332,9 @@ class GLM(nn.Module):
         doc_start: ``[B, T]`` first key slot each query may see: documents packed in one row do not
           attend across each other (training; replaces pad_left).
         cache: a `KVCache`; the first call fills it (prefill), later calls append one or more tokens.
+        logits_at: ``[B, T]`` bool: return logits ``[N, V]`` for the N selected positions only (in
+          row-major order, as ``x[logits_at]``). Training with loss on a few positions (GLM's Part B)
+          then skips the vocabulary projection everywhere else.
         static: one decode step in device tensors only, so a CUDA graph can capture it: one token per
           row at ``position_ids`` (required) is written at ``cache.slot`` and attends over the whole
           cache buffer, masked by ``cache.kv_start`` / ``cache.kv_len``. The caller brackets it with
@@ -385,6 +389,11 @@ class GLM(nn.Module):
             cache.advance(T, position_ids[:, :, -1])
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            if logits_at.shape != (B, T) or logits_at.dtype != torch.bool:
+                raise InputError(f"logits_at must be a bool [batch, seq] = [{B}, {T}] mask, got "
+                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            x = x[logits_at]
         x = self.final_norm(x)
         if return_hidden:
             return x

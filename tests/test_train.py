@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import glm
 from glm.cli import main
+from glm.model import InputError
 from glm.train import TrainConfig, TrainingError, checkpoints, lr_at, train
 
 TINY = dict(model="tiny-glm", vocab_size=500, batch_size=8, seq_len=96, corpus_size="tiny", eval_examples=10,
@@ -120,3 +122,29 @@ def test_cli_train_bad_data(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), "--data", str(empty), "--steps", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "empty.txt" in err and err.count("\n") == 1
+
+
+def test_logits_at_equals_the_full_logits_there():
+    """Projecting only the loss positions (the trainer's loss_sum) gives the full forward's logits
+    there, and the same loss and gradients as masking the full logits."""
+    model = glm.GLM(glm.preset("tiny-glm")).eval()
+    model.init_weights(std=0.1, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
+    pick = torch.rand(2, 20, generator=gen) < 0.3
+    kw = dict(prefix_len=torch.tensor([8, 12]))
+    full = model(ids, **kw)
+    part = model(ids, **kw, logits_at=pick)
+    assert part.shape == (int(pick.sum()), model.config.vocab_size)
+    torch.testing.assert_close(part, full[pick], atol=1e-6, rtol=1e-6)
+    targets = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
+    grads = []
+    for logits, tgt in ((full.flatten(0, 1), targets.masked_fill(~pick, -100).flatten()), (part, targets[pick])):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(logits.float(), tgt, ignore_index=-100, reduction="sum").backward(
+            retain_graph=True)
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="logits_at must be a bool"):
+        model(ids, logits_at=pick.long())
