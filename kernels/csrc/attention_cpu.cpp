@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "checks.h"
 #include "message.h"
 
 #include <algorithm>
@@ -359,23 +360,12 @@ inline void union_range(const RowRange* rr, int64_t rows, int64_t& lo, int64_t& 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix,
                      const at::Tensor& kv_start, const at::Tensor& kv_len, bool causal, int64_t q_offset,
                      double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
-              "glm attention: q must be [B,n,Tq,d] and k, v [B,g,Tk,d]");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              msg("glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups"));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "glm attention: q, k, v must share a dtype");
+  check_qkv(q, k, v);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               msg("glm attention kernels take float32, bfloat16 or float16 (they compute in fp32), got ", q.scalar_type(),
                   "; use the 'sdpa' or 'reference' backend for other dtypes"));
+  check_structure(q, k, prefix, kv_start, kv_len, q_offset);
   const int64_t B = q.size(0), Tq = q.size(2);
-  TORCH_CHECK(prefix.scalar_type() == at::kInt && kv_start.scalar_type() == at::kInt && kv_len.scalar_type() == at::kInt,
-              "glm attention: prefix_len, kv_start and kv_len must be int32");
-  TORCH_CHECK(prefix.numel() == B * Tq && kv_start.numel() == B * Tq && kv_len.numel() == B,
-              "glm attention: prefix_len and kv_start must be [B, Tq], kv_len [B]");
-  TORCH_CHECK(prefix.is_contiguous() && kv_start.is_contiguous() && kv_len.is_contiguous(),
-              "glm attention: structure tensors must be contiguous");
-  TORCH_CHECK(q_offset >= 0 && q_offset + Tq <= k.size(2), "glm attention: q_offset out of range");
   Problem p;
   p.B = B; p.n = q.size(1); p.g = k.size(1); p.Tq = Tq; p.Tk = k.size(2); p.d = q.size(3);
   p.dpad = round_up(p.d, 16);

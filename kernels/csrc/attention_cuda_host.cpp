@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "attention_cuda.h"
+#include "checks.h"
 #include "message.h"
 
 namespace glm_kernels_cuda {
@@ -39,12 +40,7 @@ at::Tensor aligned(const at::Tensor& x) {
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix,
                   const at::Tensor& kv_start, const at::Tensor& kv_len, int64_t q_offset) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
-              "glm attention: q must be [B,n,Tq,d] and k, v [B,g,Tk,d]");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              msg("glm attention: q ", q.sizes(), " and k ", k.sizes(), " disagree on batch, head dim or head groups"));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "glm attention: q, k, v must share a dtype");
+  glm_kernels::check_qkv(q, k, v);
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               msg("glm attention CUDA kernels take bfloat16 or float16 (tensor cores, fp32 accumulation), got ",
                   q.scalar_type(), "; use the 'sdpa' or 'reference' backend for float32/float64 on CUDA"));
@@ -54,14 +50,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && prefix.device() == q.device() &&
                   kv_start.device() == q.device() && kv_len.device() == q.device(),
               msg("glm attention: all tensors must be on ", q.device().str()));
+  glm_kernels::check_structure(q, k, prefix, kv_start, kv_len, q_offset);
   const int64_t B = q.size(0), Tq = q.size(2);
-  TORCH_CHECK(prefix.scalar_type() == at::kInt && kv_start.scalar_type() == at::kInt && kv_len.scalar_type() == at::kInt,
-              "glm attention: prefix_len, kv_start and kv_len must be int32");
-  TORCH_CHECK(prefix.numel() == B * Tq && kv_start.numel() == B * Tq && kv_len.numel() == B,
-              "glm attention: prefix_len and kv_start must be [B, Tq], kv_len [B]");
-  TORCH_CHECK(prefix.is_contiguous() && kv_start.is_contiguous() && kv_len.is_contiguous(),
-              "glm attention: structure tensors must be contiguous");
-  TORCH_CHECK(q_offset >= 0 && q_offset + Tq <= k.size(2), "glm attention: q_offset out of range");
   TORCH_CHECK(q.size(1) * Tq < INT_MAX / 2 && k.size(2) < INT_MAX / 2 && B * k.size(1) < 65536,
               "glm attention (CUDA): sizes too large for the kernels' grid");
 }
