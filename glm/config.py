@@ -54,9 +54,15 @@ class GLMConfig:
     # Share of each head's dims that RoPE rotates (the rest pass through); 1D "rope" only.
     rotary_fraction: float = 0.5
     rope_base: float = 10000.0
-    # Round RoPE inverse frequencies through this dtype ("float16" / "bfloat16"), as the references
-    # do: ChatGLM-6B always stores them in fp16; transformers' Glm/Glm4 cast the buffer to the
-    # checkpoint's dtype when loading it (bf16 for the releases), and upcasting later keeps the rounding.
+    # Positions are divided by this before the angles are formed (positional interpolation):
+    # ChatGLM2-6B-32k's rope_ratio. ChatGLM3 and GLM-4 read the same config key as a base multiplier.
+    rope_position_scale: float = 1.0
+    # Round RoPE inverse frequencies through this dtype ("float16" / "bfloat16"), as the reference
+    # model held in memory had them. ChatGLM-6B always stores them in fp16. For transformers' Glm/Glm4
+    # it depends on how the model was made: from_pretrained keeps the buffer fp32 (exact), while a
+    # model cast with .to(bfloat16) rounds it and a later .float() keeps the rounding. The golden
+    # fixtures were made the second way, so a bf16 Glm/Glm4 checkpoint loads rounded (matching them);
+    # pass rope_inv_freq_dtype=None to from_pretrained to match a fresh transformers from_pretrained.
     rope_inv_freq_dtype: Optional[str] = None
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
@@ -96,7 +102,8 @@ class GLMConfig:
             v = getattr(self, fld)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(fld, f"must be a positive integer, got {v!r}")
-        numbers = ("rotary_fraction", "rope_base", "norm_eps") + (("residual_alpha",) if self.residual_alpha else ())
+        numbers = ("rotary_fraction", "rope_base", "rope_position_scale", "norm_eps") + \
+            (("residual_alpha",) if self.residual_alpha else ())
         for fld in numbers:
             v = getattr(self, fld)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
@@ -137,6 +144,8 @@ class GLMConfig:
             raise bad("norm_eps", f"must be positive, got {self.norm_eps}")
         if not self.rope_base > 1:
             raise bad("rope_base", f"must be > 1, got {self.rope_base}")
+        if not self.rope_position_scale > 0:
+            raise bad("rope_position_scale", f"must be positive, got {self.rope_position_scale}")
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -367,8 +376,10 @@ def _from_hf_chatglm2(hf: dict[str, Any], family: str) -> GLMConfig:
         head_dim=_as_int("kv_channels", hf.get("kv_channels") or H // n),
         ffn_hidden_size=_int_field(hf, "ffn_hidden_size"),
         max_positions=_int_field(hf, "seq_length"), position_encoding="rope", rotary_fraction=0.5,
-        # GLM-4's rope_ratio scales the base, not the positions.
-        rope_base=10000.0 * rope_ratio, norm="rmsnorm",
+        # One key, two meanings: ChatGLM2-6B-32k's code divides the positions by rope_ratio
+        # (interpolation), ChatGLM3-32k/128k's and GLM-4's multiply the rotary base by it.
+        rope_base=10000.0 if family == "chatglm2" else 10000.0 * rope_ratio,
+        rope_position_scale=rope_ratio if family == "chatglm2" else 1.0, norm="rmsnorm",
         norm_eps=_as_float("layernorm_epsilon", hf.get("layernorm_epsilon", 1e-5)),
         mlp="swiglu", qkv_bias=bool(hf.get("add_qkv_bias", False)),
         out_bias=bool(hf.get("add_bias_linear", False)), mlp_bias=bool(hf.get("add_bias_linear", False)),
@@ -401,8 +412,10 @@ def _from_hf_glm_native(hf: dict[str, Any], family: str) -> GLMConfig:
     return GLMConfig(
         family=family, vocab_size=_int_field(hf, "vocab_size"), hidden_size=H,
         num_layers=_int_field(hf, "num_hidden_layers"), num_heads=n,
-        num_kv_heads=_as_int("num_key_value_heads", hf.get("num_key_value_heads") or n),
-        head_dim=_as_int("head_dim", hf.get("head_dim") or H // n),
+        # Absent keys take transformers' GlmConfig/Glm4Config defaults (2 KV heads, head_dim 128),
+        # as transformers itself would read the file.
+        num_kv_heads=_as_int("num_key_value_heads", hf.get("num_key_value_heads") or 2),
+        head_dim=_as_int("head_dim", hf.get("head_dim") or 128),
         ffn_hidden_size=_int_field(hf, "intermediate_size"), max_positions=_int_field(hf, "max_position_embeddings"),
         position_encoding="rope", rotary_fraction=frac, rope_base=theta,
         rope_inv_freq_dtype=stored if stored in ("float16", "bfloat16") else None, norm="rmsnorm",

@@ -171,18 +171,24 @@ def _qkv_split(cfg: GLMConfig) -> tuple[int, int, int]:
     return cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
 
-def _fused_qkv_mapping(cfg: GLMConfig, glm_name: str, hf_name: str) -> Mapping:
-    """ChatGLM2+ fused ``[q | k | v]``: same blocks as glm; q and k rows go interleaved -> half-split."""
+def _fused_qkv_mapping(cfg: GLMConfig, glm_name: str, hf_name: str, per_head: bool = False) -> Mapping:
+    """ChatGLM2+ fused ``[q | k | v]``: same blocks as glm; q and k rows go interleaved -> half-split.
+    ``per_head``: the file's rows are ``[n, (q|k|v), d]`` instead, which is how the chatglm2-format
+    code reads them when ``multi_query_attention`` is false."""
     n, g, d, r = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim
     split = _qkv_split(cfg)
 
     def to_glm(t: Tensor) -> tuple[Tensor]:
+        if per_head:
+            _check_rows(t, 3 * n, d)
+            t = per_head_qkv_to_blocks(t, n, d)
         q, k, v = t.split(split)
         return (torch.cat((interleaved_to_half(q, n, d, r), interleaved_to_half(k, g, d, r), v)),)
 
     def to_hf(t: Tensor) -> tuple[Tensor]:
         q, k, v = t.split(split)
-        return (torch.cat((half_to_interleaved(q, n, d, r), half_to_interleaved(k, g, d, r), v)),)
+        t = torch.cat((half_to_interleaved(q, n, d, r), half_to_interleaved(k, g, d, r), v))
+        return (blocks_to_per_head_qkv(t, n, d) if per_head else t,)
 
     return Mapping((glm_name,), (hf_name,), to_glm, to_hf)
 
@@ -202,7 +208,7 @@ def _separate_qkv_mapping(cfg: GLMConfig, glm_name: str, hf_names: tuple[str, st
     return Mapping((glm_name,), hf_names, to_glm, to_hf)
 
 
-def _chatglm2_format(cfg: GLMConfig, dtype: torch.dtype) -> list[Mapping]:
+def _chatglm2_format(cfg: GLMConfig, dtype: torch.dtype, per_head_qkv: bool = False) -> list[Mapping]:
     m = [rename("embed.weight", "transformer.embedding.word_embeddings.weight"),
          Mapping((), ("transformer.rotary_pos_emb.inv_freq",), lambda _t: (),
                  lambda: (chatglm2_inv_freq(cfg.head_dim, dtype),))]
@@ -212,9 +218,9 @@ def _chatglm2_format(cfg: GLMConfig, dtype: torch.dtype) -> list[Mapping]:
     for i in range(cfg.num_layers):
         hl = f"transformer.encoder.layers.{i}"
         m += _glm_layers(cfg, i, hl, names, _biases(cfg))
-        m.append(_fused_qkv_mapping(cfg, f"layers.{i}.attn.qkv.weight", f"{hl}.self_attention.query_key_value.weight"))
-        if cfg.qkv_bias:
-            m.append(_fused_qkv_mapping(cfg, f"layers.{i}.attn.qkv.bias", f"{hl}.self_attention.query_key_value.bias"))
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            m.append(_fused_qkv_mapping(cfg, f"layers.{i}.attn.qkv.{kind}",
+                                        f"{hl}.self_attention.query_key_value.{kind}", per_head_qkv))
     m.append(rename("final_norm.weight", "transformer.encoder.final_layernorm.weight"))
     if cfg.tie_word_embeddings:
         # The format always has a separate output_layer: a tied model writes the embedding twice
@@ -249,14 +255,23 @@ def _glm_hf_format(cfg: GLMConfig) -> list[Mapping]:
     return m
 
 
+def per_head_qkv(family: str, hf_config: Optional[dict]) -> bool:
+    """Whether a chatglm2-format file stores its fused QKV rows per head: the reference code views
+    them as ``[n, 3d]`` unless ``multi_query_attention`` is true (its config default is false; every
+    release sets it true)."""
+    return (family in ("chatglm2", "chatglm3", "glm4-chatglm") and isinstance(hf_config, dict)
+            and not hf_config.get("multi_query_attention", False))
+
+
 def hf_format(cfg: GLMConfig, dtype: torch.dtype = torch.float32,
-              keys: Optional[Sequence[str]] = None) -> list[Mapping]:
+              keys: Optional[Sequence[str]] = None, per_head_qkv: bool = False) -> list[Mapping]:
     """The mappings between glm's layout and the release format of ``cfg.family``.
 
     ``dtype`` is that of the release file (it only matters for buffers glm regenerates on write).
     ``keys``, the names in an existing checkpoint, settle two variants: original-GLM files saved
     from ``GLMForConditionalGeneration`` prefix their keys with ``glm.`` (a bare ``GLMModel`` does
-    not), and a ChatGLM-6B file may or may not store its tied ``lm_head.weight``.
+    not), and a ChatGLM-6B file may or may not store its tied ``lm_head.weight``. ``per_head_qkv``:
+    see `per_head_qkv` (chatglm2-format files with ``multi_query_attention`` false).
     """
     fam = cfg.family
     if fam == "glm":
@@ -265,7 +280,7 @@ def hf_format(cfg: GLMConfig, dtype: torch.dtype = torch.float32,
     if fam == "chatglm":
         return _chatglm6b_format(cfg, dtype, stored_head=keys is None or "lm_head.weight" in keys)
     if fam in ("chatglm2", "chatglm3", "glm4-chatglm"):
-        return _chatglm2_format(cfg, dtype)
+        return _chatglm2_format(cfg, dtype, per_head_qkv)
     if fam in ("glm-hf", "glm4-hf"):
         return _glm_hf_format(cfg)
     raise ValueError(f"no checkpoint format for family {fam!r}")
@@ -337,7 +352,7 @@ def hf_config(cfg: GLMConfig, dtype: torch.dtype) -> dict:
     if fam == "chatglm":
         _require(cfg, fam, position_encoding="rope_2d", norm="layernorm", mlp="gelu_tanh", sandwich_norm=False,
                  num_kv_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
-                 rope_inv_freq_dtype="float16", rope_base=10000.0)
+                 rope_inv_freq_dtype="float16", rope_base=10000.0, rope_position_scale=1.0)
         from .config import CHATGLM6B_RESIDUAL_ALPHA
         _require(cfg, fam, residual_alpha=CHATGLM6B_RESIDUAL_ALPHA)
         st = cfg.special_tokens
@@ -360,19 +375,28 @@ def hf_config(cfg: GLMConfig, dtype: torch.dtype) -> dict:
              "attention_dropout": 0.0, "layernorm_epsilon": cfg.norm_eps, "rmsnorm": True,
              "apply_residual_connection_post_layernorm": False, "post_layer_norm": True,
              "add_bias_linear": cfg.out_bias, "add_qkv_bias": cfg.qkv_bias, "bias_dropout_fusion": True,
-             "multi_query_attention": cfg.num_kv_heads != cfg.num_heads, "multi_query_group_num": cfg.num_kv_heads,
+             # Always true: with it false the reference reads the fused QKV rows per head (see
+             # per_head_qkv); true with as many groups as heads is plain multi-head attention.
+             "multi_query_attention": True, "multi_query_group_num": cfg.num_kv_heads,
              "apply_query_key_layer_scaling": True, "attention_softmax_in_fp32": True,
              "fp32_residual_connection": False, "original_rope": True, "use_cache": True,
              "tie_word_embeddings": False, "eos_token_id": eos[0] if len(eos) == 1 else eos,
              "pad_token_id": cfg.pad_token_id, "torch_dtype": dt}
-        if fam == "glm4-chatglm" or cfg.rope_base != 10000.0:
-            d["rope_ratio"] = cfg.rope_base / 10000.0
+        # rope_ratio divides ChatGLM2's positions but multiplies ChatGLM3's / GLM-4's base.
+        if fam == "chatglm2":
+            _require(cfg, fam, rope_base=10000.0)
+            if cfg.rope_position_scale != 1.0:
+                d["rope_ratio"] = cfg.rope_position_scale
+        else:
+            _require(cfg, fam, rope_position_scale=1.0)
+            if fam == "glm4-chatglm" or cfg.rope_base != 10000.0:
+                d["rope_ratio"] = cfg.rope_base / 10000.0
         # The chatglm-format schemas are identical; the name is what lets from_hf tell them apart.
         d["_name_or_path"] = "THUDM/glm-4-9b" if fam == "glm4-chatglm" else f"THUDM/{fam}-6b"
         return d
     if fam in ("glm-hf", "glm4-hf"):
         _require(cfg, fam, position_encoding="rope", norm="rmsnorm", mlp="swiglu", residual_alpha=None,
-                 sandwich_norm=(fam == "glm4-hf"), out_bias=False, mlp_bias=False)
+                 sandwich_norm=(fam == "glm4-hf"), out_bias=False, mlp_bias=False, rope_position_scale=1.0)
         return {"architectures": ["Glm4ForCausalLM" if fam == "glm4-hf" else "GlmForCausalLM"],
                 "model_type": "glm4" if fam == "glm4-hf" else "glm", "attention_bias": cfg.qkv_bias,
                 "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "dtype": dt,
@@ -392,8 +416,9 @@ def retarget(cfg: GLMConfig, family: str, dtype: torch.dtype) -> GLMConfig:
     """``cfg`` re-expressed as another family with the same computation, where the formats allow it:
     the chatglm-format GLM-4 and transformers' Glm are the two public forms of GLM-4-9B (and
     ChatGLM2/3 map onto Glm the same way). The rotary base carries over as rope_theta = 10000 *
-    rope_ratio. transformers' Glm rounds its RoPE frequencies to the checkpoint dtype while the
-    chatglm code does not; that reference difference (<1e-3 in logits) is kept, not hidden."""
+    rope_ratio. A half-precision Glm target gets ``rope_inv_freq_dtype`` = that dtype, as from_hf
+    reads such a file (the fixtures' transformers reference, cast to bf16, rounds its RoPE
+    frequencies; the chatglm code never does): that difference (<1e-3 in logits) is kept, not hidden."""
     if family == cfg.family:
         return cfg
     chatglm2_like = ("chatglm2", "chatglm3", "glm4-chatglm")
@@ -500,7 +525,10 @@ def open_source(src: str) -> tuple[Source, "object"]:
     if is_glm_format(src):
         mappings = [rename(n, n) for n in _meta_shapes(cfg, src)]
     else:
-        mappings = hf_format(cfg, keys=reader.keys())
+        mappings = hf_format(cfg, keys=reader.keys(), per_head_qkv=per_head_qkv(cfg.family, hf_cfg))
+        # Buffers glm regenerates (RoPE inv_freq) are optional: the references never read them.
+        have = set(reader.keys())
+        mappings = [mp for mp in mappings if mp.glm or all(n in have for n in mp.hf)]
     check_keys(mappings, reader.keys(), "hf", src)
     source = Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys())
     check_shapes(source, src)
@@ -548,9 +576,11 @@ def peak_rss() -> int:
 
 def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[str] = None,
                dtype: "torch.dtype | str | None" = None, allow_lossy: bool = False,
-               shard_size: "int | str" = "2GB", overwrite: bool = False, progress: bool = False) -> ConvertSummary:
+               shard_size: "int | str" = "2GB", overwrite: bool = False, progress: bool = False,
+               extra_files: Optional[dict[str, bytes]] = None) -> ConvertSummary:
     """Write ``source`` to ``dst`` in glm's format (``to="glm"``) or a release format (``to="hf"``,
-    ``family`` defaults to the source's). Streams one mapping at a time; atomic."""
+    ``family`` defaults to the source's). Streams one mapping at a time; atomic. ``extra_files``
+    (name -> bytes, e.g. the tokenizer) are written into the folder with the weights."""
     from .checkpoint import _as_dtype, parse_size, write_checkpoint
 
     t0 = time.time()
@@ -581,13 +611,14 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
         config_json = {"glm_format_version": 1, "config": cfg.to_dict(), "hf_config": source.hf_config}
     else:
         tcfg = retarget(cfg, family or cfg.family, out_dtype)
-        targets = hf_format(tcfg, dtype=out_dtype)
         config_json = hf_config(tcfg, out_dtype)
         if source.hf_config is not None and tcfg.family == cfg.family:
             # Same release format: keep its own config.json (all its keys), with the dtype updated.
             config_json = dict(source.hf_config)
             keys = [k for k in ("torch_dtype", "dtype") if k in config_json] or ["torch_dtype"]
             config_json.update({k: _DTYPE_NAMES[out_dtype] for k in keys})
+        # The rows must be laid out the way the config.json written beside them makes the reference read them.
+        targets = hf_format(tcfg, dtype=out_dtype, per_head_qkv=per_head_qkv(tcfg.family, config_json))
 
     producer = {g: mp for mp in source.mappings for g in mp.glm}
     # Order target mappings by the shard their first glm tensor comes from: each shard read once.
@@ -614,7 +645,8 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
         from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {os.path.basename(dst)}")
     on_tensor = (lambda _n, nbytes: bar.update(nbytes)) if bar is not None else None
-    files = {"config.json": (json.dumps(config_json, indent=2, ensure_ascii=False) + "\n").encode()}
+    files = {**(extra_files or {}),
+             "config.json": (json.dumps(config_json, indent=2, ensure_ascii=False) + "\n").encode()}
     try:
         names = write_checkpoint(dst, entries, stream(source.get), files, shard_size=shard_bytes,
                                  overwrite=overwrite, on_tensor=on_tensor)
@@ -624,11 +656,35 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     return ConvertSummary(dst, to, tcfg.family, len(entries), total, time.time() - t0, peak_rss(), names)
 
 
+# Files a checkpoint folder carries besides weights and config.json that stay valid whatever the
+# weight format: the tokenizer (what glm.tokenizer.load and the references read) and generation
+# defaults. Remote-code .py files are not copied: they belong to one release format.
+CARRIED_FILES = ("tokenizer.model", "ice_text.model", "cog-pretrain.model", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "vocab.json", "merges.txt",
+                 "generation_config.json")
+
+
+def carried_files(src: str) -> dict[str, bytes]:
+    """The `CARRIED_FILES` present in ``src``, name -> bytes."""
+    out = {}
+    for name in CARRIED_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
 def convert_checkpoint(src: str, dst: str, **kwargs) -> ConvertSummary:
-    """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`."""
-    source, reader = open_source(os.fspath(src))
+    """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`.
+    The tokenizer and generation_config.json come along (`CARRIED_FILES`)."""
+    src = os.fspath(src)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst} is the source folder itself; write to another folder (the conversion "
+                         f"replaces the destination, which would delete the source's own files)")
+    source, reader = open_source(src)
     try:
-        return write_from(source, dst, **kwargs)
+        return write_from(source, dst, extra_files=carried_files(src), **kwargs)
     finally:
         reader.close()
 

@@ -56,6 +56,7 @@ class Rotary(nn.Module):
         self.segments = 2 if cfg.position_encoding == "rope_2d" else 1
         self.seg_dim = cfg.rotary_dim // self.segments
         self.base = cfg.rope_base
+        self.position_scale = cfg.rope_position_scale
         self.round_dtype = getattr(torch, cfg.rope_inv_freq_dtype) if cfg.rope_inv_freq_dtype else None
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
@@ -63,7 +64,7 @@ class Rotary(nn.Module):
         r = self.seg_dim
         inv = 1.0 / (self.base ** (torch.arange(0, r, 2, dtype=torch.float32, device=device) / r))
         if self.round_dtype is not None:
-            # ChatGLM-6B stores inv_freq as fp16; transformers' Glm casts it to the checkpoint dtype.
+            # ChatGLM-6B stores inv_freq as fp16; a transformers Glm cast to bf16 rounds it to bf16.
             # Upcasting keeps the rounded values, and skipping the rounding moves logits past 1e-4.
             inv = inv.to(self.round_dtype).float()
         return inv
@@ -71,9 +72,20 @@ class Rotary(nn.Module):
     def reset_buffers(self, device: "torch.device | str | None" = None) -> None:
         self.inv_freq = self._inv_freq(device if device is not None else self.inv_freq.device)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() would round the frequencies and move every angle; they are a
+        # function of the config (rounded only where rope_inv_freq_dtype says the reference rounds),
+        # so they are rebuilt in fp32 on the buffer's new device instead.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.reset_buffers()
+        return self
+
     def cos_sin(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """position_ids ``[B, S, T]`` -> cos, sin ``[B, 1, T, segments, seg_dim/2]`` in ``dtype``."""
         pos = position_ids[:, : self.segments].transpose(1, 2).float()  # [B, T, segments]
+        if self.position_scale != 1.0:
+            pos = pos / self.position_scale  # ChatGLM2-6B-32k: (p / rope_ratio) * inv_freq
         # One fp32 multiply per angle, as the references' outer products do.
         ang = pos.unsqueeze(-1) * self.inv_freq  # [B, T, segments, r/2]
         return ang.cos().unsqueeze(1).to(dtype), ang.sin().unsqueeze(1).to(dtype)
@@ -227,6 +239,34 @@ class GLM(nn.Module):
             ids = torch.cat((ids, torch.zeros_like(ids)), dim=1)
         return ids
 
+    def chatglm_structure(self, input_ids: Tensor, pad_left: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor]]:
+        """ChatGLM-6B's own reading of a prompt, for calls without position ids (GLM_SPEC §2.6):
+        the context ends at the first bos (``<sop>``); from there on every token takes the position
+        of the first ``[gMASK]`` (else the first ``[MASK]``) and block positions 1, 2, ...; the context
+        is bidirectional (``prefix_len`` = the bos slot). Returns ``(position_ids [B, 2, T],
+        prefix_len [B])``; rows without a bos or a mask keep the plain default (count from 0,
+        causal). None when the config names no bos or mask tokens."""
+        cfg = self.config
+        masks = [cfg.special_tokens.get(k) for k in ("[gMASK]", "[MASK]")]
+        if cfg.family != "chatglm" or cfg.bos_token_id is None or all(m is None for m in masks):
+            return None
+        B, T = input_ids.shape
+        slots = torch.arange(T, device=input_ids.device)
+
+        def first(token: Optional[int]) -> Tensor:  # first slot of token per row, T when absent
+            hit = input_ids == token if token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+            return torch.where(hit.any(1), hit.int().argmax(1), T)
+
+        ctx, gmask, mask = first(cfg.bos_token_id), first(masks[0]), first(masks[1])
+        mask_pos = torch.where(gmask < T, gmask, mask)
+        ok = (ctx < T) & (mask_pos < T)
+        pad = pad_left.to(input_ids.device) if pad_left is not None else torch.zeros(B, dtype=torch.long,
+                                                                                     device=input_ids.device)
+        after = (slots >= ctx[:, None]) & ok[:, None]
+        pos = torch.where(after, (mask_pos - pad)[:, None], (slots - pad[:, None]).clamp_min(0))
+        block = torch.where(after, slots - ctx[:, None] + 1, 0)
+        return torch.stack((pos, block), dim=1), torch.where(ok, ctx, 0)
+
     def next_position_ids(self, last: Tensor) -> Tensor:
         """The position ids ``[B, S]`` of the token after one with ids ``last`` ``[B, S]``.
 
@@ -325,7 +365,9 @@ class GLM(nn.Module):
         """Logits for ``input_ids`` ``[B, T]``.
 
         position_ids: ``[B, T]`` (1D families) or ``[B, 2, T]`` (GLM, ChatGLM-6B); default counts
-          from 0 at each row's first real token, or continues the cache's last positions.
+          from 0 at each row's first real token, or continues the cache's last positions. ChatGLM-6B
+          derives them (and ``prefix_len``) from its bos / mask tokens as its reference does
+          (`chatglm_structure`).
         prefix_len: ``[B]``, keys before it are visible to every query (bidirectional prefix); or
           ``[B, T]`` per query, for packed documents (each document's Part A end).
         pad_left: ``[B]`` left pads per row; their keys are hidden.
@@ -357,7 +399,12 @@ class GLM(nn.Module):
                     position_ids = nxt.unsqueeze(-1) + (step if nxt.shape[1] == 1 else
                                                         torch.stack((torch.zeros_like(step), step)))
                 else:
-                    position_ids = self.default_position_ids(B, T, pad_left, start, input_ids.device)
+                    derived = self.chatglm_structure(input_ids, pad_left) if start == 0 else None
+                    if derived is not None:
+                        position_ids = derived[0]
+                        prefix_len = derived[1] if prefix_len is None else prefix_len
+                    else:
+                        position_ids = self.default_position_ids(B, T, pad_left, start, input_ids.device)
             elif position_ids.dim() == 2 and self.config.position_streams == 1:
                 position_ids = position_ids.unsqueeze(1)
             if check_inputs and not torch.compiler.is_compiling():

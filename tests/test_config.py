@@ -46,6 +46,55 @@ def test_glm4_chatglm_rope_ratio_scales_base():
     assert cfg.rope_base == 10000.0 * 500
 
 
+def _chatglm2_format_json(name: str, rope_ratio: float) -> dict:
+    with open(f"{reference_dir('chatglm2-6b')}/config.json") as f:
+        hf = json.load(f)
+    return {**hf, "_name_or_path": name, "rope_ratio": rope_ratio}
+
+
+def test_rope_ratio_divides_chatglm2_positions_but_scales_chatglm3_base():
+    # ChatGLM2-6B-32k interpolates (positions / rope_ratio, base 10000); ChatGLM3-32k and GLM-4
+    # multiply the base by the same key.
+    c2 = GLMConfig.from_hf(_chatglm2_format_json("THUDM/chatglm2-6b-32k", 16.0))
+    assert (c2.family, c2.rope_base, c2.rope_position_scale) == ("chatglm2", 10000.0, 16.0)
+    c3 = GLMConfig.from_hf(_chatglm2_format_json("THUDM/chatglm3-6b-32k", 50.0))
+    assert (c3.family, c3.rope_base, c3.rope_position_scale) == ("chatglm3", 500000.0, 1.0)
+
+
+def test_rope_position_scale_is_positional_interpolation():
+    # With scale s, position s*p must rotate exactly like position p without scaling.
+    cfg = glm.preset("tiny-chatglm2")
+    plain, scaled = glm.GLM(cfg), glm.GLM(cfg.replace(rope_position_scale=4.0))
+    scaled.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(ids, pos * 4), plain(ids, pos), rtol=0, atol=1e-5)
+        assert not torch.allclose(scaled(ids, pos), plain(ids, pos), atol=1e-3)
+
+
+def test_glm_hf_missing_keys_take_transformers_defaults():
+    with open(f"{reference_dir('glm-4-9b-chat-hf')}/config.json") as f:
+        hf = json.load(f)
+    for key in ("num_key_value_heads", "head_dim"):
+        hf.pop(key, None)
+    cfg = GLMConfig.from_hf(hf)
+    assert (cfg.num_kv_heads, cfg.head_dim) == (2, 128)  # transformers' GlmConfig defaults
+
+
+@pytest.mark.parametrize("name", ["tiny-chatglm", "tiny-glm4-hf"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_the_model_keeps_rope_frequencies_fp32(name, dtype):
+    # model.to(bf16) must not round inv_freq (it would move every angle); the frequencies are the
+    # config's, rounded only where rope_inv_freq_dtype says the reference rounds them.
+    model = glm.GLM(glm.preset(name))
+    before = model.rotary.inv_freq.clone()
+    model.to(dtype)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary.inv_freq, before)
+    assert model.embed.weight.dtype == dtype
+
+
 def test_chatglm6b_alpha_ignores_num_layers():
     cfg = GLMConfig.from_hf(reference_dir("chatglm-6b"))
     assert cfg.num_layers == 2 and cfg.residual_alpha == pytest.approx(56 ** 0.5)

@@ -22,7 +22,7 @@ import glm
 import glm.checkpoint
 from glm.checkpoint import CheckpointError, CheckpointReader, is_glm_format
 from glm.cli import main
-from glm.convert import FormatError, KeyMismatchError, convert_checkpoint, save_pretrained
+from glm.convert import CARRIED_FILES, FormatError, KeyMismatchError, convert_checkpoint, save_pretrained
 from glm.parity import load_cases, run_parity
 
 from conftest import FIXTURE_FAMILIES, copy_fixture, edit_json, reference_dir, snapshot
@@ -155,7 +155,8 @@ def test_glm_format_to_glm_format_is_identity(name, tmp_path):
     convert_checkpoint(reference_dir(name), g1, to="glm", shard_size=SHARD)
     convert_checkpoint(g1, g2, to="glm")  # one shard this time
     assert_bit_exact(g1, g2)
-    assert sorted(os.listdir(g2)) == ["config.json", "model.safetensors"]
+    carried = sorted(set(os.listdir(reference_dir(name))) & set(CARRIED_FILES))  # tokenizer etc.
+    assert sorted(os.listdir(g2)) == sorted(["config.json", "model.safetensors", *carried])
     assert load_json(g1 / "config.json") == load_json(g2 / "config.json")
 
 
@@ -765,3 +766,90 @@ def test_cli_rejects_unknown_dtype_and_family(tmp_path, capsys):
         assert e.value.code == 2
         assert "invalid choice" in capsys.readouterr().err
     assert_nothing_written(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout details of the chatglm2 format that round trips through glm alone cannot see
+
+def _mha_chatglm2(tmp_path):
+    cfg = glm.preset("tiny-chatglm2").replace(num_kv_heads=4)  # as many KV heads as query heads
+    model = glm.GLM(cfg)
+    model.init_weights(seed=3)
+    folder = tmp_path / "mha"
+    save_pretrained(model, folder, format="hf")
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+    return folder, ids, want
+
+
+def test_chatglm2_writer_always_declares_multi_query(tmp_path):
+    # With multi_query_attention false the reference reads the fused QKV rows per head ([n, 3d]);
+    # glm writes [q | k | v] blocks, so the flag must say true even for plain multi-head attention.
+    folder, _, _ = _mha_chatglm2(tmp_path)
+    hf = load_json(folder / "config.json")
+    assert hf["multi_query_attention"] is True and hf["multi_query_group_num"] == 4
+
+
+def test_chatglm2_without_multi_query_reads_per_head_rows(tmp_path):
+    from glm.convert import blocks_to_per_head_qkv
+
+    folder, ids, want = _mha_chatglm2(tmp_path)
+    edit_json(folder / "config.json", lambda c: c.update(multi_query_attention=False))
+    tensors = read_all(folder)
+    for name in [k for k in tensors if "query_key_value" in k]:
+        tensors[name] = blocks_to_per_head_qkv(tensors[name], 4, 16).contiguous()
+    from safetensors.torch import save_file
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(folder / f)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with torch.no_grad():
+        got = glm.from_pretrained(folder)(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # and written back in the same (per-head) form, bit for bit
+    out = tmp_path / "again"
+    convert_checkpoint(folder, out, to="hf")
+    assert load_json(out / "config.json")["multi_query_attention"] is False
+    assert_same_tensors(read_all(out), tensors, "per-head round trip")
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm2-6b"])
+def test_unused_rope_buffers_are_optional(name, tmp_path):
+    # The references never read the stored inv_freq buffers, so a file without them is complete.
+    src = tmp_path / "src"
+    convert_checkpoint(reference_dir(name), src, to="hf", shard_size="10GB")
+    tensors = {k: v for k, v in read_all(src).items() if "inv_freq" not in k}
+    from safetensors.torch import save_file
+    os.remove(src / "model.safetensors")
+    save_file(tensors, str(src / "model.safetensors"))
+    assert_parity(src, name)
+
+
+def test_chatglm2_rope_ratio_round_trips_as_position_scale(tmp_path):
+    model = glm.GLM(glm.preset("tiny-chatglm2").replace(rope_position_scale=16.0))
+    save_pretrained(model, tmp_path / "c2", format="hf")
+    assert load_json(tmp_path / "c2" / "config.json")["rope_ratio"] == 16.0
+    back = glm.from_pretrained(tmp_path / "c2")
+    assert (back.config.rope_position_scale, back.config.rope_base) == (16.0, 10000.0)
+    with pytest.raises(FormatError, match="rope_position_scale"):
+        save_pretrained(model, tmp_path / "hf", format="hf", family="glm-hf")
+
+
+def test_convert_carries_the_tokenizer(tmp_path):
+    src = copy_fixture("chatglm3-6b", tmp_path)
+    with open(os.path.join(src, "tokenizer.model"), "wb") as f:
+        f.write(b"not really a sentencepiece model")
+    convert_checkpoint(src, tmp_path / "g", to="glm")
+    convert_checkpoint(tmp_path / "g", tmp_path / "h", to="hf")
+    for out in ("g", "h"):
+        with open(tmp_path / out / "tokenizer.model", "rb") as f:
+            assert f.read() == b"not really a sentencepiece model"
+
+
+def test_convert_refuses_to_write_over_its_source(tmp_path):
+    src = copy_fixture("chatglm3-6b", tmp_path)
+    before = snapshot(src)
+    with pytest.raises(ValueError, match="source folder itself"):
+        convert_checkpoint(src, src, to="glm", overwrite=True)
+    assert snapshot(src) == before

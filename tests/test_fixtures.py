@@ -89,3 +89,25 @@ def test_loss_matches_reference():
         logits = model(t["infill.input_ids"], t["infill.position_ids"], prefix_len=t["infill.prefix_len"])
     loss = glm.lm_loss(logits, t["infill.labels"])
     assert abs(loss.item() - t["infill.loss"].item()) < 1e-4
+
+
+def test_chatglm6b_derives_positions_and_prefix_like_its_reference():
+    # Called without position_ids / prefix_len, ChatGLM-6B reads its prompt the reference's way
+    # (context up to the bos, then the [gMASK] position with block positions 1, 2, ...), so
+    # model(ids) and glm.generate(model, ids) reproduce the reference with no hand-built positions.
+    d = reference_dir("chatglm-6b")
+    model = glm.from_pretrained(d)
+    meta, t = load_cases(d)
+    for case in meta["cases"]:
+        inp = {k: t[v] if isinstance(v, str) else v for k, v in case["inputs"].items()}
+        pos, prefix = model.chatglm_structure(inp["input_ids"], inp["pad_left"])
+        assert torch.equal(pos, inp["position_ids"]) and torch.equal(prefix, inp["prefix_len"])
+        if case["kind"] == "forward":
+            with torch.no_grad():
+                got = model(inp["input_ids"], pad_left=inp["pad_left"])
+            want, rows = t[case["outputs"]["logits"]], t[case["outputs"]["compare_mask"]]
+            assert float((got - want)[rows].abs().max()) < meta["atol"]
+        else:
+            new = glm.generate(model, inp["input_ids"], pad_left=inp["pad_left"], max_new_tokens=inp["steps"],
+                               eos_token_ids=())
+            assert torch.equal(new, t[case["outputs"]["tokens"]])
