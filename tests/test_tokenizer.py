@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import sys
 
@@ -206,6 +207,24 @@ def test_chat_glm4(trained):
                                            *enc("\n20"), t("<|assistant|>")]
 
 
+@needs_tiktoken
+def test_chat_glm4_skips_empty_messages(trained):
+    """glm-4-9b-chat writes a message only `{% if item['content'] %}`: an empty one adds no role token,
+    metadata or newline. ChatGLM3's build_chat_input has no such test and keeps it."""
+    tok, _ = trained("glm4")
+    t, enc = tok.token_id, tok.encode
+    msgs = [{"role": "system", "content": ""}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "metadata": "get_weather", "content": ""}, {"role": "user", "content": "again"}]
+    assert tok.chat_ids(messages=msgs) == [t("[gMASK]"), t("<sop>"), t("<|user|>"), *enc("\nhi"), t("<|user|>"),
+                                           *enc("\nagain"), t("<|assistant|>")]
+    assert tok.chat_ids("", [("q", "")]) == [t("[gMASK]"), t("<sop>"), t("<|user|>"), *enc("\nq"), t("<|assistant|>")]
+    tok3, _ = trained("chatglm3")
+    ids = tok3.chat_ids(messages=msgs)
+    assert [i for i in ids if i in tok3.special_tokens.values()] == [
+        tok3.token_id(n) for n in ("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|user|>",
+                                   "<|assistant|>")]
+
+
 def test_glm_has_no_chat_format(trained):
     tok, _ = trained("glm")
     with pytest.raises(TokenizerError, match="no chat format"):
@@ -400,6 +419,34 @@ def test_load_release_layout_glm4(trained, tmp_path):
     assert tok.family == "glm4" and tok.token_id("[gMASK]") == text_pieces(tok, f4) + 2
 
 
+def test_model_family_names_are_accepted(trained, tmp_path):
+    """`glm convert --family` names (glm/config.py FAMILIES) work as tokenizer families: glm4-chatglm,
+    glm-hf and glm4-hf mean the GLM-4 tokenizer; the names shared with the tokenizer mean themselves."""
+    from glm.config import FAMILIES as MODEL_FAMILIES
+    from glm.tokenizer import FAMILY_NAMES, canonical_family
+    assert set(MODEL_FAMILIES) <= set(FAMILY_NAMES)
+    assert {name: canonical_family(name, "test") for name in MODEL_FAMILIES} == {
+        "glm": "glm", "chatglm": "chatglm", "chatglm2": "chatglm2", "chatglm3": "chatglm3",
+        "glm4-chatglm": "glm4", "glm-hf": "glm4", "glm4-hf": "glm4"}
+    _, f2 = trained("chatglm2")
+    assert load(f2, family="chatglm3").family == "chatglm3"
+    with pytest.raises(TokenizerError, match="unknown tokenizer family 'glm5'.*glm4-chatglm, glm-hf, glm4-hf"):
+        load(f2, family="glm5")
+    with pytest.raises(TokenizerError, match="unknown tokenizer family 'glm5'"):
+        train([f"{f2}/tokenizer.model"], str(tmp_path / "x"), 600, "glm5")
+
+
+@needs_tiktoken
+@pytest.mark.parametrize("alias", ["glm4-chatglm", "glm-hf", "glm4-hf"])
+def test_model_family_names_mean_glm4(trained, tmp_path, corpus, alias):
+    tok, f4 = trained("glm4")
+    assert load(f4, family=alias).special_tokens == tok.special_tokens
+    d = _release_dir(tmp_path, "g4", f"{f4}/tokenizer.model", "tokenizer.model", {"glm_tokenizer_family": alias})
+    assert load(d).family == "glm4"
+    again = train([corpus], str(tmp_path / "t"), VOCAB["glm4"], alias)
+    assert again.family == "glm4" and again.special_tokens == tok.special_tokens
+
+
 def test_release_added_token_table_wins(trained, tmp_path):
     tok, folder = trained("glm")
     n = text_pieces(tok, folder)
@@ -424,6 +471,37 @@ def test_chatglm6b_num_image_tokens(trained, tmp_path):
     assert shifted.vocab_size == tok.vocab_size + 20000
     assert shifted.encode("你好\n x") == [i + 20000 for i in tok.encode("你好\n x")]
     assert shifted.decode([5, *shifted.encode("你好")]) == "你好"  # image-token ids are dropped, as in the release
+
+
+def test_chatglm6b_num_image_tokens_from_config_json(trained, tmp_path):
+    """Without num_image_tokens in tokenizer_config.json the offset comes from config.json's vocab_size:
+    the reference default 20000 when the embedding rows have room for it, else 0. The releases pad their
+    rows 184 past ice_text.model's 130344 pieces: 150528 rows (first release, offset 20000), 130528 (0)."""
+    tok, folder = trained("chatglm")
+    pieces = spm.SentencePieceProcessor(model_file=os.path.join(folder, "ice_text.model")).get_piece_size()
+    gmask = tok.token_id("[gMASK]")
+
+    def offset(rows=None, **cfg) -> int:
+        d = _release_dir(tmp_path, f"c6-{len(os.listdir(tmp_path))}", f"{folder}/ice_text.model", "ice_text.model",
+                         {"tokenizer_class": "ChatGLMTokenizer", **cfg})
+        if rows is not None:
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump({"model_type": "chatglm", "vocab_size": rows}, f)
+        loaded = load(d)
+        assert loaded.encode("你好") == [i + loaded.num_image_tokens for i in tok.encode("你好")]
+        return loaded.token_id("[gMASK]") - gmask
+
+    assert offset(pieces + 20000 + 184) == 20000  # as the first release
+    assert offset(pieces + 20000) == 20000
+    assert offset(pieces + 184) == 0  # as the current release
+    assert offset(pieces) == 0
+    assert offset(pieces - 1) == 0  # a config that cannot hold the pieces says nothing about the offset
+    assert offset() == 0  # no config.json
+    assert offset("150528") == 0  # not an int: ignored
+    assert offset(pieces + 20184, num_image_tokens=0) == 0  # the tokenizer's own key wins
+    assert offset(pieces, num_image_tokens=20000) == 20000
+    with pytest.raises(TokenizerError, match="num_image_tokens is '20000'; set it to an integer"):
+        offset(num_image_tokens="20000")
 
 
 def test_save_is_atomic_and_keeps_other_files(trained, tmp_path):
@@ -501,15 +579,49 @@ def test_glm4_hand_built_rank_file(tmp_path):
 # train
 
 def test_train_errors(corpus, tmp_path):
-    with pytest.raises(TokenizerError, match="unknown family 'gpt2'.*glm, chatglm, chatglm2, chatglm3, glm4"):
+    with pytest.raises(TokenizerError, match="unknown tokenizer family 'gpt2'.*glm, chatglm, chatglm2, chatglm3, glm4"):
         train([corpus], str(tmp_path / "x"), 600, "gpt2")
     with pytest.raises(TokenizerError, match="missing or empty"):
         train([str(tmp_path / "none.txt")], str(tmp_path / "x"), 600, "chatglm2")
-    with pytest.raises(TokenizerError, match="too small for chatglm"):
+    with pytest.raises(TokenizerError, match="too small for chatglm: .* distinct character"):
         train([corpus], str(tmp_path / "x"), 300, "chatglm")
-    with pytest.raises(TokenizerError, match="lower vocab_size or add text"):
-        train([corpus], str(tmp_path / "x"), 60000, "chatglm2")
     assert not (tmp_path / "x").exists()
+
+
+def _advised_size(error: TokenizerError, direction: str) -> int:
+    msg = str(error)
+    assert "--" not in msg and "character_coverage" not in msg, msg  # no SentencePiece trainer flags
+    match = re.search(rf"use vocab_size {direction} (\d+)", msg)
+    assert match, msg
+    return int(match.group(1))
+
+
+def test_train_size_advice_is_exact(corpus, tmp_path):
+    """Each SentencePiece size failure says which way to move vocab_size and how far, and the size it
+    names trains: too small for the corpus's characters (needs more), too large for its text (needs less)."""
+    with pytest.raises(TokenizerError, match="too small for glm") as e:
+        train([corpus], str(tmp_path / "a"), 300, "glm")  # passes the reserved-pieces check, not the characters
+    assert "lower" not in str(e.value)
+    least = _advised_size(e.value, ">=")
+    with pytest.raises(TokenizerError, match="too small"):
+        train([corpus], str(tmp_path / "a"), least - 1, "glm")
+    assert train([corpus], str(tmp_path / "a"), least, "glm").vocab_size == least
+    with pytest.raises(TokenizerError, match="too large for chatglm2") as e:
+        train([corpus], str(tmp_path / "b"), 60000, "chatglm2")
+    most = _advised_size(e.value, "<=")
+    with pytest.raises(TokenizerError, match="too large"):
+        train([corpus], str(tmp_path / "b"), most + 1, "chatglm2")
+    assert train([corpus], str(tmp_path / "b"), most, "chatglm2").vocab_size == most
+
+
+@needs_tiktoken
+def test_train_glm4_size_advice_is_exact(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("the cat sat on the mat\n" * 20, encoding="utf-8")
+    with pytest.raises(TokenizerError, match="too large for glm4") as e:
+        train([str(small)], str(tmp_path / "g"), 1000, "glm4")
+    most = _advised_size(e.value, "<=")
+    assert train([str(small)], str(tmp_path / "g"), most, "glm4").vocab_size == most
 
 
 # ---------------------------------------------------------------------------------------------

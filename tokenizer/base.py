@@ -14,12 +14,25 @@ from typing import Iterable, Mapping, Optional, Sequence
 from glm.checkpoint import atomic_write
 
 FAMILIES = ("glm", "chatglm", "chatglm2", "chatglm3", "glm4")
+# The model family names (glm/config.py, `glm convert --family`) that are not tokenizer family names:
+# glm-4-9b in the chatglm format and the transformers-native Glm/Glm4 releases all use GLM-4's vocabulary.
+FAMILY_ALIASES = {"glm4-chatglm": "glm4", "glm-hf": "glm4", "glm4-hf": "glm4"}
+FAMILY_NAMES = FAMILIES + tuple(FAMILY_ALIASES)  # every name `family=` accepts
 CONFIG_NAME = "tokenizer_config.json"
 FAMILY_KEY = "glm_tokenizer_family"
 
 
 class TokenizerError(ValueError):
     """A tokenizer file, folder, name or argument that cannot be used as it is; the message names it and the fix."""
+
+
+def canonical_family(name: object, where: str) -> str:
+    """The tokenizer family a family name means (a model family name is mapped to its tokenizer's);
+    ``where`` names the argument or file the name came from, for the error."""
+    if isinstance(name, str) and name in FAMILY_NAMES:
+        return FAMILY_ALIASES.get(name, name)
+    raise TokenizerError(f"unknown tokenizer family {name!r} (from {where}); expected one of {', '.join(FAMILIES)} "
+                         f"or a model family name ({', '.join(FAMILY_ALIASES)}, meaning glm4)")
 
 
 Message = Mapping[str, object]

@@ -100,10 +100,23 @@ class GLM4Tokenizer(Tokenizer):
             if "tools" in m:
                 raise TokenizerError("chat_ids: the GLM-4 tools system prompt is not reproduced; render the tool "
                                      "descriptions into a system message's content yourself")
+            if not m["content"]:
+                # The release writes a message only `{% if item['content'] %}` (its apply_chat_template:
+                # `if item["content"]:`), so an empty message adds nothing, role token and metadata included.
+                continue
             ids.append(self.special_tokens[f"<|{m['role']}|>"])
             ids += self.encode(f"{m.get('metadata', '')}\n{m['content']}")
         ids.append(self.special_tokens["<|assistant|>"])
         return ids
+
+
+class CorpusTooSmall(TokenizerError):
+    """The corpus has fewer distinct BPE tokens than the ranks asked for; ``available`` is how many it has."""
+
+    def __init__(self, available: int, asked: int):
+        super().__init__(f"the corpus yields only {available} distinct tokens, fewer than the {asked} ranks asked "
+                         f"for; ask for at most {available} or add text")
+        self.available = available
 
 
 def train_ranks(texts: Iterable[str], n_ranks: int) -> dict[bytes, int]:
@@ -128,8 +141,7 @@ def train_ranks(texts: Iterable[str], n_ranks: int) -> dict[bytes, int]:
     ranks = {bytes([b]): b for b in range(256)}
     while len(ranks) < n_ranks:
         if not pairs:
-            raise TokenizerError(f"the corpus yields only {len(ranks)} distinct tokens, fewer than the {n_ranks} "
-                                 f"asked for; lower vocab_size or add text")
+            raise CorpusTooSmall(len(ranks), n_ranks)
         # most frequent; ties go to the lexicographically largest pair so training is deterministic
         best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
         merged = best[0] + best[1]

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Optional
 
-from .base import CONFIG_NAME, FAMILIES, FAMILY_KEY, Tokenizer, TokenizerError
+from .base import CONFIG_NAME, FAMILY_KEY, Tokenizer, TokenizerError, canonical_family
 from .glm4 import GLM4Tokenizer, is_rank_file
 from .sentencepiece_families import (CHATGLM3_ROLES, ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer,
                                      GLMTokenizer, load_sentencepiece)
@@ -89,9 +89,34 @@ def detect_family(file: str, data: bytes, cfg: dict) -> str:
     return "chatglm3" if _configures_chatglm3(folder, cfg) else "chatglm2"
 
 
+# ChatGLM-6B's SPTokenizer default: the first release numbered its text ids after 20000 image tokens.
+CHATGLM_IMAGE_TOKENS = 20000
+
+
+def chatglm_num_image_tokens(folder: str, cfg: dict, pieces: int) -> int:
+    """ChatGLM-6B's id offset: ``num_image_tokens`` from tokenizer_config.json; where the key is absent,
+    20000 (the reference code's default) when the folder's config.json ``vocab_size`` has room for the
+    ``pieces`` of ice_text.model after 20000 image ids, else 0.
+
+    The config's vocab_size counts embedding rows, which the releases pad past the last id (130344
+    pieces: 150528 rows in the first release, offset 20000; 130528 rows in the current one, offset 0),
+    so the offset is the one the row count allows, never the row count minus the pieces itself."""
+    if "num_image_tokens" in cfg:
+        value = cfg["num_image_tokens"]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TokenizerError(f"{os.path.join(folder, CONFIG_NAME)}: num_image_tokens is {value!r}; set it to "
+                                 f"an integer (20000 for the first ChatGLM-6B release, 0 for the current one)")
+        return value
+    rows = _read_json(os.path.join(folder, "config.json")).get("vocab_size")
+    if isinstance(rows, int) and not isinstance(rows, bool) and rows - pieces >= CHATGLM_IMAGE_TOKENS:
+        return CHATGLM_IMAGE_TOKENS
+    return 0
+
+
 def load(path: str, family: Optional[str] = None) -> Tokenizer:
     """Load the tokenizer of a checkpoint folder or of one tokenizer file, picking its family (or use
-    ``family=`` one of glm, chatglm, chatglm2, chatglm3, glm4)."""
+    ``family=`` one of glm, chatglm, chatglm2, chatglm3, glm4, or a model family name: glm4-chatglm,
+    glm-hf and glm4-hf mean glm4)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise TokenizerError(f"{path} does not exist; pass a checkpoint folder or a tokenizer file "
@@ -100,9 +125,8 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
     cfg = _read_json(os.path.join(folder, CONFIG_NAME))
     origin = "family=" if family is not None else os.path.join(folder, CONFIG_NAME)
     family = family if family is not None else cfg.get(FAMILY_KEY)
-    if family is not None and family not in FAMILIES:
-        raise TokenizerError(f"unknown tokenizer family {family!r} (from {origin}); expected one of "
-                             f"{', '.join(FAMILIES)}")
+    if family is not None:
+        family = canonical_family(family, origin)
     if os.path.isfile(path):
         file = path
     else:
@@ -124,7 +148,9 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
         data = f.read()
     family = family or detect_family(file, data, cfg)
     if family == "chatglm":
-        return ChatGLM6BTokenizer(data, file, num_image_tokens=int(cfg.get("num_image_tokens", 0)),
+        sp = load_sentencepiece(data, file)
+        offset = chatglm_num_image_tokens(folder, cfg, sp.get_piece_size())
+        return ChatGLM6BTokenizer(data, file, num_image_tokens=offset,
                                   remove_space=bool(cfg.get("remove_space", False)),
-                                  do_lower_case=bool(cfg.get("do_lower_case", False)))
+                                  do_lower_case=bool(cfg.get("do_lower_case", False)), sp=sp)
     return CLASSES[family](data, file, overrides=_added_tokens(folder, cfg))

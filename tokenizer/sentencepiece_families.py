@@ -114,8 +114,8 @@ class ChatGLM6BTokenizer(_SentencePieceTokenizer):
     roles_in_chat = frozenset({"user", "assistant"})
 
     def __init__(self, data: bytes, source: str, num_image_tokens: int = 0, remove_space: bool = False,
-                 do_lower_case: bool = False):
-        sp = load_sentencepiece(data, source)
+                 do_lower_case: bool = False, sp: Optional[spm.SentencePieceProcessor] = None):
+        sp = sp if sp is not None else load_sentencepiece(data, source)
         missing = [p for p in (*CHATGLM_SPECIALS, "<pad>", NEWLINE) if sp.piece_to_id(p) == sp.unk_id()]
         if missing:
             raise TokenizerError(f"{source} has no pieces {missing}, so it is not a ChatGLM-6B ice_text.model; "
@@ -124,7 +124,7 @@ class ChatGLM6BTokenizer(_SentencePieceTokenizer):
         if num_image_tokens < 0:
             raise TokenizerError(f"{source}: num_image_tokens is {num_image_tokens}; it must be >= 0")
         # Ids below the offset were image tokens in the first release (code default 20000); the current
-        # release's tokenizer_config.json sets 0, so ids are piece ids.
+        # release's tokenizer_config.json sets 0, so ids are piece ids. load() reads it from the folder.
         self.num_image_tokens = num_image_tokens
         self.remove_space = remove_space
         self.do_lower_case = do_lower_case

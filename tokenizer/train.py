@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 from typing import Iterator, Sequence
 
 import sentencepiece as spm
 
-from .base import FAMILIES, Tokenizer, TokenizerError
-from .glm4 import GLM4_SPECIALS, GLM4Tokenizer, optional_import, format_ranks, train_ranks
+from .base import Tokenizer, TokenizerError, canonical_family
+from .glm4 import GLM4_SPECIALS, CorpusTooSmall, GLM4Tokenizer, optional_import, format_ranks, train_ranks
 from .load import load
 from .sentencepiece_families import (CHATGLM2_SPECIALS, CHATGLM3_ROLES, CHATGLM_SPECIALS, GLM_COMMAND_TOKENS,
                                      ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer,
@@ -71,9 +72,9 @@ def _read_texts(files: Sequence[str]) -> Iterator[str]:
 def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: str, *, model_type: str = "unigram",
           input_sentence_size: int = 1_000_000, num_threads: int = 2) -> Tokenizer:
     """Train a tokenizer on UTF-8 text files with ``family``'s special-token layout, save it to ``out_dir``
-    (model file + tokenizer_config.json) and return it loaded from there."""
-    if family not in FAMILIES:
-        raise TokenizerError(f"train: unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    (model file + tokenizer_config.json) and return it loaded from there. ``family`` may also be a model
+    family name (glm4-chatglm, glm-hf, glm4-hf: the GLM-4 tokenizer)."""
+    family = canonical_family(family, "train(family=...)")
     if isinstance(corpus_files, (str, os.PathLike)):
         corpus_files = [corpus_files]
     files = [os.fspath(p) for p in corpus_files]
@@ -86,14 +87,20 @@ def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: st
         optional_import("tiktoken")  # fail before training, not after
     if not isinstance(vocab_size, int):
         raise TokenizerError(f"train: vocab_size must be an int, got {vocab_size!r}")
-    learned = vocab_size - APPENDED[family]
+    specials = APPENDED[family]
+    learned = vocab_size - specials
     # SentencePiece reserves <unk> <s> </s> (+ <pad> and the 81 whitespace pieces for ChatGLM-6B) and
-    # 256 byte pieces; GLM-4's BPE starts from the 256 bytes.
+    # 256 byte pieces, and then needs one piece per distinct character of the corpus; GLM-4's BPE starts
+    # from the 256 bytes and needs nothing per character.
     floor = 256 if family == "glm4" else 259 + (82 if family == "chatglm" else 0)
     if learned <= floor:
-        raise TokenizerError(f"train: vocab_size {vocab_size} is too small for {family}: it reserves "
-                             f"{APPENDED[family]} special ids and {floor} base pieces, so use more than "
-                             f"{floor + APPENDED[family]} (a few hundred more for useful merges)")
+        if family == "glm4":
+            need, least = f"{specials} special ids and {floor} byte tokens", f"more than {floor + specials}"
+        else:
+            need = f"{specials} special ids, {floor} base pieces and one piece per distinct character of the corpus"
+            least = f"at least {floor + specials} plus the corpus's number of distinct characters"
+        raise TokenizerError(f"train: vocab_size {vocab_size} is too small for {family}: it needs {need}, so use "
+                             f"{least} (a few hundred more for useful merges)")
     try:
         if family == "glm4":
             tok: Tokenizer = GLM4Tokenizer(format_ranks(train_ranks(_read_texts(files), learned)), out_dir)
@@ -101,6 +108,10 @@ def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: st
             tok = _train_sentencepiece(files, out_dir, learned, family, model_type, input_sentence_size, num_threads)
     except UnicodeDecodeError as e:
         raise TokenizerError(f"train: a corpus file is not UTF-8 text ({e}); convert it first") from None
+    except CorpusTooSmall as e:
+        raise TokenizerError(f"train: vocab_size {vocab_size} is too large for {family} on {files}: byte-level BPE "
+                             f"finds only {e.available} tokens in this text, plus {specials} special ids, so use "
+                             f"vocab_size <= {e.available + specials} or add text") from None
     tok.save(out_dir)
     return load(out_dir)
 
@@ -120,10 +131,33 @@ def _train_sentencepiece(files: Sequence[str], out_dir: str, learned: int, famil
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True, num_threads=num_threads,
             minloglevel=2)
     except RuntimeError as e:
-        raise TokenizerError(f"train: SentencePiece could not train {learned} pieces for {family} on {list(files)} "
-                             f"({e}); lower vocab_size or add text") from None
+        raise _sentencepiece_error(str(e), learned, family, files) from None
     model = buf.getvalue()
     if chatglm:
         return ChatGLM6BTokenizer(append_control_pieces(model, CHATGLM_SPECIALS), out_dir)
     cls = {"glm": GLMTokenizer, "chatglm2": ChatGLM2Tokenizer, "chatglm3": ChatGLM3Tokenizer}[family]
     return cls(model, out_dir)
+
+
+def _sentencepiece_error(message: str, learned: int, family: str, files: Sequence[str]) -> TokenizerError:
+    """SentencePiece's failure, as advice in terms of ``vocab_size`` (its own text names trainer flags
+    that glm does not have). Its two size checks say which way to move and how far."""
+    specials = APPENDED[family]
+    vocab_size = learned + specials
+    # trainer_interface.cc: "Vocabulary size is smaller than required_chars. {vocab} vs {chars + reserved}."
+    small = re.search(r"smaller than required_chars\D*(\d+) vs (\d+)", message)
+    if small:
+        need = int(small.group(2)) + specials
+        return TokenizerError(f"train: vocab_size {vocab_size} is too small for {family} on {list(files)}: the "
+                              f"corpus's distinct characters and the reserved pieces need {small.group(2)} pieces "
+                              f"before any merges, plus {specials} special ids, so use vocab_size >= {need} "
+                              f"(a few hundred more for useful merges)")
+    # "Vocabulary size too high ({vocab}). Please set it to a value <= {max}."
+    large = re.search(r"too high\D*\d+\D*<= (\d+)", message)
+    if large:
+        most = int(large.group(1)) + specials
+        return TokenizerError(f"train: vocab_size {vocab_size} is too large for {family} on {list(files)}: "
+                              f"SentencePiece finds only {large.group(1)} pieces in this text, plus {specials} "
+                              f"special ids, so use vocab_size <= {most} or add text")
+    return TokenizerError(f"train: SentencePiece could not train {learned} pieces (vocab_size {vocab_size} less "
+                          f"{specials} special ids) for {family} on {list(files)}: {message}")
