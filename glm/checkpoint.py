@@ -316,21 +316,36 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
 
     The family is recognised from config.json; foreign layouts (per-head or separate QKV,
     interleaved RoPE) are converted to glm's one layout as the tensors stream in, one shard at a
-    time. ``dtype=None`` keeps each tensor's stored dtype; the default upcasts to float32, the
-    precision the parity fixtures were made in. ``config_overrides`` replace `GLMConfig` fields
-    that do not change shapes, e.g. ``rope_inv_freq_dtype=None`` to keep RoPE frequencies exact.
+    time. ``dtype=None`` (or ``"auto"``) keeps each tensor's stored dtype; the default upcasts to
+    float32, the precision the parity fixtures were made in. ``config_overrides`` replace `GLMConfig`
+    fields that do not change shapes, e.g. ``rope_inv_freq_dtype=None`` to keep RoPE frequencies exact.
     """
-    from .convert import open_source
+    import dataclasses
+
+    from .config import GLMConfig
+    from .convert import _meta_shapes, open_source
     from .model import GLM
 
     folder = os.fspath(folder)
-    dtype = _as_dtype(dtype)
+    if "torch_dtype" in config_overrides:
+        raise ValueError("from_pretrained takes dtype=, not transformers' torch_dtype=")
+    unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(GLMConfig)})
+    if unknown:
+        raise ValueError(f"from_pretrained: {unknown} are not GLMConfig fields; keyword arguments besides dtype, "
+                         f"device and backend override config fields (e.g. rope_inv_freq_dtype=None)")
+    dtype = None if dtype == "auto" else _as_dtype(dtype)
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     device = check_device(device)
     source, reader = open_source(folder)
     if config_overrides:
-        source.cfg = source.cfg.replace(**config_overrides)
+        new = source.cfg.replace(**config_overrides)
+        changed = [k for k in config_overrides if getattr(new, k) != getattr(source.cfg, k)]
+        if _meta_shapes(new, folder) != _meta_shapes(source.cfg, folder):
+            raise ValueError(f"{folder}: overriding {changed} changes the model's tensor shapes, so the stored "
+                             f"weights no longer fit; only overrides that keep shapes are allowed (change "
+                             f"config.json, or build glm.GLM(config) and train it)")
+        source.cfg = new
     with reader:
         with torch.device("meta"):
             model = GLM(source.cfg)

@@ -39,7 +39,14 @@ def _load(args: argparse.Namespace):
     from .tokenizer import load
 
     model = from_pretrained(args.dir, dtype=args.dtype, device=args.device)
-    return model, load(args.tokenizer or args.dir)
+    tok = load(args.tokenizer or args.dir)
+    # Fewer tokenizer ids than embedding rows is normal (padded vocabularies); more is a mismatch
+    # that would otherwise fail mid-generation.
+    if tok.vocab_size > model.config.vocab_size:
+        raise TokenizerError(f"{args.tokenizer or args.dir}: the tokenizer has {tok.vocab_size} ids but the model in "
+                             f"{args.dir} only {model.config.vocab_size} embedding rows; pass the tokenizer of this "
+                             f"checkpoint (--tokenizer)")
+    return model, tok
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -133,7 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(_train_config(args))
     if summary:  # rank 0
-        shown = {k: v for k, v in summary.items() if k != "predictions"}
+        # predictions / examples are long lists for notebooks; the files in OUT keep them.
+        shown = {k: v for k, v in summary.items() if k not in ("predictions", "examples")}
         print("\n".join(f"{k}: {v}" for k, v in shown.items()))
     return 0
 
@@ -190,14 +198,16 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
 def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir", help="checkpoint folder (release format or glm's), with its tokenizer files")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder or file (default: DIR)")
-    s.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    s.add_argument("--dtype", default="float32",
+                   help="float32, bfloat16, float16, or auto = as stored (default float32)")
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens to generate (infill: per blank) (default 128)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (needs --temperature)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (needs --temperature)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed")
     s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each decode step from a CUDA graph (default: on with a CUDA --device)")
 
@@ -274,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
     s.set_defaults(func=cmd_bench)
 
-    from .tokenizer import FAMILIES as TOKENIZER_FAMILIES
+    from .tokenizer import FAMILY_NAMES as TOKENIZER_FAMILIES
 
     s = sub.add_parser("train-tokenizer", help="train a SentencePiece (or GLM-4 BPE) tokenizer with a family's specials")
     s.add_argument("corpus", nargs="+", help="text files or globs")
@@ -292,9 +302,13 @@ USER_ERRORS = (BenchError, ConfigError, CheckpointError, KeyMismatchError, Forma
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `glm bench SUITE [options] -- ARGS`: ARGS go to the benchmark script untouched.
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[:len(argv) - len(extra) - 1] if extra or "--" in argv else argv)
+    # `glm bench SUITE [options] -- ARGS`: ARGS go to the benchmark script untouched. Every other
+    # command leaves "--" to argparse, which rejects anything it does not know.
+    extra: list[str] = []
+    if argv[:1] == ["bench"] and "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
     args.extra = extra
     try:
         return args.func(args)
@@ -302,6 +316,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # A user mistake gets one clear line, not a stack trace.
         print(f"glm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Writers clean up on their way out (atomic renames); say so in one line, exit like a shell.
+        print(f"\nglm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -586,6 +586,9 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     t0 = time.time()
     if to not in ("glm", "hf"):
         raise ValueError(f"--to must be 'glm' or 'hf', got {to!r}")
+    if to == "glm" and family is not None and family != source.cfg.family:
+        raise ValueError(f"family {family!r} picks the release format of an hf output (--to hf); glm's format "
+                         f"keeps the source's family ({source.cfg.family})")
     dtype = _as_dtype(dtype)
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")

@@ -62,6 +62,9 @@ def load_cases(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
             raise TypeError
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{json_path}: not a cases file (needs a JSON object with a 'cases' list)") from None
+    if not cases:
+        # An empty list would "pass" having checked nothing.
+        raise CheckpointError(f"{json_path}: the 'cases' list is empty; a parity check needs at least one case")
     try:
         tensors = load_file(st_path)
     except Exception as e:
@@ -157,6 +160,8 @@ def run_parity(model_or_dir: "GLM | str", cases: Optional[str] = None, atol: Opt
         cases = cases or model_or_dir
     meta, tensors = load_cases(cases)
     tol = float(atol if atol is not None else meta.get("atol", 1e-4))
+    if not tol > 0:
+        raise ValueError(f"atol must be a positive number, got {tol} (--atol, or the cases file's 'atol')")
     dev = next(model.parameters()).device
     results = []
     for case in meta["cases"]:
@@ -167,6 +172,10 @@ def run_parity(model_or_dir: "GLM | str", cases: Optional[str] = None, atol: Opt
             kind, name = case["kind"], case["name"]
         except KeyError as e:
             raise CheckpointError(f"{where}: missing field {e.args[0]!r}") from None
+        ref = outputs.get("logits", outputs.get("step_logits"))
+        if isinstance(ref, Tensor) and ref.shape[-1] != model.config.vocab_size:
+            raise CheckpointError(f"{where}: the reference logits have {ref.shape[-1]} vocabulary entries, the "
+                                  f"model {model.config.vocab_size}; these cases belong to another checkpoint")
         inputs = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in inputs.items()}
         outputs = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in outputs.items()}
         if kind == "forward":

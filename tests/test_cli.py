@@ -222,3 +222,12 @@ def test_bench_attention_refuses_a_wrong_kernel(attention_bench):
         else:
             assert "glm" in r["ms"] and not r["refused"]
     assert all(g["met"] is None for g in attention_bench.goals(rows))
+
+
+def test_tokenizer_larger_than_the_model_is_refused_up_front(checkpoint, tmp_path, capsys):
+    family, d = checkpoint
+    small = glm.GLM(glm.preset(PRESET[family]).replace(vocab_size=400))
+    small.save_pretrained(str(tmp_path / "small"), format="hf")
+    assert main(["generate", str(tmp_path / "small"), "--tokenizer", d, "--prompt", "the cat"]) == 2
+    captured = capsys.readouterr()
+    assert "the tokenizer has 480 ids but the model" in captured.err and captured.out == ""

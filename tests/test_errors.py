@@ -183,3 +183,75 @@ def test_structure_tensors_validated():
     cache = model.new_cache(1, 10)
     with pytest.raises(InputError, match=r"prefix_len values must lie in \[0, 5\]"):
         model(ids, pos, prefix_len=torch.tensor([6]), cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# from_pretrained's keyword arguments, parity files and the CLI's edges
+
+def test_from_pretrained_overrides_that_change_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"overriding \['num_layers'\] changes the model's tensor shapes"):
+        glm.from_pretrained(reference_dir("chatglm3-6b"), num_layers=1)
+    with pytest.raises(ValueError, match="not GLMConfig fields"):
+        glm.from_pretrained(reference_dir("chatglm3-6b"), do_sample=True)
+    with pytest.raises(ValueError, match="takes dtype=, not transformers' torch_dtype="):
+        glm.from_pretrained(reference_dir("chatglm3-6b"), torch_dtype=torch.float16)
+
+
+def test_from_pretrained_dtype_auto_keeps_the_stored_dtype():
+    model = glm.from_pretrained(reference_dir("glm-4-9b-0414"), dtype="auto")
+    assert model.embed.weight.dtype == torch.bfloat16
+
+
+def _cases_copy(tmp_path, name: str, edit) -> str:
+    src = reference_dir(name)
+    dst = tmp_path / "cases"
+    dst.mkdir()
+    for f in ("cases.json", "cases.safetensors"):
+        with open(os.path.join(src, f), "rb") as a, open(dst / f, "wb") as b:
+            b.write(a.read())
+    edit_json(dst / "cases.json", edit)
+    return str(dst)
+
+
+def test_parity_refuses_an_empty_cases_list(tmp_path, capsys):
+    cases = _cases_copy(tmp_path, "chatglm3-6b", lambda c: c.update(cases=[]))
+    assert main(["parity", reference_dir("chatglm3-6b"), "--cases", cases]) == 2
+    assert "the 'cases' list is empty" in capsys.readouterr().err
+
+
+def test_parity_names_a_vocabulary_mismatch(tmp_path):
+    from glm.parity import run_parity
+
+    model = glm.GLM(glm.preset("tiny-chatglm3").replace(vocab_size=200))  # the fixture has 160
+    with pytest.raises(CheckpointError, match="the reference logits have 160 vocabulary entries, the model 200"):
+        run_parity(model, cases=reference_dir("chatglm3-6b"))
+
+
+def test_parity_rejects_a_non_positive_atol(capsys):
+    assert main(["parity", reference_dir("chatglm3-6b"), "--atol", "-1"]) == 2
+    assert "atol must be a positive number" in capsys.readouterr().err
+
+
+def test_arguments_after_double_dash_are_rejected_outside_bench(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["parity", reference_dir("chatglm3-6b"), "--", "--atol", "1"])
+    assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_convert_family_without_to_hf_is_an_error(tmp_path, capsys):
+    assert main(["convert", reference_dir("glm-4-9b-chatglm"), str(tmp_path / "o"), "--family", "glm-hf"]) == 2
+    assert "picks the release format of an hf output" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    import glm.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(glm.cli, "cmd_parity", interrupted)
+    assert main(["parity", reference_dir("chatglm3-6b")]) == 130
+    err = capsys.readouterr().err
+    assert "glm parity: interrupted" in err and "Traceback" not in err
