@@ -115,7 +115,7 @@ def bench_decode(device: str, prompt: int, new_tokens: int, batches, repeats: in
         times, tokens = {}, {}
         for backend in ("fused", "sdpa"):
             model.backend = backend
-            times[backend] = median_time(lambda: tokens.__setitem__(backend, generate(model, ids, max_new_tokens=new_tokens)),
+            times[backend] = median_time(lambda: tokens.__setitem__(backend, generate(model, ids, max_new_tokens=new_tokens, eos_token_ids=())),
                                          device, repeats)
         rows.append({"batch": B, "prompt": prompt, "new_tokens": new_tokens,
                      "fused_tokens_per_s": B * new_tokens / times["fused"],

@@ -171,13 +171,13 @@ def main(argv=None) -> None:
         roofline = B * ceiling * 1e9 / step_bytes(cfg, B, prompt + n // 2, elem)
 
         def run_glm():
-            return generate(ours, ids, max_new_tokens=n, cuda_graphs=False)
+            return generate(ours, ids, max_new_tokens=n, cuda_graphs=False, eos_token_ids=())
 
         def run_graphs():
-            return generate(ours, ids, max_new_tokens=n, cuda_graphs=True)
+            return generate(ours, ids, max_new_tokens=n, cuda_graphs=True, eos_token_ids=())
 
         def run_compiled():
-            return generate(ours, ids, max_new_tokens=n, cuda_graphs=True, compile=True)
+            return generate(ours, ids, max_new_tokens=n, cuda_graphs=True, compile=True, eos_token_ids=())
 
         def run_hf():
             with torch.no_grad():

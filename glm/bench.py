@@ -49,7 +49,9 @@ def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, qui
     if suite == "convert" and device != "cpu":
         raise BenchError("the convert benchmark measures disk and host memory; it has no --device (use cpu)")
     folder = benchmarks_dir()
-    out = os.path.abspath(out or os.path.join(folder, "results"))
+    # A --quick smoke run must not replace the published full-size records that `glm bench report`
+    # turns into benchmarks/README.md: by default it writes beside them, under results/quick.
+    out = os.path.abspath(out or os.path.join(folder, "results", *(["quick"] if quick else [])))
     argv = [sys.executable, os.path.join(folder, f"{suite}.py"), "--out", out]
     if suite != "convert":
         argv += ["--device", device]

@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("suite", choices=(*SUITES, "report"),
                    help="a suite to run, or 'report' to regenerate benchmarks/README.md from the records")
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    s.add_argument("--out", default=None, help="folder for the JSON + PNG (default benchmarks/results)")
+    s.add_argument("--out", default=None,
+                   help="folder for the JSON + PNG (default benchmarks/results; with --quick benchmarks/results/quick); "
+                        "for 'report', the records folder, with README.md written beside it")
     s.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
     s.set_defaults(func=cmd_bench)
 

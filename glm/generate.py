@@ -8,9 +8,13 @@ Decode steps run eagerly (the cached keys so far, Python-int offsets) or as the 
 (`StaticDecoder`: the whole cache buffer, device tensors only), which a CUDA graph captures once and
 replays: batch-1 decode is then bound by reading the weights, not by launching ~50 kernels per
 layer from Python. On a CUDA model `generate` / `stream` use the graph by default.
+
+`glm.generate` is the `generate` function, not this module: reach the rest with
+``from glm.generate import ...`` (or ``glm.stream``, ``glm.release_cuda_graphs``, ...).
 """
 from __future__ import annotations
 
+import operator
 import re
 import weakref
 from dataclasses import dataclass
@@ -27,23 +31,40 @@ from .model import GLM, InputError
 class SamplingConfig:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
+    top_k: Optional[int] = 0  # 0 (or None) = off; needs temperature > 0
+    top_p: Optional[float] = 1.0  # 1 (or None) = off; needs temperature > 0
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the row
-    eos_token_ids: Sequence[int] = ()
+    # None = the model config's eos_token_ids; () = never stop early.
+    eos_token_ids: Optional[Sequence[int]] = None
     seed: Optional[int] = None
 
     def validate(self) -> None:
+        # None is "off" as well, so callers can forward unset options (e.g. argparse defaults) as they are.
+        self.top_k = 0 if self.top_k is None else self.top_k
+        self.top_p = 1.0 if self.top_p is None else self.top_p
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Greedy decoding takes the argmax, which top-k / top-p never remove: they would be ignored.
+        if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
+            given = "top_k" if self.top_k else "top_p"
+            raise InputError(f"{given} only shapes sampling, and temperature is 0 (greedy decoding); pass "
+                             f"temperature > 0 (e.g. 1.0) to sample, or drop {given}")
+        if self.eos_token_ids is not None:
+            try:
+                if isinstance(self.eos_token_ids, (str, bytes)):
+                    raise TypeError
+                self.eos_token_ids = tuple(operator.index(t) for t in self.eos_token_ids)
+            except TypeError:
+                raise InputError(f"eos_token_ids must be a list of token ids (e.g. [2]), or () to never stop "
+                                 f"early; got {self.eos_token_ids!r}") from None
 
 
 def _apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -235,6 +256,30 @@ def _decode_mode(device: torch.device, cuda_graphs: Optional[bool], static: Opti
     return graphs, static
 
 
+def _eos_ids(model: GLM, cfg: SamplingConfig) -> tuple[int, ...]:
+    return tuple(model.config.eos_token_ids if cfg.eos_token_ids is None else cfg.eos_token_ids)
+
+
+def _check_positions(model: GLM, prompt_len: int, max_new_tokens: int, position_ids: Optional[Tensor]) -> None:
+    """Refuse up front a generation whose positions would leave the model's table, instead of an
+    IndexError (learned positions) or silent extrapolation (RoPE) after part of the output."""
+    limit = model.config.max_positions
+    if model.config.position_streams == 1:
+        if prompt_len + max_new_tokens > limit:
+            raise InputError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                             f"model's {limit} positions; shorten the prompt or lower max_new_tokens")
+        return
+    # 2D families generate inside a blank: the position stays put and the block position counts up from
+    # the prompt's last one; the last token chosen is never fed, so it reaches last + max_new_tokens - 1.
+    last = 0
+    if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[1] == 2 and position_ids.numel():
+        last = int(position_ids[:, 1, -1].max())
+    if last + max_new_tokens - 1 >= limit:
+        raise InputError(f"max_new_tokens {max_new_tokens} takes the block position to {last + max_new_tokens - 1}, "
+                         f"outside the model's {limit} positions (family {model.config.family} counts it up "
+                         f"inside the blank); at most {max(limit - last, 0)} new tokens fit")
+
+
 @torch.no_grad()
 def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = None,
            prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
@@ -242,7 +287,9 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
            static: Optional[bool] = None, compile: bool = False, **overrides) -> Iterator[Tensor]:
     """Yield the next token of every row, ``[B]``, as soon as it is chosen.
 
-    Rows that produced an eos keep yielding that eos. ``overrides`` set `SamplingConfig` fields.
+    ``overrides`` set `SamplingConfig` fields. A row stops at any of ``eos_token_ids`` (default
+    None: ``model.config.eos_token_ids``; pass ``()`` to always generate ``max_new_tokens``); rows
+    that produced an eos keep yielding that eos until every row has.
     ``cuda_graphs``: replay each decode step from a CUDA graph (default: when the model is on CUDA);
     ``static``: run the static step (the graph's) without a graph, e.g. on CPU (default: as
     ``cuda_graphs``). ``compile``: `torch.compile` the static step first (slow to start, once per
@@ -254,16 +301,13 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise InputError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
     B, P = input_ids.shape
-    limit = model.config.max_positions
-    if P + cfg.max_new_tokens > limit and model.config.position_streams == 1:
-        raise InputError(f"prompt of {P} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
-                         f"{limit} positions; shorten the prompt or lower max_new_tokens")
+    _check_positions(model, P, cfg.max_new_tokens, position_ids)
     device = next(model.parameters()).device
     graphs, static = _decode_mode(device, cuda_graphs, static, compile)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     decoder = _decoder(model, B, P + cfg.max_new_tokens, graphs, compile) if static else None
     cache = decoder.cache if decoder is not None else model.new_cache(B, P + cfg.max_new_tokens)
-    eos = torch.tensor(list(cfg.eos_token_ids), dtype=torch.long, device=device)
+    eos = torch.tensor(list(_eos_ids(model, cfg)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seen = input_ids.to(device) if cfg.repetition_penalty != 1.0 else None
     if decoder is not None:
@@ -292,7 +336,8 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
 
 def generate(model: GLM, input_ids: Tensor, **kwargs) -> Tensor:
     """The new tokens ``[B, N]`` (N <= max_new_tokens; stops early once every row hit an eos).
-    Takes the arguments of `stream`."""
+    Takes the arguments of `stream`: ``eos_token_ids`` defaults to ``model.config.eos_token_ids``,
+    and ``eos_token_ids=()`` never stops early."""
     toks = list(stream(model, input_ids, **kwargs))
     return torch.stack(toks, dim=1)
 
@@ -302,41 +347,74 @@ def generate(model: GLM, input_ids: Tensor, **kwargs) -> Tensor:
 
 @dataclass
 class InfillResult:
-    tokens: list[int]  # Part A with every mask replaced by its span (no [CLS], no sop/eop)
+    tokens: list[int]  # Part A with every generated blank replaced by its span (no [CLS], no sop/eop)
     spans: list[list[int]]  # the generated span of each blank, in order
-    complete: list[bool]  # whether each span ended with <eop> (False: hit max_span_tokens)
+    complete: list[bool]  # whether each span ended (<eop> or an eos id; False: hit max_span_tokens)
 
 
-def _infill_layout(tokens: Sequence[int], masks: set[int], cls_id: Optional[int],
-                   gmask_id: Optional[int]) -> tuple[list[int], list[int]]:
+def _infill_layout(tokens: Sequence[int], masks: set[int], cls_id: Optional[int], gmask_id: Optional[int],
+                   eos_ids: Sequence[int] = (), gmask_first: bool = False) -> tuple[list[int], list[int]]:
+    """Part A and the indices of its blanks (the masks generated, in order)."""
     part_a = ([cls_id] if cls_id is not None and tokens[0] != cls_id else []) + [int(t) for t in tokens]
     if not any(t in masks or t == gmask_id for t in part_a):
         if gmask_id is None:
             raise InputError("the text has no mask token ([MASK], [sMASK] or [gMASK]) to fill")
+        # THUDM generate_samples.py appends [gMASK] to the text and then adds no eos (training's
+        # [gMASK] samples have none before it either: the eos ends the generated suffix), so a
+        # trailing eos, e.g. from GLM's build_inputs ([CLS] text <|endoftext|>), gives way to [gMASK].
+        if len(part_a) > 1 and part_a[-1] in eos_ids:
+            part_a.pop()
         part_a.append(gmask_id)
+    if gmask_first and gmask_id in part_a:
+        # ChatGLM-6B generates at one mask: the first [gMASK] if there is one, else the first [MASK]
+        # (its get_position_ids); [MASK]s before that [gMASK] are plain Part A tokens.
+        return part_a, [part_a.index(gmask_id)]
     return part_a, [i for i, t in enumerate(part_a) if t in masks or t == gmask_id]
 
 
-@torch.no_grad()
-def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
-                  cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
-                  sampling: Optional[SamplingConfig] = None, cuda_graphs: Optional[bool] = None,
-                  static: Optional[bool] = None, compile: bool = False,
-                  **overrides) -> Iterator[tuple[int, Optional[int]]]:
-    """Yield ``(blank, token)`` as each blank's span is generated, then ``(blank, None)`` when that
-    span ends (``<eop>`` or ``max_span_tokens``). See `infill_ids` for the layout; ``cuda_graphs``,
-    ``static`` and ``compile`` as in `stream`."""
+@dataclass
+class _InfillPlan:
+    part_a: list[int]
+    blanks: list[int]  # indices into part_a
+    cfg: SamplingConfig
+    ends: frozenset[int]  # <eop> and the eos ids: any of them ends a span
+
+
+def _plan_infill(model: GLM, tokens: Sequence[int], mask_ids: Sequence[int], eop_id: int, cls_id: Optional[int],
+                 gmask_id: Optional[int], max_span_tokens: int, sampling: Optional[SamplingConfig],
+                 overrides: dict) -> _InfillPlan:
+    """Every check of an infill call, before any forward."""
     if model.config.position_streams != 2:
         raise InputError(f"blank infilling needs a model with 2D positions (GLM, ChatGLM-6B); family "
                          f"{model.config.family} generates left to right only (use generate)")
     if not tokens:
         raise InputError("infill needs a non-empty text")
+    if "max_new_tokens" in overrides:
+        raise InputError(f"infill limits each blank with max_span_tokens (got max_new_tokens="
+                         f"{overrides['max_new_tokens']}); pass max_span_tokens={overrides['max_new_tokens']}")
+    if max_span_tokens < 1:
+        raise InputError(f"max_span_tokens must be >= 1, got {max_span_tokens}")
+    limit = model.config.max_positions
+    # A span's <sop> has block position 1 and its fed tokens 2 .. max_span_tokens + 1.
+    if max_span_tokens + 1 >= limit:
+        raise InputError(f"max_span_tokens {max_span_tokens} takes a blank's block position to "
+                         f"{max_span_tokens + 1}, outside the model's {limit} positions; at most "
+                         f"{limit - 2} tokens per blank fit")
     cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
     cfg.validate()
-    part_a, blanks = _infill_layout(tokens, set(int(m) for m in mask_ids), cls_id, gmask_id)
+    eos = _eos_ids(model, cfg)
+    part_a, blanks = _infill_layout(tokens, set(int(m) for m in mask_ids), cls_id, gmask_id, eos,
+                                    gmask_first=model.config.family == "chatglm")
+    if len(part_a) > limit:
+        raise InputError(f"the text is {len(part_a)} tokens; the model has {limit} positions")
+    return _InfillPlan(part_a, blanks, cfg, frozenset((int(eop_id), *eos)))
+
+
+@torch.no_grad()
+def _run_infill(model: GLM, plan: _InfillPlan, sop_id: int, max_span_tokens: int, cuda_graphs: Optional[bool],
+                static: Optional[bool], compile: bool) -> Iterator[tuple[int, Optional[int]]]:
+    part_a, blanks, cfg = plan.part_a, plan.blanks, plan.cfg
     A = len(part_a)
-    if A > model.config.max_positions:
-        raise InputError(f"the text is {A} tokens; the model has {model.config.max_positions} positions")
     device = next(model.parameters()).device
     graphs, static = _decode_mode(device, cuda_graphs, static, compile)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -362,8 +440,8 @@ def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int],
             logits = step(sop_id, torch.tensor([[[m], [1]]], device=device))
             for n in range(max_span_tokens + 1):
                 tok = int(next_token(logits, cfg, gen))
-                if tok == eop_id or n == max_span_tokens:
-                    yield b, (None if tok == eop_id else -1)
+                if tok in plan.ends or n == max_span_tokens:
+                    yield b, (None if tok in plan.ends else -1)
                     break
                 yield b, tok
                 logits = step(tok)
@@ -372,31 +450,52 @@ def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int],
             decoder.in_use = False
 
 
+def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
+                  cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
+                  sampling: Optional[SamplingConfig] = None, cuda_graphs: Optional[bool] = None,
+                  static: Optional[bool] = None, compile: bool = False,
+                  **overrides) -> Iterator[tuple[int, Optional[int]]]:
+    """Yield ``(blank, token)`` as each blank's span is generated, then ``(blank, None)`` when that
+    span ends (``<eop>`` or any of ``eos_token_ids``) or ``(blank, -1)`` when it hits
+    ``max_span_tokens``. See `infill_ids` for the layout; ``cuda_graphs``, ``static`` and ``compile``
+    as in `stream`. The arguments are checked when this is called, before any output."""
+    plan = _plan_infill(model, tokens, mask_ids, eop_id, cls_id, gmask_id, max_span_tokens, sampling, overrides)
+    return _run_infill(model, plan, sop_id, max_span_tokens, cuda_graphs, static, compile)
+
+
 def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], sop_id: int, eop_id: int,
-               cls_id: Optional[int] = None, gmask_id: Optional[int] = None, **kwargs) -> InfillResult:
+               cls_id: Optional[int] = None, gmask_id: Optional[int] = None, max_span_tokens: int = 32,
+               sampling: Optional[SamplingConfig] = None, cuda_graphs: Optional[bool] = None,
+               static: Optional[bool] = None, compile: bool = False, **overrides) -> InfillResult:
     """Fill every blank of ``tokens`` (ids with mask tokens in them) with the GLM objective.
 
     Part A = ``[CLS]`` (when given) + tokens, attended bidirectionally (``prefix_len = |A|``), at
     positions ``0..|A|-1`` with block position 0. Blanks are filled left to right: each span is fed
     ``<sop>`` at its mask's position with block position 1, and generates (same position, block
-    positions 2, 3, ...) until ``<eop>``. Earlier spans stay in the cache, as earlier spans of
-    Part B are visible in training. Without any mask token, ``[gMASK]`` is appended (generation).
-    Keyword arguments: ``max_span_tokens`` and the `SamplingConfig` fields.
+    positions 2, 3, ...) until ``<eop>`` or an eos id, as THUDM's generate_samples.py ends a span
+    (glm.data's direct [gMASK] samples end with the eos and no ``<eop>``). ``eos_token_ids``
+    defaults to ``model.config.eos_token_ids``; ``()`` ends spans at ``<eop>`` only. Earlier spans
+    stay in the cache, as earlier spans of Part B are visible in training.
+
+    Without any mask token, ``[gMASK]`` is appended (generation), replacing a trailing eos:
+    ``[CLS] text [gMASK]``. For ChatGLM-6B (family ``chatglm``) a ``[gMASK]`` is the only blank
+    generated, as its reference picks the first ``[gMASK]``, else the first ``[MASK]``.
+    ``max_span_tokens`` caps each span (``max_new_tokens`` is refused: it would read as a total);
+    other keyword arguments are `SamplingConfig` fields.
     """
+    plan = _plan_infill(model, tokens, mask_ids, eop_id, cls_id, gmask_id, max_span_tokens, sampling, overrides)
     spans: list[list[int]] = []
     complete: list[bool] = []
-    for b, tok in stream_infill(model, tokens, mask_ids=mask_ids, sop_id=sop_id, eop_id=eop_id, cls_id=cls_id,
-                                gmask_id=gmask_id, **kwargs):
+    for b, tok in _run_infill(model, plan, sop_id, max_span_tokens, cuda_graphs, static, compile):
         if b == len(spans):
             spans.append([])
         if tok is None or tok == -1:
             complete.append(tok is None)
         else:
             spans[b].append(tok)
-    part_a, blanks = _infill_layout(tokens, set(int(m) for m in mask_ids), cls_id, gmask_id)
     out: list[int] = []
-    fills = dict(zip(blanks, spans))
-    for i, t in enumerate(part_a):
+    fills = dict(zip(plan.blanks, spans))
+    for i, t in enumerate(plan.part_a):
         if i in fills:
             out.extend(fills[i])
         elif not (i == 0 and cls_id is not None and t == cls_id):
@@ -407,7 +506,8 @@ def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], so
 def _tokenizer_infill_args(tokenizer) -> dict:
     masks = tokenizer.mask_ids
     return dict(mask_ids=[v for k, v in masks.items() if k != "gMASK"], gmask_id=masks.get("gMASK"),
-                sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id, cls_id=tokenizer.cls_id)
+                sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id, cls_id=tokenizer.cls_id,
+                eos_token_ids=tokenizer.eos_ids)
 
 
 def encode_blank_text(tokenizer, text: str) -> list[int]:
@@ -441,9 +541,13 @@ def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
     ids = encode_blank_text(tokenizer, text)
     if tokenizer.family == "glm":
         # Original GLM's Part A is [CLS] text <|endoftext|>, as its tokenizer builds generation inputs
-        # and as glm.data lays out training samples.
+        # and as glm.data lays out training samples; THUDM's generate_samples.py leaves the eos off a
+        # text that ends in a mask (the blank runs to the end of the document).
+        ends_in_mask = bool(ids) and ids[-1] in tokenizer.mask_ids.values()
         ids = tokenizer.build_inputs(ids)
-    res = infill_ids(model, ids, **_tokenizer_infill_args(tokenizer), **kwargs)
+        if ends_in_mask:
+            ids = ids[:-1]
+    res = infill_ids(model, ids, **{**_tokenizer_infill_args(tokenizer), **kwargs})
     return tokenizer.decode(res.tokens, skip_special_tokens=True)
 
 
@@ -451,25 +555,27 @@ def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tok
                 cuda_graphs: Optional[bool] = None, **sampling) -> Iterator[str]:
     """Generate after ``prompt_ids`` (already wrapped the release's way) and yield text as it grows.
 
-    2D families (GLM, ChatGLM-6B) generate inside a ``[gMASK]`` blank after ``<sop>`` until
-    ``<eop>``, the way their references do; the others generate left to right until an eos.
-    ``cuda_graphs`` as in `stream`.
+    2D families (GLM, ChatGLM-6B) generate inside a blank after ``<sop>`` until ``<eop>`` or an eos,
+    the way their references do: the first mask (for ChatGLM-6B the ``[gMASK]`` when there is one),
+    or a ``[gMASK]`` appended in place of a trailing eos when the prompt has none. The others
+    generate left to right until an eos. ``max_new_tokens`` caps the blank's span for 2D families;
+    ``cuda_graphs`` as in `stream`. Arguments are checked before any text is yielded.
     """
     ids = list(prompt_ids)
     new: list[int] = []
     shown = ""
+    eos = tuple(sampling.pop("eos_token_ids", None) or tokenizer.eos_ids)
     if model.config.position_streams == 2:
         if ids and ids[-1] == tokenizer.sop_id:
             ids = ids[:-1]  # stream_infill feeds <sop> itself, at the blank's position
-        tokens = (t for _, t in stream_infill(model, ids, **_tokenizer_infill_args(tokenizer),
-                                             max_span_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
-                                             **sampling))
+        args = {**_tokenizer_infill_args(tokenizer), "eos_token_ids": eos}
+        tokens = (t for _, t in stream_infill(model, ids, **args, max_span_tokens=max_new_tokens,
+                                             cuda_graphs=cuda_graphs, **sampling))
     else:
-        eos = tuple(sampling.pop("eos_token_ids", ())) or tokenizer.eos_ids
         tokens = (int(t[0]) for t in stream(model, torch.tensor([ids]), max_new_tokens=max_new_tokens,
                                             eos_token_ids=eos, cuda_graphs=cuda_graphs, **sampling))
     for t in tokens:
-        if t is None or t == -1 or t in tokenizer.eos_ids:
+        if t is None or t == -1 or t in eos or t in tokenizer.eos_ids:
             break
         new.append(t)
         text = tokenizer.decode(new, skip_special_tokens=True)

@@ -321,6 +321,11 @@ class GLM(nn.Module):
             cache.check_room(T)
             if cache.batch != B:
                 raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
+            dtype = self.embed.weight.dtype
+            if cache.k.dtype != dtype:
+                raise InputError(f"the KV cache holds {cache.k.dtype} but the model computes in {dtype}; make it "
+                                 f"with model.new_cache(batch, max_len) after casting the model (its dtype follows "
+                                 f"the model's)")
 
     def _check_static(self, input_ids: Tensor, position_ids: Optional[Tensor], cache: Optional[KVCache]) -> Tensor:
         """Shape checks of a static step (host metadata only: reading values would synchronise);

@@ -1,5 +1,6 @@
 """The user-facing commands end to end on tiny models with tiny trained tokenizers."""
 import io
+import os
 import json
 import random
 import sys
@@ -231,3 +232,25 @@ def test_tokenizer_larger_than_the_model_is_refused_up_front(checkpoint, tmp_pat
     assert main(["generate", str(tmp_path / "small"), "--tokenizer", d, "--prompt", "the cat"]) == 2
     captured = capsys.readouterr()
     assert "the tokenizer has 480 ids but the model" in captured.err and captured.out == ""
+
+
+def test_bench_quick_does_not_replace_the_published_records(monkeypatch):
+    import glm.bench
+
+    seen = {}
+
+    class Done:
+        returncode = 1
+
+    def fake_run(argv, cwd):
+        seen["out"] = argv[argv.index("--out") + 1]
+        return Done()
+
+    monkeypatch.setattr(glm.bench.subprocess, "run", fake_run)
+    with pytest.raises(glm.bench.BenchError):
+        glm.bench.run_suite("decode", quick=True)
+    results = os.path.join(glm.bench.benchmarks_dir(), "results")
+    assert seen["out"] == os.path.join(results, "quick")
+    with pytest.raises(glm.bench.BenchError):
+        glm.bench.run_suite("decode")
+    assert seen["out"] == results

@@ -153,6 +153,13 @@ def test_cache_overflow():
         model(torch.tensor([[4, 5]]), cache=cache)
 
 
+def test_cache_of_another_dtype_is_named():
+    model = glm.GLM(glm.preset("tiny-chatglm3")).to(torch.bfloat16)
+    cache = model.new_cache(1, 8, dtype=torch.float32)
+    with pytest.raises(InputError, match="the KV cache holds torch.float32 but the model computes in torch.bfloat16"):
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+
+
 def test_invalid_config_fields():
     cfg = glm.preset("tiny-glm-hf")
     with pytest.raises(ConfigError, match="num_kv_heads"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import glm
-from glm.generate import infill_ids
+from glm.generate import infill_ids, stream_infill, stream_text
 from glm.model import InputError
 from glm.parity import load_cases
 
@@ -11,6 +11,9 @@ from conftest import reference_dir
 
 # The GLM fixture's special ids (cases.json special_token_ids).
 MASK, SMASK, GMASK, SOP, EOP, CLS = 153, 154, 155, 156, 157, 158
+EOS = 0  # stands in for <|endoftext|> (the fixture's pad)
+# ChatGLM-6B-layout ids in the tiny-chatglm vocabulary.
+MASK6, GMASK6, SOP6, EOP6 = 152, 153, 156, 157
 
 
 def test_gmask_infill_reproduces_reference_decode():
@@ -89,6 +92,79 @@ def test_chatglm6b_infill_uses_2d_rope_positions():
     assert res.tokens[:5] == [11, 130, 104, 127, 77]
 
 
+def test_generation_gmask_replaces_a_trailing_eos():
+    """Without a mask, [gMASK] is appended in place of the trailing eos that GLM's build_inputs adds:
+    Part A is [CLS] text [gMASK], as THUDM's generate_samples.py builds it (and training never has an
+    eos before [gMASK]). A text with a mask keeps [CLS] text <eos>."""
+    model = _glm_model()
+    kw = dict(mask_ids=[MASK, SMASK], gmask_id=GMASK, sop_id=SOP, eop_id=EOP, cls_id=CLS, max_span_tokens=4,
+              eos_token_ids=[EOS])
+    built = infill_ids(model, [CLS, 7, 139, 86, EOS], **kw)
+    typed = infill_ids(model, [CLS, 7, 139, 86, GMASK], **kw)
+    assert built == typed and built.tokens == [7, 139, 86, *built.spans[0]]
+    with_mask = infill_ids(model, [CLS, 7, MASK, 86, EOS], **kw)
+    assert with_mask.tokens == [7, *with_mask.spans[0], 86, EOS]
+
+
+def test_span_ends_at_an_eos_as_well_as_at_eop():
+    """THUDM ends a span at <eop> or the eod token, and glm.data's direct [gMASK] samples end with the
+    eos and no <eop>: an eos id ends the span, complete, and is not spliced in."""
+    model = _glm_model()
+    kw = dict(mask_ids=[MASK], gmask_id=GMASK, sop_id=SOP, eop_id=EOP, cls_id=CLS, max_span_tokens=6)
+    free = infill_ids(model, [7, 139, 86], eos_token_ids=(), **kw)
+    span = free.spans[0]
+    assert len(span) >= 3 and span[2] != 86, span  # the seed gives a long enough span to cut
+    res = infill_ids(model, [7, 139, 86], eos_token_ids=[span[2]], **kw)
+    first = span.index(span[2])
+    assert res.spans == [span[:first]] and res.complete == [True]
+    assert res.tokens == [7, 139, 86, *span[:first]]
+
+
+def test_chatglm6b_generates_only_the_gmask_blank():
+    """ChatGLM-6B's mask position is the first [gMASK] if present, else the first [MASK] (GLM_SPEC
+    §2.6): a [MASK] before the [gMASK] stays a Part A token. Without a [gMASK] every [MASK] is filled."""
+    model = glm.GLM(glm.preset("tiny-chatglm")).eval()
+    model.init_weights(std=0.3, seed=2)
+    kw = dict(mask_ids=[MASK6], gmask_id=GMASK6, sop_id=SOP6, eop_id=EOP6, max_span_tokens=4)
+    text = [11, MASK6, 130, 104, GMASK6]
+    res = infill_ids(model, text, **kw)
+    assert len(res.spans) == 1 and res.tokens == [11, MASK6, 130, 104, *res.spans[0]]
+    # The span is generated at the [gMASK]'s position (4): one forward of that layout reproduces it.
+    span = res.spans[0]
+    ids = text + [SOP6] + span
+    pos = [[0, 1, 2, 3, 4] + [4] * (1 + len(span)), [0] * 5 + list(range(1, 2 + len(span)))]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), torch.tensor([pos]), prefix_len=torch.tensor([5]))[0]
+    assert logits[5:5 + len(span)].argmax(-1).tolist() == span
+    assert len(infill_ids(model, [11, MASK6, 130, MASK6], **kw).spans) == 2
+
+
+@pytest.mark.parametrize("name", ["tiny-glm", "tiny-chatglm"])
+def test_infill_span_past_the_position_table_fails_up_front(name):
+    """A span's block positions run 1 .. max_span_tokens + 1; past the table it used to fail mid-way
+    (IndexError, learned positions) or extrapolate silently (RoPE)."""
+    model = glm.GLM(glm.preset(name)).eval()
+    model.init_weights(std=0.3, seed=1)
+    fit = model.config.max_positions - 2
+    # An <eop> id the model never emits, so the span runs to max_span_tokens.
+    kw = dict(mask_ids=[MASK], gmask_id=GMASK, sop_id=SOP, eop_id=10**6, eos_token_ids=())
+    with pytest.raises(InputError, match=f"at most {fit} tokens per blank fit"):
+        stream_infill(model, [7, MASK], max_span_tokens=fit + 1, **kw)  # refused at the call, before output
+    res = infill_ids(model, [7, MASK], max_span_tokens=fit, **kw)
+    assert len(res.spans[0]) == fit and res.complete == [False]
+
+
+def test_infill_refuses_generate_only_arguments():
+    """max_new_tokens would read as a total and was silently ignored: infill's cap is per blank."""
+    kw = dict(mask_ids=[MASK], sop_id=SOP, eop_id=EOP)
+    with pytest.raises(InputError, match="max_span_tokens=2"):
+        infill_ids(_glm_model(), [7, MASK], max_new_tokens=2, **kw)
+    with pytest.raises(InputError, match="max_span_tokens must be >= 1"):
+        infill_ids(_glm_model(), [7, MASK], max_span_tokens=0, **kw)
+    with pytest.raises(InputError, match="temperature > 0"):
+        infill_ids(_glm_model(), [7, MASK], top_p=0.5, **kw)
+
+
 @pytest.fixture(scope="module")
 def corpus_tokenizers(tmp_path_factory):
     from glm import corpus
@@ -130,3 +206,38 @@ def test_blank_text_encodes_like_the_training_layout(corpus_tokenizers, family):
         checked += 1
         glued += "[MASK]." in ex["text"]
     assert checked >= len(examples) // 2 and glued >= 3, (checked, glued)
+
+
+def test_tokenizer_paths_end_spans_at_eos_and_put_gmask_before_it(corpus_tokenizers):
+    """`glm generate`'s prompt for GLM is build_inputs = [CLS] text <|endoftext|>; with no mask it is
+    generated as [CLS] text [gMASK] (the eos dropped), and the tokenizer's eos ends the span."""
+    from glm.generate import _tokenizer_infill_args
+
+    toks, _ = corpus_tokenizers
+    tok = toks["glm"]
+    assert _tokenizer_infill_args(tok)["eos_token_ids"] == tok.eos_ids
+    model = glm.GLM(glm.preset("tiny-glm").replace(vocab_size=tok.vocab_size)).eval()
+    model.init_weights(std=0.3, seed=0)
+    text = tok.encode("the cat sat on the")
+    built = "".join(stream_text(model, tok, tok.build_inputs(text), max_new_tokens=6))
+    typed = "".join(stream_text(model, tok, [tok.cls_id, *text, tok.mask_ids["gMASK"]], max_new_tokens=6))
+    assert built == typed and built
+
+
+def test_glm_text_ending_in_a_mask_has_no_eos(corpus_tokenizers, monkeypatch):
+    """THUDM's generate_samples.py appends the eod only when the text does not end in a mask: a
+    trailing blank runs to the end of the document."""
+    import importlib
+
+    gen = importlib.import_module("glm.generate")  # the module (glm.generate is also the function)
+    toks, _ = corpus_tokenizers
+    tok = toks["glm"]
+    model = glm.GLM(glm.preset("tiny-glm").replace(vocab_size=tok.vocab_size)).eval()
+    seen = []
+    real = gen.infill_ids
+    monkeypatch.setattr(gen, "infill_ids", lambda m, ids, **kw: seen.append(list(ids)) or real(m, ids, **kw))
+    gen.infill(model, tok, "the cat sat on the [MASK]", max_span_tokens=2)
+    gen.infill(model, tok, "the [MASK] sat on the mat", max_span_tokens=2)
+    eos = tok.special_tokens["<|endoftext|>"]
+    assert seen[0][-1] == tok.mask_ids["MASK"] and eos not in seen[0]
+    assert seen[1][-1] == eos

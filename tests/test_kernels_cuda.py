@@ -227,7 +227,7 @@ def test_cuda_greedy_choices_are_near_argmax_of_fp32():
     n = 24
     m = _tiny("tiny-chatglm3", std=0.3).to(device="cuda", dtype=torch.bfloat16)
     m.backend = "fused"
-    gen_tokens = generate(m, ids.cuda(), pad_left=pad.cuda(), max_new_tokens=n).cpu()
+    gen_tokens = generate(m, ids.cuda(), pad_left=pad.cuda(), max_new_tokens=n, eos_token_ids=()).cpu()
     full = torch.cat([ids, gen_tokens], dim=1)
     with torch.no_grad():
         ref = model(full, pad_left=pad, backend="reference")[:, ids.shape[1] - 1:-1].float()
