@@ -491,7 +491,7 @@ def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: It
 
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder) and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose another destination or pass --overwrite")
+        raise FileExistsError(f"{folder} already exists; choose another destination or pass --overwrite (overwrite=True)")
     parent = os.path.dirname(folder)
     if not os.path.isdir(parent):
         raise CheckpointError(f"{parent}: destination's parent folder does not exist; create it first")

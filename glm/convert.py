@@ -585,9 +585,9 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
 
     t0 = time.time()
     if to not in ("glm", "hf"):
-        raise ValueError(f"--to must be 'glm' or 'hf', got {to!r}")
+        raise ValueError(f"to= (--to) must be 'glm' or 'hf', got {to!r}")
     if to == "glm" and family is not None and family != source.cfg.family:
-        raise ValueError(f"family {family!r} picks the release format of an hf output (--to hf); glm's format "
+        raise ValueError(f"family {family!r} picks the release format of an hf output (to='hf', --to hf); glm's format "
                          f"keeps the source's family ({source.cfg.family})")
     dtype = _as_dtype(dtype)
     if dtype is not None and dtype not in _DTYPE_NAMES:
@@ -597,7 +597,7 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
         raise ValueError(f"shard size must be positive, got {shard_size!r}")
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
+        raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite (overwrite=True)")
 
     src_dtypes = {source.meta(n).dtype for mp in source.mappings for n in mp.hf}
     if dtype is not None and not allow_lossy:
