@@ -124,14 +124,18 @@ def _train_config(args: argparse.Namespace):
 
     from .train import TrainConfig
 
-    overrides = _json.loads(args.model_overrides) if args.model_overrides else {}
+    try:
+        overrides = _json.loads(args.model_overrides) if args.model_overrides else {}
+    except ValueError as e:
+        raise ValueError(f"--model-overrides is not valid JSON ({e}); pass an object such as "
+                         f"'{{\"hidden_size\": 256}}'") from None
     return TrainConfig(out_dir=args.out, model=args.model, model_overrides=overrides, data=args.data,
                        tokenizer=args.tokenizer, vocab_size=args.vocab_size, objective=args.objective,
                        seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                        grad_clip=args.grad_clip, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                        keep_last=args.keep_last, seed=args.seed, compile=args.compile, device=args.device,
-                       fsdp=args.fsdp, resume=args.resume, progress=not args.quiet,
+                       fsdp=args.fsdp, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                        corpus_size=args.corpus_size)
 
 
@@ -174,24 +178,32 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--corpus-size", choices=("tiny", "small", "base"), default="small",
                    help="size of the embedded corpus (default small)")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
-    s.add_argument("--vocab-size", type=int, default=d["vocab_size"])
-    s.add_argument("--objective", choices=("glm", "causal", "prefix"), default="glm")
-    s.add_argument("--seq-len", type=int, default=d["seq_len"])
-    s.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch in rows")
-    s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--steps", type=int, default=d["steps"])
-    s.add_argument("--lr", type=float, default=d["lr"])
-    s.add_argument("--warmup", type=int, default=d.get("warmup", 50))
-    s.add_argument("--weight-decay", type=float, default=0.1)
-    s.add_argument("--grad-clip", type=float, default=1.0)
-    s.add_argument("--eval-every", type=int, default=d["eval_every"])
-    s.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
-    s.add_argument("--keep-last", type=int, default=2)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--vocab-size", type=int, default=d["vocab_size"],
+                   help=f"vocabulary of the tokenizer trained into OUT/tokenizer (default {d['vocab_size']})")
+    s.add_argument("--objective", choices=("glm", "causal", "prefix"), default="glm",
+                   help="glm = blank infilling (default), causal = left-to-right LM, prefix = prefix LM")
+    s.add_argument("--seq-len", type=int, default=d["seq_len"], help=f"tokens per row (default {d['seq_len']})")
+    s.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"global batch in rows (default {d['batch_size']})")
+    s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    s.add_argument("--steps", type=int, default=d["steps"], help=f"optimizer steps (default {d['steps']})")
+    s.add_argument("--lr", type=float, default=d["lr"], help=f"peak AdamW learning rate (default {d['lr']})")
+    s.add_argument("--warmup", type=int, default=d.get("warmup", 50),
+                   help="linear warmup steps before the cosine decay (default %(default)s)")
+    s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0)")
+    s.add_argument("--eval-every", type=int, default=d["eval_every"],
+                   help=f"held-out loss every N steps (default {d['eval_every']})")
+    s.add_argument("--ckpt-every", type=int, default=d["ckpt_every"],
+                   help=f"checkpoint every N steps (default {d['ckpt_every']})")
+    s.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the data order and the weights (default 0)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
     s.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP instead of DDP")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    s.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in OUT (checkpoints, metrics, tokenizer, model) and start over")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -268,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="pretrain a tiny GLM on the embedded corpus and show it filling blanks")
-    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--out", default="runs/demo", help="run folder (default runs/demo; an earlier demo there is replaced)")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     s.set_defaults(func=cmd_demo)
 

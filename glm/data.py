@@ -85,24 +85,53 @@ class SpecialIds:
             object.__setattr__(self, f.name, int(v))
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "SpecialIds":
+    def from_tokenizer(cls, tok, eos: Optional[int] = None) -> "SpecialIds":
         """From a `glm.tokenizer` tokenizer (``mask_ids``, ``sop_id``, ``eop_id``, ``cls_id``, ``eos_ids``,
-        ``pad_id``). Without a pad id the eos id pads (padding never gets loss or attention)."""
+        ``pad_id``). ``eos`` (the id that ends every document) defaults to ``tok.eos_ids[0]``; it must
+        differ from every id the layout inserts itself. ChatGLM-6B's generation eos is ``<eop>``, which is
+        also the span end, so pass its end-of-text ``</s>`` there (``end_of_text_id(tok)``). Without a
+        pad id the eos id pads (padding never gets loss or attention)."""
         masks = dict(tok.mask_ids)
         missing = [k for k in ("MASK", "sMASK", "gMASK") if k not in masks]
         if missing:
             raise DataError(f"tokenizer {tok!r} has no {missing} token(s); blank infilling needs [MASK], [sMASK] "
                             f"and [gMASK]: build SpecialIds(...) by hand for a tokenizer without them")
-        if tok.sop_id is None or tok.eop_id is None or not tok.eos_ids:
+        if tok.sop_id is None or tok.eop_id is None or (eos is None and not tok.eos_ids):
             raise DataError(f"tokenizer {tok!r} lacks sop, eop or eos ids; build SpecialIds(...) by hand")
-        eos = tok.eos_ids[0]
-        return cls(mask=masks["MASK"], smask=masks["sMASK"], gmask=masks["gMASK"], sop=tok.sop_id, eop=tok.eop_id,
-                   eos=eos, pad=tok.pad_id if tok.pad_id is not None else eos, cls=tok.cls_id)
+        resolved = tok.eos_ids[0] if eos is None else eos
+        special = cls(mask=masks["MASK"], smask=masks["sMASK"], gmask=masks["gMASK"], sop=tok.sop_id,
+                      eop=tok.eop_id, eos=resolved, pad=tok.pad_id if tok.pad_id is not None else resolved,
+                      cls=tok.cls_id)
+        clash = [name for name, tid in special.inserted.items() if tid == special.eos]
+        if clash:
+            # Documents end in eos and Part B spans end in eop; one id for both would put the span end
+            # inside Part A and make a [gMASK] suffix's targets end twice (<eop> <eop>).
+            where = "eos" if eos is not None else "its first eos id (tok.eos_ids[0])"
+            end = end_of_text_id(tok)
+            hint = (f"pass eos={end} (this tokenizer's end-of-text </s>)" if end is not None
+                    else "pass eos= a distinct end-of-text id")
+            raise DataError(f"tokenizer {tok!r}: {where} {special.eos} is also the {' and '.join(clash)} token the "
+                            f"objective inserts itself (every document would end in a span end); {hint} to "
+                            f"SpecialIds.from_tokenizer")
+        return special
 
     @property
     def inserted(self) -> dict[str, int]:
         """The ids the blank-infilling layout inserts itself; a document must not contain them."""
         return {"[MASK]": self.mask, "[sMASK]": self.smask, "[gMASK]": self.gmask, "sop": self.sop, "eop": self.eop}
+
+
+def end_of_text_id(tok) -> Optional[int]:
+    """The SentencePiece ``</s>`` id of ``tok`` when it has one that is not already a special token, else
+    None. ChatGLM-6B's release tokenizer names it ``end_token`` (its eos, ``<eop>``, ends a generation),
+    which makes it the document end to use with `SpecialIds.from_tokenizer` for that family."""
+    sp = getattr(tok, "sp", None)
+    if sp is None:
+        return None
+    piece = int(sp.piece_to_id("</s>"))
+    if piece < 0 or sp.id_to_piece(piece) != "</s>":  # piece_to_id answers unk for an unknown piece
+        return None
+    return piece + int(getattr(tok, "num_image_tokens", 0))
 
 
 def sentence_end_ids(tok, chars: str = SENTENCE_END_CHARS) -> frozenset[int]:
@@ -145,7 +174,7 @@ class Objective:
     gap_sentence_ratio: float = 0.15  # sentence mode: whole sentences until this fraction
     poisson_lambda: float = 3.0
     max_block_length: int = 40  # span lengths 1 .. max_block_length - 1
-    gpt_min_ratio: float = 0.5  # document mode: the suffix is 50%..100% of the text
+    gpt_min_ratio: float = 0.5  # document mode: the suffix is 50% .. all but one token of the text
     # Document mode, as THUDM: with this probability the [gMASK] sample is laid out "directly",
     # source ‖ [gMASK] ‖ sop ‖ suffix[:-1] with targets suffix -- the Part A/B layout minus its last
     # slot, so it has no eop to predict.
@@ -371,10 +400,16 @@ def sentence_spans(tokens: np.ndarray, is_end: Callable[[int], bool], rng: np.ra
 
 
 def document_span(n: int, rng: np.random.Generator, objective: Objective) -> tuple[int, int]:
-    """Document mode ([gMASK]): one suffix of ``n`` tokens, its length uniform in
-    ``[ceil(gpt_min_ratio × n), n]`` (at least 1)."""
-    lo = max(1, _ceil(objective.gpt_min_ratio * n))
-    length = int(rng.integers(lo, n + 1))
+    """Document mode ([gMASK]): one suffix of the ``n`` tokens after [CLS] (document + eos), its length
+    uniform in ``[ceil(gpt_min_ratio × n), n - 1]``, so at least one token stays in Part A as context.
+
+    THUDM caps the length at ``len(text) - 2`` with [CLS] counted, which is ``n - 1`` here; without the
+    cap a short document was blanked whole (Part A = ``[CLS] [gMASK]``) in up to a third of its
+    samples. A lower bound above the cap (``gpt_min_ratio`` near 1) is lowered to it. Only a
+    one-token text (``n = 1``) has nothing to keep, and is its own suffix."""
+    hi = n - 1 if n >= 2 else n
+    lo = min(max(1, _ceil(objective.gpt_min_ratio * n)), hi)
+    length = int(rng.integers(lo, hi + 1))
     return (n - length, n)
 
 

@@ -17,6 +17,8 @@ import glob
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -64,13 +66,35 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto = cuda if available else cpu
     fsdp: bool = False
-    progress: bool = True
-    resume: bool = False
+    progress: bool = True  # a tqdm bar on stderr, drawn only when stderr is a terminal (never into a log)
+    resume: bool = False  # continue the newest checkpoint in out_dir
+    overwrite: bool = False  # delete an earlier run in out_dir (its checkpoints, metrics, tokenizer, model) first
 
     def validate(self) -> None:
         for f in ("seq_len", "batch_size", "grad_accum", "steps", "vocab_size", "keep_last"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if self.resume and self.overwrite:
+            raise ValueError("TrainConfig: resume continues the run in out_dir and overwrite deletes it; pass one "
+                             "of them (--resume or --overwrite), not both")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"TrainConfig.model_overrides must be a dict of GLMConfig fields (--model-overrides "
+                             f"takes a JSON object such as '{{\"num_layers\": 4}}'), got "
+                             f"{type(self.model_overrides).__name__}")
+        if "vocab_size" in self.model_overrides:
+            raise ValueError("TrainConfig.model_overrides sets vocab_size, but the model's vocabulary is the "
+                             "tokenizer's: set vocab_size (--vocab-size) to size the tokenizer trained for the "
+                             "run, or tokenizer (--tokenizer) to use an existing one")
+        known = {f.name for f in dataclasses.fields(GLMConfig)}
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig.model_overrides has unknown GLMConfig fields {unknown}; known fields: "
+                             f"{sorted(known)}")
+        max_pos = self.model_overrides.get("max_positions", self.seq_len + 1)
+        if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos < self.seq_len + 1:
+            raise ValueError(f"TrainConfig.model_overrides sets max_positions {max_pos!r}, but rows of seq_len "
+                             f"{self.seq_len} need an int of at least {self.seq_len + 1}; raise it or lower seq_len "
+                             f"(--seq-len)")
         if self.objective not in ("glm", "causal", "prefix"):
             raise ValueError(f"TrainConfig.objective must be glm, causal or prefix, got {self.objective!r}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0):
@@ -118,6 +142,69 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str
     for old in checkpoints(out_dir)[:-keep_last]:
         os.remove(old)
     return path
+
+
+# What `train` writes at the top of out_dir, with the temp names it writes them under first.
+RUN_FILES = ("metrics.jsonl", "metrics.jsonl.tmp", "loss.png", "loss.png.tmp.png", "train_text.txt",
+             "train_text.txt.tmp")
+TOKENIZER_RECORD = "glm_train_settings.json"  # beside a tokenizer the trainer trained: what it was trained with
+
+
+def claim_run_folder(cfg: TrainConfig, is_main: bool = True) -> None:
+    """Make sure ``cfg.out_dir`` holds no other run this one would mix with: without ``resume``, a folder
+    with checkpoints is refused (keep-newest-K pruning goes by step number, so the old run's later
+    checkpoints would outlive the new run's, and a later resume would continue the old run), unless
+    ``overwrite`` asks to delete that run first (done by rank 0)."""
+    ckpts = checkpoints(cfg.out_dir)
+    if ckpts and not cfg.resume and not cfg.overwrite:
+        raise TrainingError(f"{cfg.out_dir} already holds a run (checkpoints up to {os.path.basename(ckpts[-1])}); "
+                            f"pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to delete its "
+                            f"checkpoints, metrics, tokenizer and model and start over, or use a new out_dir (--out)")
+    if cfg.overwrite and is_main:
+        clear_run(cfg.out_dir, keep=cfg.tokenizer)
+
+
+def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
+    """Delete what `train` writes into ``out_dir`` (checkpoints and their temp files, metrics, plot,
+    tokenizer training text, ``tokenizer/``, ``model/``) and nothing else; ``keep`` (a folder this run
+    reads, e.g. ``--tokenizer OUT/tokenizer``) is left alone. Returns the deleted paths."""
+    if not os.path.isdir(out_dir):
+        return []
+    kept = os.path.realpath(keep) if keep else None
+
+    def ours(folder: str) -> bool:  # not the kept folder, nor a folder holding it
+        real = os.path.realpath(folder)
+        return os.path.isdir(folder) and not (kept and (kept == real or kept.startswith(real + os.sep)))
+
+    gone = glob.glob(os.path.join(out_dir, "ckpt-*.pt")) + glob.glob(os.path.join(out_dir, "ckpt-*.pt.tmp-*"))
+    gone += [os.path.join(out_dir, name) for name in RUN_FILES]
+    gone = [p for p in gone if os.path.isfile(p)]
+    for path in gone:
+        os.remove(path)
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    if ours(tok_dir):
+        # Only the files the tokenizer trainer wrote (model file, config, our record); a folder that then
+        # still holds something else is not ours to delete.
+        names = [TOKENIZER_RECORD, "tokenizer_config.json"]
+        try:
+            with open(os.path.join(tok_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+                names.append(os.path.basename(str(json.load(f).get("model_file", ""))))
+        except (OSError, ValueError, AttributeError):
+            pass
+        for name in filter(None, names):
+            for path in glob.glob(os.path.join(tok_dir, glob.escape(name))) + glob.glob(
+                    os.path.join(tok_dir, glob.escape(name) + ".tmp-*")):
+                os.remove(path)
+                gone.append(path)
+        if not os.listdir(tok_dir):
+            os.rmdir(tok_dir)
+    model_dir = os.path.join(out_dir, "model")
+    if ours(model_dir):
+        # The final save replaces this folder whole (save_pretrained(overwrite=True)); deleting it now
+        # keeps a crashed new run from leaving the old run's model beside the new run's metrics.
+        shutil.rmtree(model_dir)
+        gone.append(model_dir)
+    return gone
 
 
 def remove_stale_temp_files(out_dir: str) -> list[str]:
@@ -203,23 +290,26 @@ def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 
         texts, held_texts = texts[: len(texts) - n_held], texts[len(texts) - n_held:]
 
     tok_dir = cfg.tokenizer or os.path.join(cfg.out_dir, "tokenizer")
+    wanted = _tokenizer_settings(cfg, model_cfg)
     if cfg.tokenizer is None and rank == 0 and not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
         os.makedirs(tok_dir, exist_ok=True)
         corpus_file = os.path.join(cfg.out_dir, "train_text.txt")
         with open(corpus_file + ".tmp", "w", encoding="utf-8") as f:
             f.write("\n".join(t.replace("\n", " ") for t in texts) + "\n")
         os.replace(corpus_file + ".tmp", corpus_file)
-        family = "glm" if model_cfg.position_streams == 2 else "chatglm3"
         # BPE keeps most short answers (numbers, names) in one or two pieces on this little text.
-        train_tokenizer([corpus_file], tok_dir, cfg.vocab_size, family, model_type="bpe")
+        train_tokenizer([corpus_file], tok_dir, cfg.vocab_size, wanted["family"], model_type=wanted["model_type"])
+        atomic_write(os.path.join(tok_dir, TOKENIZER_RECORD), (json.dumps(wanted, indent=2) + "\n").encode())
     if world > 1:
         torch.distributed.barrier()
     tok = load(tok_dir)
+    if cfg.tokenizer is None:
+        _check_reused_tokenizer(tok, tok_dir, wanted)
 
     objective = Objective(kind=cfg.objective)
     if cfg.mix is not None:
         objective = Objective(kind=cfg.objective, bert_prob=cfg.mix[0], gap_sentence_prob=cfg.mix[1])
-    collator = Collator(special=SpecialIds.from_tokenizer(tok), max_len=cfg.seq_len, objective=objective,
+    collator = Collator(special=_special_ids(tok, tok_dir), max_len=cfg.seq_len, objective=objective,
                         position_streams=model_cfg.position_streams, is_sentence_end=sentence_end_ids(tok))
     limit = objective.max_doc_len(cfg.seq_len, cls=tok.cls_id is not None)
     # Long documents are split into consecutive chunks that fit (stated here, never silent truncation).
@@ -228,6 +318,47 @@ def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 
     if not train_docs:
         raise TrainingError("the training corpus tokenised to nothing; check --data")
     return Prepared(tok, train_docs, heldout_docs, examples, baseline, collator)
+
+
+def _tokenizer_settings(cfg: TrainConfig, model_cfg: GLMConfig) -> dict:
+    """What the tokenizer `prepare` trains for ``cfg`` depends on (recorded beside it as TOKENIZER_RECORD)."""
+    text = {"data": list(cfg.data)} if cfg.data is not None else {"corpus_size": cfg.corpus_size, "seed": cfg.seed}
+    return {"vocab_size": cfg.vocab_size, "family": "glm" if model_cfg.position_streams == 2 else "chatglm3",
+            "model_type": "bpe", **text}
+
+
+def _check_reused_tokenizer(tok, tok_dir: str, wanted: dict) -> None:
+    """An OUT/tokenizer left by an earlier run is reused only when it was trained as this run asks; a
+    folder from before the record existed is checked on what the tokenizer itself shows."""
+    try:
+        with open(os.path.join(tok_dir, TOKENIZER_RECORD), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        recorded = {"vocab_size": tok.vocab_size, "family": tok.family}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    differ = [k for k in wanted if k in recorded and recorded[k] != wanted[k]]
+    if differ:
+        was = ", ".join(f"{k}={recorded[k]!r}" for k in differ)
+        now = ", ".join(f"{k}={wanted[k]!r}" for k in differ)
+        raise TrainingError(f"{tok_dir} was trained with {was}, but this run asks for {now}; rerun with the run's "
+                            f"settings, pass tokenizer={tok_dir!r} (--tokenizer) to use it as it is, or start over "
+                            f"with overwrite=True (--overwrite) or a new out_dir (--out)")
+
+
+def _special_ids(tok, tok_dir: str):
+    """The objective's special ids for ``tok``. ChatGLM-6B's eos is <eop>, also the span end the objective
+    inserts; its release tokenizer's ``end_token`` </s> ends the documents instead."""
+    from .data import DataError, SpecialIds, end_of_text_id
+
+    eos = None
+    inserted = {tok.sop_id, tok.eop_id, *dict(tok.mask_ids).values()}
+    if tok.eos_ids and tok.eos_ids[0] in inserted:
+        eos = end_of_text_id(tok)
+    try:
+        return SpecialIds.from_tokenizer(tok, eos=eos)
+    except DataError as e:
+        raise TrainingError(f"tokenizer {tok_dir} cannot be trained on with this objective: {e}") from None
 
 
 def global_batch(prep: Prepared, cfg: TrainConfig, micro_step: int, docs: Optional[list] = None):
@@ -348,6 +479,13 @@ def plot_metrics(metrics_path: str, png_path: str) -> Optional[str]:
     return png_path
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
     """Run (or resume) a pretraining run; returns a summary. See the module docstring."""
     cfg.validate()
@@ -356,12 +494,15 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     is_main = rank == 0
+    base = preset(cfg.model)
+    # validate() checked the overrides (no vocab_size: the tokenizer sets it; max_positions >= seq_len + 1).
+    model_cfg = base.replace(**{"vocab_size": max(base.vocab_size, 1),
+                                "max_positions": max(base.max_positions, cfg.seq_len + 1), **cfg.model_overrides})
+    claim_run_folder(cfg, is_main)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 has cleared an overwritten run before anyone reads the folder
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-
-    base = preset(cfg.model)
-    model_cfg = base.replace(vocab_size=max(base.vocab_size, 1), max_positions=max(base.max_positions, cfg.seq_len + 1),
-                             **cfg.model_overrides)
     prep = prepare(cfg, model_cfg, rank, world)
     model_cfg = model_cfg.replace(vocab_size=prep.tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)
@@ -413,7 +554,7 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
     autocast = device.type == "cuda"
 
     bar = None
-    if cfg.progress and is_main:
+    if cfg.progress and is_main and _is_terminal(sys.stderr):
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     last_ckpt = ckpts[-1] if ckpts and cfg.resume else None
@@ -503,9 +644,28 @@ DEMO = TrainConfig(
     eval_every=0, ckpt_every=500, eval_examples=160)
 
 
+def _earlier_run_of(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.out_dir``'s newest checkpoint was written by a run of ``cfg`` (up to its length)."""
+    ckpts = checkpoints(cfg.out_dir)
+    if not ckpts:
+        return False
+    try:
+        saved = torch.load(ckpts[-1], map_location="cpu", weights_only=False).get("config", {})
+    except Exception:  # unreadable: not provably ours
+        return False
+    loose = ("out_dir", "steps", "resume", "overwrite", "progress")
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in loose}
+    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k not in loose} == mine
+
+
 def demo(cfg: TrainConfig = DEMO, show: int = 10) -> dict:
-    """Pretrain a tiny GLM on the embedded corpus, then show held-out blanks, fills and answers."""
+    """Pretrain a tiny GLM on the embedded corpus, then show held-out blanks, fills and answers.
+
+    Rerunning the demo replaces an earlier demo run in ``cfg.out_dir`` (the same command rebuilds it);
+    any other run there is refused as `train` refuses it."""
     t0 = time.perf_counter()
+    if not cfg.resume and not cfg.overwrite and _earlier_run_of(cfg):
+        cfg = dataclasses.replace(cfg, overwrite=True)
     summary = train(cfg)
     print()
     print(f"pretrained a {summary['parameters'] / 1e6:.1f}M-parameter GLM for {cfg.steps} steps in "

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 import glm
 from glm.attention import visible_mask
 from glm.data import (Batch, Collator, DataError, Objective, Sample, SpecialIds, batch_rng, blank_sample,
-                      causal_sample, infill_layout, make_batch, make_sample, pack_rows, prefix_sample,
-                      sentence_end_ids, span_length_weights)
+                      causal_sample, document_span, end_of_text_id, infill_layout, make_batch, make_sample,
+                      pack_rows, prefix_sample, sentence_end_ids, span_length_weights)
 
 SP = SpecialIds(mask=1, smask=2, gmask=3, sop=4, eop=5, eos=7, pad=0, cls=6)
 MASKS = {"token": SP.mask, "sentence": SP.smask, "document": SP.gmask}
@@ -282,9 +282,27 @@ def test_document_mode_is_one_suffix(doc, seed, ratio, eos):
     check_sample(s)
     runs = masked_runs(s)
     assert len(runs) == 1 and (s.tokens[:s.prefix_len] == SP.gmask).sum() == 1
-    (b, e), n = runs[0], len(s.text) - 1  # everything after [CLS] can be generated
+    (b, e), n = runs[0], len(s.text) - 1  # the suffix is drawn from the n tokens after [CLS]
     assert e == len(s.text), "the [gMASK] span is a suffix (eos included)"
-    assert math.ceil(round(ratio * n, 9)) <= e - b <= n
+    cap = n - 1 if n >= 2 else n  # THUDM: at most len(text) - 2 with [CLS] counted
+    assert min(math.ceil(round(ratio * n, 9)), cap) <= e - b <= cap
+
+
+@pytest.mark.parametrize("cls", [True, False])
+def test_document_mode_keeps_context(cls):
+    """A [gMASK] suffix never takes the whole document: Part A keeps at least one token of it (THUDM
+    caps the generation length at len(text) - 2, [CLS] counted). Before, a 3-token document was
+    blanked whole in a third of its samples."""
+    obj = Objective(add_cls=cls)
+    rng = np.random.default_rng(0)
+    for n_doc in (1, 2, 3, 10):
+        doc = random_doc(rng, n_doc)
+        for _ in range(300):
+            s = blank_sample(doc, "document", rng, SP, obj)
+            (b, _e), = s.spans
+            assert b >= int(cls) + 1, (n_doc, s.spans)  # a token of the document stays in Part A
+    assert document_span(5, rng, Objective(gpt_min_ratio=1.0)) == (1, 5)  # lowered to the cap
+    assert document_span(1, rng, Objective()) == (0, 1)  # a one-token text has nothing to keep
 
 
 def test_document_mode_direct_layout_rate():
@@ -609,3 +627,29 @@ def test_special_ids_and_sentence_ends_from_a_tokenizer(tmp_path):
         sop_id, eop_id, cls_id, eos_ids, pad_id = 2, 3, None, (4,), None
     with pytest.raises(DataError, match=r"no \['sMASK', 'gMASK'\]"):
         SpecialIds.from_tokenizer(NoMasks())
+    assert SpecialIds.from_tokenizer(tok, eos=t["[SEP]"]).eos == t["[SEP]"]  # an explicit end of text
+    with pytest.raises(DataError, match=r"eos \d+ is also the eop token .* pass eos="):
+        SpecialIds.from_tokenizer(tok, eos=t["<|endofpiece|>"])
+
+
+def test_chatglm6b_documents_do_not_end_in_eop(tmp_path):
+    """ChatGLM-6B's eos is <eop> (it ends a generation), which is also the span end: taken as the
+    document end it put <eop> in Part A and made [gMASK] targets end <eop> <eop>. from_tokenizer
+    refuses it and names the release's end token </s>; with that, the layout is the usual one."""
+    from glm.tokenizer import train
+    r = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog 你好 世界 模型 语言 数据".split()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(" ".join(r.choice(words) for _ in range(12)) for _ in range(500)), encoding="utf-8")
+    tok = train([str(corpus)], str(tmp_path / "tok"), 400, "chatglm")
+    assert tok.eos_ids[0] == tok.eop_id
+    end = end_of_text_id(tok)
+    assert end is not None and end not in (tok.eop_id, tok.sop_id, *tok.mask_ids.values())
+    with pytest.raises(DataError, match=rf"ChatGLM6BTokenizer.*{tok.eop_id} is also the eop token.*pass eos={end} "):
+        SpecialIds.from_tokenizer(tok)
+    sp = SpecialIds.from_tokenizer(tok, eos=end)
+    assert sp.eos == end and sp.eop == tok.eop_id
+    doc = tok.encode("the quick brown fox 你好 世界")
+    s = blank_sample(doc, "document", 1, sp, Objective(gpt_infill_prob=0.0))
+    assert s.text.tolist() == doc + [end]
+    assert s.targets[-2:].tolist() == [end, tok.eop_id] and tok.eop_id not in s.tokens

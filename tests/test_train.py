@@ -1,6 +1,9 @@
 """The trainer end to end on tiny models: learning, bit-identical resume, the NaN guard, DDP on gloo."""
+import dataclasses
 import json
 import os
+import random
+import shutil
 
 import pytest
 import torch
@@ -148,3 +151,134 @@ def test_logits_at_equals_the_full_logits_there():
         torch.testing.assert_close(grads[1][k], g, atol=1e-5, rtol=1e-5)
     with pytest.raises(InputError, match="logits_at must be a bool"):
         model(ids, logits_at=pick.long())
+
+
+def snapshot(folder) -> dict:
+    return {os.path.relpath(os.path.join(d, f), folder): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture
+def old_run(tmp_path, tokenizer_dir):
+    """A copy of the fixture's run folder (its tokenizer, model, metrics), its checkpoint renamed to a step
+    later than the runs below write: an earlier, longer run."""
+    src = os.path.dirname(tokenizer_dir)
+    out = str(tmp_path / "run")
+    shutil.copytree(src, out)
+    (old,) = checkpoints(out)
+    os.rename(old, os.path.join(out, "ckpt-0000020.pt"))
+    return out
+
+
+def test_existing_run_needs_resume_or_overwrite(old_run, tokenizer_dir):
+    """A new run into a folder that holds checkpoints is refused: keep-newest-K pruning would keep the
+    old run's later checkpoints and delete the new run's. overwrite=True clears the old run first."""
+    before = snapshot(old_run)
+    kw = dict(TINY, steps=2, eval_every=0, ckpt_every=1, keep_last=1)
+    with pytest.raises(TrainingError, match=r"already holds a run \(checkpoints up to ckpt-0000020.pt\); pass "
+                                            r"resume=True \(--resume\).*overwrite=True \(--overwrite\)"):
+        train(TrainConfig(out_dir=old_run, **kw))
+    assert snapshot(old_run) == before  # nothing touched
+    with pytest.raises(ValueError, match="not both"):
+        train(TrainConfig(out_dir=old_run, resume=True, overwrite=True, **kw))
+    s = train(TrainConfig(out_dir=old_run, tokenizer=tokenizer_dir, overwrite=True, **kw))
+    assert [os.path.basename(p) for p in checkpoints(old_run)] == ["ckpt-0000002.pt"] == [os.path.basename(s["checkpoint"])]
+    assert sorted(losses(old_run)) == [1, 2]
+
+
+def test_clear_run_deletes_only_what_the_trainer_wrote(old_run):
+    from glm.train import clear_run
+
+    for extra in ("notes.txt", "metrics.jsonl.bak", os.path.join("tokenizer", "mine.txt")):
+        open(os.path.join(old_run, extra), "w").close()
+    open(os.path.join(old_run, "ckpt-0000030.pt.tmp-abc"), "w").close()  # left by a killed write
+    clear_run(old_run, keep=os.path.join(old_run, "model", "config.json"))  # a file in model/ is being read
+    left = sorted(snapshot(old_run))
+    assert left == sorted(["notes.txt", "metrics.jsonl.bak", os.path.join("tokenizer", "mine.txt"),
+                           *[os.path.join("model", f) for f in os.listdir(os.path.join(old_run, "model"))]])
+    clear_run(old_run)
+    assert sorted(os.listdir(old_run)) == ["metrics.jsonl.bak", "notes.txt", "tokenizer"]
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_reused_tokenizer_must_match_the_request(old_run, record):
+    """OUT/tokenizer from an earlier run is reused only when trained as asked (before: --vocab-size 800
+    silently got the old 500-id tokenizer); a folder without the settings record is checked by its size."""
+    from glm.train import TOKENIZER_RECORD
+
+    record_file = os.path.join(old_run, "tokenizer", TOKENIZER_RECORD)
+    assert os.path.exists(record_file)
+    if not record:
+        os.remove(record_file)
+    want = r"tokenizer was trained with vocab_size=500, but this run asks for vocab_size=800; .*--tokenizer"
+    with pytest.raises(TrainingError, match=want):
+        train(TrainConfig(out_dir=old_run, resume=True, **dict(TINY, vocab_size=800)))
+    for name in os.listdir(old_run):
+        if name.startswith("ckpt-"):
+            os.remove(os.path.join(old_run, name))
+    with pytest.raises(TrainingError, match=want):  # no checkpoint: a fresh run, same tokenizer check
+        train(TrainConfig(out_dir=old_run, **dict(TINY, vocab_size=800)))
+    if record:
+        with pytest.raises(TrainingError, match=r"corpus_size='tiny'.*corpus_size='small'"):
+            train(TrainConfig(out_dir=old_run, **dict(TINY, corpus_size="small")))
+
+
+def test_model_overrides_errors_and_max_positions(tmp_path, tokenizer_dir):
+    with pytest.raises(ValueError, match=r"model_overrides sets vocab_size.*--vocab-size"):
+        train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides={"vocab_size": 50}, **TINY))
+    with pytest.raises(ValueError, match=r"unknown GLMConfig fields \['hiden_size'\]"):
+        train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides={"hiden_size": 64}, **TINY))
+    with pytest.raises(ValueError, match=r"max_positions 50.*seq_len 96 need an int of at least 97"):
+        train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides={"max_positions": 50}, **TINY))
+    with pytest.raises(ValueError, match="must be a dict"):
+        train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides=["num_layers"], **TINY))
+    assert not (tmp_path / "a").exists()
+    s = train(TrainConfig(out_dir=str(tmp_path / "b"), model_overrides={"max_positions": 200}, steps=1, eval_every=0,
+                          tokenizer=tokenizer_dir, **TINY))
+    assert glm.from_pretrained(s["model_dir"]).config.max_positions == 200  # before: a TypeError
+
+
+def test_cli_model_overrides_vocab_size_is_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--model-overrides", '{"vocab_size": 50}', "--steps", "1",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--vocab-size" in err and err.count("\n") == 1
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import glm.train as T
+
+    kw = dict(TINY, progress=True, steps=2, eval_every=0, ckpt_every=0, tokenizer=tokenizer_dir)
+    train(TrainConfig(out_dir=str(tmp_path / "log"), **kw))
+    assert capsys.readouterr().err == ""  # stderr is a pipe / log here: no bar
+    monkeypatch.setattr(T, "_is_terminal", lambda stream: True)
+    train(TrainConfig(out_dir=str(tmp_path / "tty"), **kw))
+    assert "train: 100%" in capsys.readouterr().err
+
+
+def test_chatglm6b_tokenizer_documents_end_in_end_token(tmp_path):
+    """The trainer on a ChatGLM-6B tokenizer (eos = <eop> = the span end) ends documents with </s>."""
+    from glm.config import preset
+    from glm.data import end_of_text_id
+    from glm.tokenizer import train as train_tokenizer
+    from glm.train import prepare
+
+    corpus = tmp_path / "c.txt"
+    words = "the quick brown fox jumps over a lazy dog 你好 世界 模型 语言 数据".split()
+    r = random.Random(0)
+    corpus.write_text("\n".join(" ".join(r.choice(words) for _ in range(12)) for _ in range(500)), encoding="utf-8")
+    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok"), 400, "chatglm")
+    prep = prepare(TrainConfig(out_dir=str(tmp_path / "run"), tokenizer=str(tmp_path / "tok"), **TINY),
+                   preset("tiny-chatglm"))
+    special = prep.collator.special
+    assert special.eos == end_of_text_id(tok) != tok.eop_id and special.eop == tok.eop_id
+
+
+def test_demo_replaces_only_an_earlier_demo_run(old_run):
+    """`make demo` twice works: the demo overwrites a run of its own settings (any length), nothing else."""
+    from glm.train import _earlier_run_of
+
+    same = TrainConfig(out_dir=old_run, steps=1, eval_every=0, ckpt_every=0, **TINY)  # the fixture's run
+    assert _earlier_run_of(same) and _earlier_run_of(dataclasses.replace(same, steps=1500))
+    assert not _earlier_run_of(dataclasses.replace(same, lr=1e-3))
+    assert not _earlier_run_of(dataclasses.replace(same, out_dir=os.path.dirname(old_run)))  # no checkpoint
