@@ -205,6 +205,9 @@ def attention(
         if t is not None and tuple(t.shape) != (B,) and not per_query_ok:
             raise ValueError(f"attention: {name} must have shape [B] = ({B},)"
                              f"{'' if name == 'kv_len' else f' or [B, Tq] = ({B}, {Tq})'}, got {tuple(t.shape)}")
+        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+            # A count of key slots: 2.5 would mean something different to each backend.
+            raise ValueError(f"attention: {name} must be an integer tensor (it counts key slots), got {t.dtype}")
     if q_offset < 0 or q_offset + Tq > Tk:
         raise ValueError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
                          f"{Tk} keys; q_offset must be in [0, Tk - Tq]")

@@ -90,13 +90,18 @@ def structure(q: Tensor, k: Tensor, prefix_len: Optional[Tensor], kv_start: Opti
     """The attention structure as the ops take it: int32 ``[B, Tq]``, ``[B, Tq]``, ``[B]``."""
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
 
+    def as_slots(t: Tensor) -> Tensor:
+        # Every value beyond [0, Tk] means the same as its bound (all keys / none); clamping first
+        # keeps an int64 like 2**31 from wrapping around in the int32 the kernels read.
+        return t.to(q.device).clamp(0, Tk).to(torch.int32)
+
     def per_query(t: Optional[Tensor]) -> Tensor:
         if t is None:
             return torch.zeros(B, Tq, dtype=torch.int32, device=q.device)
-        return t.to(device=q.device, dtype=torch.int32).reshape(B, -1).expand(B, Tq).contiguous()
+        return as_slots(t).reshape(B, -1).expand(B, Tq).contiguous()
 
     lens = (torch.full((B,), Tk, dtype=torch.int32, device=q.device) if kv_len is None
-            else kv_len.to(device=q.device, dtype=torch.int32).contiguous())
+            else as_slots(kv_len).contiguous())
     return per_query(prefix_len), per_query(kv_start), lens
 
 
@@ -132,6 +137,15 @@ if available():
         return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd("glm::attention_fwd", _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError("glm's fused attention is differentiable once (its backward has no backward): for "
+                           "higher-order gradients (create_graph=True, gradient penalties) use backend='sdpa' or "
+                           "'reference'")
+
+    # Without this, differentiating the backward would silently give zeros (torch only warns).
+    torch.library.register_autograd("glm::attention_bwd", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
     @torch.library.register_fake("glm::small_linear")
     def _small_linear_fake(x, weight, bias):

@@ -830,3 +830,60 @@ def test_top_level_kernels_name_stays_inert():
     """)
     res = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "INERT OK" in res.stdout, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# What the fused op refuses rather than getting silently wrong
+
+@needs_kernels
+def test_double_backward_is_an_error_not_zeros():
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+    for backend in ("reference", "fused"):
+        out = glm.attention(q, k, v, backend=backend)
+        dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        if backend == "reference":
+            assert torch.autograd.grad(dq.sum(), v)[0].abs().max() > 0  # there is a second derivative
+        else:
+            with pytest.raises(RuntimeError, match="differentiable once"):
+                torch.autograd.grad(dq.sum(), v)
+
+
+@needs_kernels
+@pytest.mark.parametrize("field", ["prefix_len", "kv_start", "kv_len"])
+def test_structure_values_beyond_int32_mean_their_bound(field):
+    # 2**32 + 1 as int64 must mean "all keys" (prefix_len, kv_len) or "no key" (kv_start) on every
+    # backend; cast to the kernels' int32 without clamping it would wrap to 1.
+    q, k, v = make_qkv(2, 4, 2, 8, 8, 16, seed=0)
+    kw = {field: torch.tensor([2 ** 32 + 1, 3])}
+    ref = glm.attention(q, k, v, backend="reference", **kw)
+    for backend in ("sdpa", "fused"):
+        got = glm.attention(q, k, v, backend=backend, **kw)
+        rows = ref.isfinite() & got.isfinite()
+        assert float((got - ref)[rows].abs().max()) < 1e-5, backend
+
+
+def test_float_structure_tensors_are_refused():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, seed=0)
+    with pytest.raises(ValueError, match="prefix_len must be an integer tensor"):
+        glm.attention(q, k, v, prefix_len=torch.tensor([2.5]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("Tq", [1, 40])  # the decode kernel (few rows) and the forward
+def test_nan_poisons_the_rows_the_reference_poisons(where, Tq):
+    # A NaN (an fp16 overflow upstream, say) must show as NaN in the rows that see it, as in the
+    # reference, not turn into zeros that generation would carry on from.
+    q, k, v = make_qkv(1, 2, 2, Tq, 40, 16, seed=1)
+    (q if where == "q" else k)[0, :, min(4, (q if where == "q" else k).shape[2] - 1)] = float("nan")
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    kw = dict(q_offset=40 - Tq)
+    ref = glm.attention(q, k, v, backend="reference", **kw)
+    got, lse = kernels.attention_with_lse(q, k, v, **kw)
+    assert torch.equal(ref.isnan().any(-1), got.isnan().any(-1)) and ref.isnan().any()
+    assert torch.equal(lse.isnan(), got.isnan().any(-1))
+    if Tq > 1:
+        dq, dk, dv = torch.autograd.grad(got.sum(), (q, k, v))
+        assert dq.isnan().any() and dk.isnan().any() and dv.isnan().any()

@@ -42,6 +42,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // 2^x for x <= 0, exactly 0 below -126 (and for -inf). Round-to-nearest range reduction leaves
 // f in [-0.5, 0.5], where the degree-7 Taylor polynomial of 2^f is accurate to ~5e-9 relative, below
 // fp32 rounding. Written branch-free on plain floats so GCC vectorises the loops that call it.
+// max(a, b) that keeps a NaN from either side, so a NaN score poisons its row as it does in the
+// reference (std::max and `a > b ? a : b` drop it depending on the order of the operands).
+inline float max_keep_nan(float a, float b) { return (a != a || b <= a) ? a : b; }
+
 inline float exp2_neg(float x) {
   const float xc = x < -126.0f ? -126.0f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
@@ -320,10 +324,10 @@ void attend_range(const Problem& p, const Keys<T>& keys, int64_t rows, int64_t j
     std::fill(mx, mx + rp, kNegInf);
     for (int64_t c = 0; c < nk; ++c) {
       const float* row = ST + c * rp;
-      for (int64_t r = 0; r < rp; ++r) mx[r] = mx[r] > row[r] ? mx[r] : row[r];
+      for (int64_t r = 0; r < rp; ++r) mx[r] = max_keep_nan(mx[r], row[r]);
     }
     for (int64_t r = 0; r < rp; ++r) {
-      const float mn = m[r] > mx[r] ? m[r] : mx[r];
+      const float mn = max_keep_nan(m[r], mx[r]);
       ms[r] = mn == kNegInf ? 0.0f : mn;  // a row that has seen nothing yet: exponents stay -inf -> 0
       alpha[r] = exp2_neg(m[r] - ms[r]);
       m[r] = mn;
@@ -383,7 +387,7 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& x) { return x.stride(-1)
 // for the largest score, whereas exp2(s - lse) loses |lse| * eps of relative accuracy when the
 // logits are large (a 1e-5 error at logits ~100 in fp32).
 inline void write_stats(float m, float l, int64_t at, float* lse, float* stats) {
-  const bool seen = l > 0.0f;
+  const bool seen = !(l == 0.0f);  // a NaN sum is "seen": its lse and stats stay NaN
   lse[at] = seen ? (m + std::log2(l)) * kLn2 : kNegInf;
   stats[2 * at] = seen ? m : kNegInf;
   stats[2 * at + 1] = seen ? std::log2(l) : 0.0f;
@@ -470,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
       attend_range(p, keys_of(b, kh), rows, lo, hi, s);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = kh * G + r / nt, t = t0 + r % nt;
-        const float l = s.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float l = s.l[r], inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN stays NaN
         scalar_t* o = op + ((b * p.n + h) * p.Tq + t) * p.d;
         const float* src = s.O.data() + r * p.dpad;
         for (int64_t c = 0; c < p.d; ++c) o[c] = static_cast<scalar_t>(src[c] * inv);
@@ -538,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_decode(const at::Tensor
       for (int64_t x = begin; x < end; ++x) {
         const int64_t r = x % rows, bg = x / rows, b = bg / p.g, kh = bg % p.g;
         float m = kNegInf;
-        for (int64_t c = 0; c < nch; ++c) m = std::max(m, pm[(bg * nch + c) * rows + r]);
+        for (int64_t c = 0; c < nch; ++c) m = max_keep_nan(m, pm[(bg * nch + c) * rows + r]);
         std::fill(acc.begin(), acc.end(), 0.0f);
         float l = 0.0f;
         if (m != kNegInf) {
@@ -552,7 +556,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_decode(const at::Tensor
           }
         }
         const int64_t h = kh * G + r / p.Tq, t = r % p.Tq;
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float inv = l == 0.0f ? 0.0f : 1.0f / l;
         scalar_t* o = op + ((b * p.n + h) * p.Tq + t) * p.d;
         for (int64_t e = 0; e < p.d; ++e) o[e] = static_cast<scalar_t>(acc[e] * inv);
         write_stats(m, l, (b * p.n + h) * p.Tq + t, lp, sp);
