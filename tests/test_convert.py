@@ -853,3 +853,24 @@ def test_convert_refuses_to_write_over_its_source(tmp_path):
     with pytest.raises(ValueError, match="source folder itself"):
         convert_checkpoint(src, src, to="glm", overwrite=True)
     assert snapshot(src) == before
+
+
+def test_ctrl_c_mid_conversion_keeps_previous_output_and_no_temp(tmp_path, monkeypatch, capsys):
+    # KeyboardInterrupt is not an Exception: the cleanup must catch BaseException.
+    dst, before = _previous_output(tmp_path)
+    real = glm.checkpoint._write_safetensors_stream
+    calls = []
+
+    def interrupted(path, entries, tensors, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            next(iter(tensors))  # part of the shard is under way
+            raise KeyboardInterrupt
+        return real(path, entries, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(glm.checkpoint, "_write_safetensors_stream", interrupted)
+    rc = main(["convert", reference_dir("glm-4-9b-0414"), str(dst), "--shard-size", SHARD, "--overwrite", "--quiet"])
+    assert rc == 130 and len(calls) == 2
+    assert "interrupted" in capsys.readouterr().err
+    assert snapshot(dst) == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -262,3 +262,27 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     assert main(["parity", reference_dir("chatglm3-6b")]) == 130
     err = capsys.readouterr().err
     assert "glm parity: interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../model-00001-of-00004.safetensors", "..", ".",
+                                   "sub/model-00001-of-00004.safetensors"])
+def test_index_shard_names_must_stay_inside_the_folder(shard, tmp_path):
+    # An index could otherwise make the loader open any file on the machine.
+    src = copy_fixture("glm-4-9b-0414", tmp_path)
+    index = os.path.join(src, "model.safetensors.index.json")
+
+    def point_one_tensor_elsewhere(d):
+        first = sorted(d["weight_map"])[0]
+        d["weight_map"][first] = shard
+
+    edit_json(index, point_one_tensor_elsewhere)
+    with pytest.raises(CheckpointError, match="shard names must be plain file names inside"):
+        glm.from_pretrained(src)
+    assert main(["convert", src, str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_overrides_that_are_not_json_name_the_flag(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--model-overrides", "{bad"]) == 2
+    err = capsys.readouterr().err
+    assert "--model-overrides is not valid JSON" in err and "Traceback" not in err

@@ -64,7 +64,7 @@ def tiny_configs(draw) -> dict:
         rope_parameters={"rope_theta": draw(st.sampled_from([10000.0, 5e6])),
                          "partial_rotary_factor": factor, "rope_type": "default"},
         attention_bias=draw(st.booleans()),
-        tie_word_embeddings=False,
+        tie_word_embeddings=draw(st.booleans()),
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
 

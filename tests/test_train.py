@@ -282,3 +282,18 @@ def test_demo_replaces_only_an_earlier_demo_run(old_run):
     assert _earlier_run_of(same) and _earlier_run_of(dataclasses.replace(same, steps=1500))
     assert not _earlier_run_of(dataclasses.replace(same, lr=1e-3))
     assert not _earlier_run_of(dataclasses.replace(same, out_dir=os.path.dirname(old_run)))  # no checkpoint
+
+
+def test_ctrl_c_while_saving_a_checkpoint_leaves_no_temp_file(tmp_path):
+    from glm.train import save_checkpoint
+
+    save_checkpoint(str(tmp_path), {"step": 1, "w": torch.ones(3)}, 1, keep_last=2)
+
+    class Interrupting(dict):
+        def __reduce_ex__(self, protocol):  # torch.save pickles this mid-write
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), {"step": 2, "w": torch.ones(1000), "x": Interrupting()}, 2, keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000001.pt"]
+    assert torch.load(tmp_path / "ckpt-0000001.pt", weights_only=True)["step"] == 1
