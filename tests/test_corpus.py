@@ -255,7 +255,8 @@ def test_bad_generator_arguments(kwargs, message):
 # --- writing
 
 def tmp_leftovers(folder) -> list:
-    return [n for n in os.listdir(folder) if n.endswith(".tmp") or n.startswith(".")]
+    # atomic_write's temp files are named like "train.txt.tmp-k3j9x_" (tempfile.mkstemp, prefix "<name>.tmp-").
+    return [n for n in os.listdir(folder) if ".tmp" in n or n.startswith(".")]
 
 
 def test_write_corpus_round_trips_without_temp_files(tmp_path):

@@ -78,11 +78,25 @@ def test_static_infill_equals_eager_infill(backend):
 
 
 def test_static_step_with_sampling_and_eos_equals_eager():
+    """Sampling (temperature, top-k, top-p, repetition penalty) from one seeded generator draws the same
+    tokens from the static step's logits as from the eager decode's, and eos stops rows the same way.
+    Greedy tokens would not notice logits that are off by a scale or a shift; sampled ones do."""
     model = _model("tiny-glm4-hf")
     ids, pad = _prompts()
-    free = generate(model, ids, pad_left=pad, max_new_tokens=6)
-    kw = dict(pad_left=pad, max_new_tokens=6, repetition_penalty=1.3, eos_token_ids=[int(free[0, 2])])
-    assert torch.equal(generate(model, ids, static=True, **kw), generate(model, ids, static=False, **kw))
+    kw = dict(pad_left=pad, max_new_tokens=8, temperature=0.9, top_k=40, top_p=0.9, seed=1)
+    static = generate(model, ids, static=True, repetition_penalty=1.3, eos_token_ids=(), **kw)
+    eager = generate(model, ids, static=False, repetition_penalty=1.3, eos_token_ids=(), **kw)
+    assert torch.equal(static, eager)
+    # It really sampled, and the penalty changed some draw (so both are exercised on the static path).
+    greedy = generate(model, ids, pad_left=pad, max_new_tokens=8, repetition_penalty=1.3, eos_token_ids=())
+    assert not torch.equal(static, greedy)
+    assert not torch.equal(static, generate(model, ids, static=True, eos_token_ids=(), **kw))
+
+    eos = int(static[0, 2])
+    stop = dict(repetition_penalty=1.3, eos_token_ids=[eos], **kw)
+    out = generate(model, ids, static=True, **stop)
+    assert torch.equal(out, generate(model, ids, static=False, **stop))
+    assert torch.equal(out[0, :3], static[0, :3]) and bool((out[0, 2:] == eos).all())
 
 
 def test_compiled_static_step_generates_the_eager_tokens():

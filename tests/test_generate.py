@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import glm
-from glm.generate import generate, left_pad, stream
+from glm.generate import SamplingConfig, generate, left_pad, next_token, stream
 from glm.model import InputError
 from glm.parity import load_cases
 
@@ -56,12 +56,37 @@ def test_batched_left_padded_equals_rows_alone():
         assert torch.equal(batched[i], alone[0]), i
 
 
-def test_stream_yields_the_same_tokens_as_generate():
+def _uncached_loop(model, prompt, n, cfg, seed=None):
+    """The tokens after ``prompt``, each from a full forward of the whole sequence so far (no cache), with
+    the repetition penalty over every token already in the row and one generator seeded once."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = next_token(model(seq)[:, -1], cfg, gen, seen=seq)
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+    return seq[:, prompt.shape[1]:]
+
+
+def test_stream_samples_as_an_uncached_loop_does():
+    """stream (and generate, which stacks it) against an independent loop, sampled and greedy."""
     model = _tiny()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    kw = dict(max_new_tokens=7, temperature=0.9, top_k=50, top_p=0.8, repetition_penalty=1.2, seed=123)
-    streamed = torch.stack(list(stream(model, prompt, **kw)), dim=1)
-    assert torch.equal(streamed, generate(model, prompt, **kw))
+    kw = dict(max_new_tokens=7, temperature=0.9, top_k=50, top_p=0.8, repetition_penalty=1.2)
+    streamed = torch.stack(list(stream(model, prompt, seed=123, eos_token_ids=(), **kw)), dim=1)
+    assert torch.equal(streamed, _uncached_loop(model, prompt, 7, SamplingConfig(**kw), seed=123))
+    assert torch.equal(generate(model, prompt, seed=123, eos_token_ids=(), **kw), streamed)
+    # It really sampled: greedy decoding of the same prompt picks other tokens.
+    assert not torch.equal(streamed, generate(model, prompt, max_new_tokens=7, eos_token_ids=()))
+
+    # Greedy with a repetition penalty: plain greedy repeats a generated token within 10 steps here, so
+    # the penalty must cover the generated tokens too, not only the prompt.
+    kw = dict(max_new_tokens=10, repetition_penalty=1.3)
+    penalised = torch.stack(list(stream(model, prompt, eos_token_ids=(), **kw)), dim=1)
+    assert torch.equal(penalised, _uncached_loop(model, prompt, 10, SamplingConfig(**kw)))
+    plain = generate(model, prompt, max_new_tokens=10, eos_token_ids=())
+    assert torch.equal(plain, _uncached_loop(model, prompt, 10, SamplingConfig(max_new_tokens=10)))
+    assert not torch.equal(penalised, plain)
 
 
 def test_sampling_is_seeded():

@@ -81,15 +81,39 @@ def test_infill_rejects_1d_families_and_empty_text():
         infill_ids(_glm_model(), [1, 2, 3], mask_ids=[MASK], sop_id=SOP, eop_id=EOP)
 
 
-def test_chatglm6b_infill_uses_2d_rope_positions():
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
+def test_chatglm6b_infill_uses_2d_rope_positions(static):
+    """The positions that reach RoPE, recorded at every forward of a sampled infill: Part A at 0..A-1
+    with block position 0, <sop> at the blank's position with block position 1, then every fed span
+    token at the same position with block positions 2, 3, ... (both streams rotate: 2D RoPE)."""
     model = glm.GLM(glm.preset("tiny-chatglm")).eval()
     model.init_weights(std=0.3, seed=2)
-    res = infill_ids(model, [11, 130, 104, 127, 77], mask_ids=[152], gmask_id=153, sop_id=156, eop_id=157,
-                     max_span_tokens=4, temperature=0.8, seed=0)
-    again = infill_ids(model, [11, 130, 104, 127, 77], mask_ids=[152], gmask_id=153, sop_id=156, eop_id=157,
-                       max_span_tokens=4, temperature=0.8, seed=0)
-    assert res == again and len(res.spans) == 1
-    assert res.tokens[:5] == [11, 130, 104, 127, 77]
+    assert model.pos_embed is None and model.rotary.segments == 2
+    fed = []
+    real = model.rotary.cos_sin
+
+    def recording(position_ids, dtype):
+        fed.append(position_ids.detach().cpu().clone())
+        return real(position_ids, dtype)
+
+    model.rotary.cos_sin = recording
+    text = [11, 130, 104, 127, 77]
+    kw = dict(mask_ids=[MASK6], gmask_id=GMASK6, sop_id=SOP6, eop_id=EOP6, max_span_tokens=4, temperature=0.8,
+              seed=0, static=static)
+    res = infill_ids(model, text, **kw)
+    assert len(res.spans) == 1 and res.tokens[:5] == text
+    span = res.spans[0]
+    assert len(span) >= 2, span  # enough fed span tokens to see the block position count up
+    A = len(text) + 1  # [gMASK] appended at index 5: the blank's position
+    want = [torch.tensor([[list(range(A)), [0] * A]])]
+    # <sop>, then each span token (the token ending the span, <eop> or the one over the cap, is not fed).
+    want += [torch.tensor([[[A - 1], [blk]]]) for blk in range(1, 2 + len(span))]
+    assert len(fed) == len(want), [f.tolist() for f in fed]
+    for got, exp in zip(fed, want):
+        assert torch.equal(got, exp), (got.tolist(), exp.tolist())
+    # The same seed samples the same span.
+    fed.clear()
+    assert infill_ids(model, text, **kw) == res
 
 
 def test_generation_gmask_replaces_a_trailing_eos():

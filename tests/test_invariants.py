@@ -7,6 +7,9 @@
 - logits depend only on the tokens their mask lets them see;
 - the backends agree.
 
+The backends are ``reference``, ``sdpa`` and ``fused`` (glm.kernels, the CPU default under ``auto``);
+the ``fused`` cases skip, saying why, where the kernels are not built.
+
 Weights are re-initialised with std 0.1: logits are then O(1) (std ~0.8, |max| ~3), the fp32 noise
 between a cached and an uncached forward is <= ~2e-6 (so 1e-5 holds with margin), and changing one
 visible token moves some logit by 0.05-2, far above it. With std 0.3 the logits reach ~10 and the
@@ -23,10 +26,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import glm
+from glm import kernels
 
 TINY = ["tiny-glm", "tiny-chatglm", "tiny-chatglm2", "tiny-chatglm3", "tiny-glm4-chatglm", "tiny-glm-hf",
         "tiny-glm4-hf"]
-BACKENDS = ["reference", "sdpa"]
+# The backends this build can run (for the hypothesis test and the agreement test's loop), and the same as
+# pytest params with the fused ones present but skipped, with the reason, when glm.kernels is not built.
+RUNNABLE = ["reference", "sdpa"] + (["fused"] if kernels.available() else [])
+BACKENDS = ["reference", "sdpa", pytest.param("fused", marks=pytest.mark.skipif(
+    not kernels.available(), reason=f"glm.kernels not built: {kernels.load_error()}"))]
 STD = 0.1
 ATOL = 1e-5
 # A change that the mask lets through must move some logit by far more than the tolerance.
@@ -272,15 +280,16 @@ def test_backends_agree_on_the_model(name, structure):
     x = tokens(cfg, B, T, seed=8)
     keep = real(pad_left, B, T)
     outs = {}
-    for backend in BACKENDS:
+    for backend in RUNNABLE:
         full = model(x[:, :P], prefix_len=prefix_len, pad_left=pad_left, backend=backend)
         cache = model.new_cache(B, T)
         steps = [model(x[:, :P], prefix_len=prefix_len, pad_left=pad_left, cache=cache, backend=backend)]
         steps += [model(x[:, t:t + 1], cache=cache, backend=backend) for t in range(P, T)]
         outs[backend] = (full, torch.cat(steps, 1))
-    (f0, d0), (f1, d1) = outs["reference"], outs["sdpa"]
-    assert_logits_close(f1, f0, keep[:, :P], what="forward, sdpa vs reference")
-    assert_logits_close(d1, d0, keep, what="cached decode, sdpa vs reference")
+    f0, d0 = outs.pop("reference")
+    for backend, (f1, d1) in outs.items():
+        assert_logits_close(f1, f0, keep[:, :P], what=f"forward, {backend} vs reference")
+        assert_logits_close(d1, d0, keep, what=f"cached decode, {backend} vs reference")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,7 +309,7 @@ def configs(draw):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs(), pad=st.integers(1, 4), n_real=st.integers(2, 7), data=st.data(),
-       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**16))
+       backend=st.sampled_from(RUNNABLE), seed=st.integers(0, 2**16))
 @torch.no_grad()
 def test_left_padded_row_matches_row_alone_random_configs(cfg, pad, n_real, data, backend, seed):
     prefix = data.draw(st.one_of(st.none(), st.integers(1, n_real)), label="prefix")
