@@ -49,6 +49,20 @@ def _load(args: argparse.Namespace):
     return model, tok
 
 
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _max_new(args: argparse.Namespace, model, prompt_len: int) -> int:
+    """--max-new-tokens, or by default 128 cut to what the model's position table leaves room for
+    (small trained models have seq_len + 1 positions); a value given explicitly is checked, not cut."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    cfg = model.config
+    # 2D families count the block position up inside one blank (<sop> at 1): max_positions - 2 fit.
+    room = cfg.max_positions - 2 if cfg.position_streams == 2 else cfg.max_positions - prompt_len
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, cuda_graphs=args.cuda_graphs)
@@ -61,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode_with_specials(args.prompt)
     if not args.raw:
         ids = tok.build_inputs(ids)
-    for piece in stream_text(model, tok, ids, max_new_tokens=args.max_new_tokens, **_sampling(args)):
+    for piece in stream_text(model, tok, ids, max_new_tokens=_max_new(args, model, len(ids)), **_sampling(args)):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -71,7 +85,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
     from .generate import infill
 
     model, tok = _load(args)
-    print(infill(model, tok, args.text, max_span_tokens=args.max_new_tokens, **_sampling(args)))
+    print(infill(model, tok, args.text, max_span_tokens=_max_new(args, model, 0), **_sampling(args)))
     return 0
 
 
@@ -101,7 +115,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         ids = tok.chat_ids(query, history=history, system=args.system)
         print("glm> ", end="", flush=True)
         reply = ""
-        for piece in stream_text(model, tok, ids, max_new_tokens=args.max_new_tokens, **_sampling(args)):
+        for piece in stream_text(model, tok, ids, max_new_tokens=_max_new(args, model, len(ids)), **_sampling(args)):
             reply += piece
             print(piece, end="", flush=True)
         print()
@@ -213,8 +227,9 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", default="float32",
                    help="float32, bfloat16, float16, or auto = as stored (default float32)")
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    s.add_argument("--max-new-tokens", type=int, default=128,
-                   help="tokens to generate (infill: per blank) (default 128)")
+    s.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (infill: per blank) (default 128, or fewer where the model's "
+                        "position table ends sooner)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (needs --temperature)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (needs --temperature)")

@@ -188,6 +188,9 @@ class GLMConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        if d["rope_position_scale"] == 1.0:
+            # Left out at its default, so folders without it stay readable by glm versions before it.
+            del d["rope_position_scale"]
         return d
 
     @classmethod

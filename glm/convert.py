@@ -525,7 +525,17 @@ def open_source(src: str) -> tuple[Source, "object"]:
     if is_glm_format(src):
         mappings = [rename(n, n) for n in _meta_shapes(cfg, src)]
     else:
-        mappings = hf_format(cfg, keys=reader.keys(), per_head_qkv=per_head_qkv(cfg.family, hf_cfg))
+        per_head = per_head_qkv(cfg.family, hf_cfg)
+        if per_head:
+            import warnings
+
+            # No release sets the flag false; glm before 2026-11-25 did, for models with as many KV
+            # heads as query heads, while writing block rows: such files need the flag set true.
+            warnings.warn(f"{config_path}: multi_query_attention is false, so the fused QKV rows are read per "
+                          f"head ([n, 3d]) as THUDM's code reads them. If glm wrote this folder before "
+                          f"2026-11-25, set multi_query_attention true and multi_query_group_num to "
+                          f"num_attention_heads in config.json", stacklevel=2)
+        mappings = hf_format(cfg, keys=reader.keys(), per_head_qkv=per_head)
         # Buffers glm regenerates (RoPE inv_freq) are optional: the references never read them.
         have = set(reader.keys())
         mappings = [mp for mp in mappings if mp.glm or all(n in have for n in mp.hf)]
@@ -682,8 +692,9 @@ def convert_checkpoint(src: str, dst: str, **kwargs) -> ConvertSummary:
     """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`.
     The tokenizer and generation_config.json come along (`CARRIED_FILES`)."""
     src = os.fspath(src)
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise ValueError(f"{dst} is the source folder itself; write to another folder (the conversion "
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(os.fspath(dst))
+    if real_dst == real_src or real_src.startswith(real_dst.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{dst} is the source folder or holds it; write to another folder (the conversion "
                          f"replaces the destination, which would delete the source's own files)")
     source, reader = open_source(src)
     try:

@@ -260,7 +260,8 @@ def _eos_ids(model: GLM, cfg: SamplingConfig) -> tuple[int, ...]:
     return tuple(model.config.eos_token_ids if cfg.eos_token_ids is None else cfg.eos_token_ids)
 
 
-def _check_positions(model: GLM, prompt_len: int, max_new_tokens: int, position_ids: Optional[Tensor]) -> None:
+def _check_positions(model: GLM, prompt_len: int, max_new_tokens: int, position_ids: Optional[Tensor],
+                     input_ids: Optional[Tensor] = None, pad_left: Optional[Tensor] = None) -> None:
     """Refuse up front a generation whose positions would leave the model's table, instead of an
     IndexError (learned positions) or silent extrapolation (RoPE) after part of the output."""
     limit = model.config.max_positions
@@ -272,6 +273,9 @@ def _check_positions(model: GLM, prompt_len: int, max_new_tokens: int, position_
     # 2D families generate inside a blank: the position stays put and the block position counts up from
     # the prompt's last one; the last token chosen is never fed, so it reaches last + max_new_tokens - 1.
     last = 0
+    if position_ids is None and input_ids is not None:
+        derived = model.chatglm_structure(input_ids, pad_left)  # ChatGLM-6B reads its own positions
+        position_ids = derived[0] if derived is not None else None
     if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[1] == 2 and position_ids.numel():
         last = int(position_ids[:, 1, -1].max())
     if last + max_new_tokens - 1 >= limit:
@@ -301,7 +305,7 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise InputError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
     B, P = input_ids.shape
-    _check_positions(model, P, cfg.max_new_tokens, position_ids)
+    _check_positions(model, P, cfg.max_new_tokens, position_ids, input_ids, pad_left)
     device = next(model.parameters()).device
     graphs, static = _decode_mode(device, cuda_graphs, static, compile)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None

@@ -245,12 +245,16 @@ class GLM(nn.Module):
         of the first ``[gMASK]`` (else the first ``[MASK]``) and block positions 1, 2, ...; the context
         is bidirectional (``prefix_len`` = the bos slot). Returns ``(position_ids [B, 2, T],
         prefix_len [B])``; rows without a bos or a mask keep the plain default (count from 0,
-        causal). None when the config names no bos or mask tokens."""
+        causal). None when the config names no bos or mask tokens. Derived on the first call into a
+        cache only: prefill a ChatGLM-6B prompt in one call (or pass positions), since a first chunk
+        that ends before the bos would be read as all context-free causal text."""
         cfg = self.config
         masks = [cfg.special_tokens.get(k) for k in ("[gMASK]", "[MASK]")]
         if cfg.family != "chatglm" or cfg.bos_token_id is None or all(m is None for m in masks):
             return None
         B, T = input_ids.shape
+        if T == 0:
+            return None
         slots = torch.arange(T, device=input_ids.device)
 
         def first(token: Optional[int]) -> Tensor:  # first slot of token per row, T when absent
@@ -322,6 +326,9 @@ class GLM(nn.Module):
             if cache.batch != B:
                 raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
             dtype = self.embed.weight.dtype
+            dev = input_ids.device.type
+            if torch.is_autocast_enabled(dev):  # under autocast the keys come out in its dtype
+                dtype = torch.get_autocast_dtype(dev)
             if cache.k.dtype != dtype:
                 raise InputError(f"the KV cache holds {cache.k.dtype} but the model computes in {dtype}; make it "
                                  f"with model.new_cache(batch, max_len) after casting the model (its dtype follows "

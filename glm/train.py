@@ -172,9 +172,10 @@ def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
         return []
     kept = os.path.realpath(keep) if keep else None
 
-    def ours(folder: str) -> bool:  # not the kept folder, nor a folder holding it
+    def ours(folder: str) -> bool:  # a real folder (never through a link), not the kept one nor one holding it
         real = os.path.realpath(folder)
-        return os.path.isdir(folder) and not (kept and (kept == real or kept.startswith(real + os.sep)))
+        return (os.path.isdir(folder) and not os.path.islink(folder)
+                and not (kept and (kept == real or kept.startswith(real + os.sep))))
 
     gone = glob.glob(os.path.join(out_dir, "ckpt-*.pt")) + glob.glob(os.path.join(out_dir, "ckpt-*.pt.tmp-*"))
     gone += [os.path.join(out_dir, name) for name in RUN_FILES]
@@ -182,7 +183,8 @@ def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
     for path in gone:
         os.remove(path)
     tok_dir = os.path.join(out_dir, "tokenizer")
-    if ours(tok_dir):
+    # Only a tokenizer the trainer trained carries its record; one placed there by hand stays.
+    if ours(tok_dir) and os.path.isfile(os.path.join(tok_dir, TOKENIZER_RECORD)):
         # Only the files the tokenizer trainer wrote (model file, config, our record); a folder that then
         # still holds something else is not ours to delete.
         names = [TOKENIZER_RECORD, "tokenizer_config.json"]

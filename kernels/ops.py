@@ -196,6 +196,12 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, pre
                     kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
                     scale: Optional[float] = None) -> Tensor:
     """The ``fused`` attention backend (same arguments as every backend in :mod:`glm.attention`)."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        # As autocast does for sdpa: run in its dtype (q may come out of fp32 RoPE while the cache
+        # holds keys in the autocast dtype).
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     return attention_with_lse(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start, kv_len=kv_len,
                               q_offset=q_offset, scale=scale)[0]
 

@@ -264,3 +264,17 @@ def test_bench_quick_does_not_replace_the_published_records(monkeypatch):
     with pytest.raises(glm.bench.BenchError):
         glm.bench.run_suite("decode")
     assert seen["out"] == results
+
+
+def test_default_max_new_tokens_fits_the_model(checkpoint, capsys):
+    # 128 by default, cut to what the position table holds (tiny GLMs have 64-65 positions); an
+    # explicit value is checked, not cut.
+    family, d = checkpoint
+    if family in ("glm", "chatglm"):
+        assert main(["infill", d, "--text", "the cat [MASK] on the mat"]) == 0
+        assert main(["generate", d, "--prompt", "the cat"]) == 0
+        capsys.readouterr()
+        assert main(["infill", d, "--text", "the cat [MASK] on the mat", "--max-new-tokens", "128"]) == 2
+        assert "outside the model's" in capsys.readouterr().err
+    else:
+        assert main(["generate", d, "--prompt", "the cat"]) == 0

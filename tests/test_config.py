@@ -129,3 +129,10 @@ def test_preset_returns_a_copy():
     a = glm.preset("chatglm3-6b")
     a.special_tokens["[MASK]"] = -1
     assert glm.preset("chatglm3-6b").special_tokens["[MASK]"] == 64789
+
+
+def test_default_rope_position_scale_is_left_out_of_saved_configs():
+    # Folders glm writes stay readable by versions from before the field existed.
+    assert "rope_position_scale" not in glm.preset("tiny-chatglm2").to_dict()
+    d = glm.preset("tiny-chatglm2").replace(rope_position_scale=16.0).to_dict()
+    assert d["rope_position_scale"] == 16.0 and GLMConfig.from_dict(d).rope_position_scale == 16.0

@@ -850,8 +850,10 @@ def test_convert_carries_the_tokenizer(tmp_path):
 def test_convert_refuses_to_write_over_its_source(tmp_path):
     src = copy_fixture("chatglm3-6b", tmp_path)
     before = snapshot(src)
-    with pytest.raises(ValueError, match="source folder itself"):
+    with pytest.raises(ValueError, match="is the source folder or holds it"):
         convert_checkpoint(src, src, to="glm", overwrite=True)
+    with pytest.raises(ValueError, match="is the source folder or holds it"):  # its parent: src inside dst
+        convert_checkpoint(src, tmp_path, to="glm", overwrite=True)
     assert snapshot(src) == before
 
 

@@ -286,3 +286,26 @@ def test_model_overrides_that_are_not_json_name_the_flag(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), "--model-overrides", "{bad"]) == 2
     err = capsys.readouterr().err
     assert "--model-overrides is not valid JSON" in err and "Traceback" not in err
+
+
+def test_chatglm6b_empty_input_and_derived_positions_past_the_table():
+    model = glm.from_pretrained(reference_dir("chatglm-6b"))
+    assert model(torch.zeros(1, 0, dtype=torch.long)).shape == (1, 0, model.config.vocab_size)
+    st = model.config.special_tokens
+    ids = torch.tensor([[5, 6, st["[gMASK]"], model.config.bos_token_id] + [7] * 40])
+    # ChatGLM-6B derives block positions 1..41 for this prompt itself; 40 more leave the table.
+    with pytest.raises(InputError, match="outside the model's"):
+        glm.generate(model, ids, max_new_tokens=40)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
+def test_cache_in_the_autocast_dtype_is_accepted(backend):
+    model = glm.GLM(glm.preset("tiny-chatglm3")).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    cache = model.new_cache(1, 8, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids, backend=backend)[:, -1]
+        model(ids[:, :4], cache=cache, backend=backend)
+        step = model(ids[:, 4:], cache=cache, backend=backend)[:, -1]
+    assert cache.length == 5
+    assert float((step.float() - full.float()).abs().max()) < 0.1  # bf16 rounding, not another computation

@@ -482,16 +482,18 @@ def test_chatglm6b_num_image_tokens_from_config_json(trained, tmp_path):
     gmask = tok.token_id("[gMASK]")
 
     def offset(rows=None, **cfg) -> int:
+        nested = cfg.pop("_glm_format", False)  # glm's own format nests the model fields in "config"
         d = _release_dir(tmp_path, f"c6-{len(os.listdir(tmp_path))}", f"{folder}/ice_text.model", "ice_text.model",
                          {"tokenizer_class": "ChatGLMTokenizer", **cfg})
         if rows is not None:
             with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump({"model_type": "chatglm", "vocab_size": rows}, f)
+                json.dump({"config": {"vocab_size": rows}} if nested else {"model_type": "chatglm", "vocab_size": rows}, f)
         loaded = load(d)
         assert loaded.encode("你好") == [i + loaded.num_image_tokens for i in tok.encode("你好")]
         return loaded.token_id("[gMASK]") - gmask
 
     assert offset(pieces + 20000 + 184) == 20000  # as the first release
+    assert offset(pieces + 20000 + 184, _glm_format=True) == 20000  # the same, converted to glm's format
     assert offset(pieces + 20000) == 20000
     assert offset(pieces + 184) == 0  # as the current release
     assert offset(pieces) == 0

@@ -297,3 +297,29 @@ def test_ctrl_c_while_saving_a_checkpoint_leaves_no_temp_file(tmp_path):
         save_checkpoint(str(tmp_path), {"step": 2, "w": torch.ones(1000), "x": Interrupting()}, 2, keep_last=2)
     assert sorted(os.listdir(tmp_path)) == ["ckpt-0000001.pt"]
     assert torch.load(tmp_path / "ckpt-0000001.pt", weights_only=True)["step"] == 1
+
+
+def test_overwrite_never_follows_links_out_of_the_run(old_run, tmp_path):
+    from glm.train import clear_run
+
+    elsewhere = tmp_path / "mine"
+    elsewhere.mkdir()
+    shutil.move(os.path.join(old_run, "tokenizer"), str(elsewhere / "tok"))
+    shutil.move(os.path.join(old_run, "model"), str(elsewhere / "model"))
+    os.symlink(elsewhere / "tok", os.path.join(old_run, "tokenizer"))
+    os.symlink(elsewhere / "model", os.path.join(old_run, "model"))
+    before = snapshot(elsewhere)
+    clear_run(old_run)
+    assert snapshot(elsewhere) == before  # the link targets are the user's, untouched
+    assert checkpoints(old_run) == []
+
+
+def test_overwrite_keeps_a_tokenizer_the_trainer_did_not_train(old_run):
+    from glm.train import TOKENIZER_RECORD, clear_run
+
+    record = os.path.join(old_run, "tokenizer", TOKENIZER_RECORD)
+    if os.path.exists(record):
+        os.remove(record)
+    before = snapshot(os.path.join(old_run, "tokenizer"))
+    clear_run(old_run)
+    assert snapshot(os.path.join(old_run, "tokenizer")) == before

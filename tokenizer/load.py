@@ -107,7 +107,10 @@ def chatglm_num_image_tokens(folder: str, cfg: dict, pieces: int) -> int:
             raise TokenizerError(f"{os.path.join(folder, CONFIG_NAME)}: num_image_tokens is {value!r}; set it to "
                                  f"an integer (20000 for the first ChatGLM-6B release, 0 for the current one)")
         return value
-    rows = _read_json(os.path.join(folder, "config.json")).get("vocab_size")
+    model_cfg = _read_json(os.path.join(folder, "config.json"))
+    # A release config.json has vocab_size at the top; glm's own format nests its fields in "config".
+    nested = model_cfg.get("config")
+    rows = model_cfg.get("vocab_size", nested.get("vocab_size") if isinstance(nested, dict) else None)
     if isinstance(rows, int) and not isinstance(rows, bool) and rows - pieces >= CHATGLM_IMAGE_TOKENS:
         return CHATGLM_IMAGE_TOKENS
     return 0
