@@ -98,8 +98,9 @@ Each script measures glm against a peer in the same run on the same machine and 
 with the device's ceiling measured in the same run too. Run one with `glm bench SUITE` (a checkout
 installed with `pip install -e .`; `--quick` for a smoke run, `--device cuda` on a GPU, arguments
 after `--` go to the script) or `python benchmarks/SUITE.py --help`. Records (JSON: device, torch
-version, git sha, config, results) and charts (PNG) go to `benchmarks/results/`; this page is
-regenerated from them by `glm bench report`.
+version, git sha, config, results) and charts (PNG) go to `benchmarks/results/` (`--quick` smoke
+runs to `benchmarks/results/quick/`, which this page never shows); this page is regenerated from
+them by `glm bench report`.
 
 | suite | what | peer |
 |---|---|---|
