@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv install test test-all demo kernels clean
+.PHONY: venv install test test-all demo kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ demo: $(VENV)/.installed
 kernels:
 	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 	@$(PYTHON) -c "import glm.kernels as k; print('glm.kernels devices:', sorted(k.devices()), '| CUDA kernels:', k.cuda_load_error() or 'built')"
+
+# On a GPU machine, everything issue 9 asks to measure in one go: build, the CUDA tests, then the
+# attention and decode benchmarks (records in benchmarks/results/*_cuda.json, with the device name).
+gpu-check: kernels
+	$(PYTHON) -m pytest -q -m cuda tests/test_kernels_cuda.py tests/test_fast_decode.py -p no:cacheprovider
+	$(PYTHON) -m glm bench attention --device cuda
+	$(PYTHON) -m glm bench decode --device cuda
 
 clean:
 	rm -rf $(VENV) build *.egg-info
