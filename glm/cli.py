@@ -339,6 +339,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.extra = extra
+    for name in ("prompt", "text"):
+        if getattr(args, name, None) == []:  # Python 3.11's argparse turns --prompt=-- into []
+            setattr(args, name, "--")
     try:
         return args.func(args)
     except USER_ERRORS as e:

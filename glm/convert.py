@@ -688,12 +688,23 @@ def carried_files(src: str) -> dict[str, bytes]:
     return out
 
 
+def _is_or_holds(folder: str, path: str) -> bool:
+    """Whether ``folder`` is ``path`` or one of its ancestors, by file identity (links, bind mounts)."""
+    here = os.path.realpath(path)
+    while True:
+        if os.path.exists(here) and os.path.samefile(here, folder):
+            return True
+        up = os.path.dirname(here)
+        if up == here:
+            return False
+        here = up
+
+
 def convert_checkpoint(src: str, dst: str, **kwargs) -> ConvertSummary:
     """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`.
     The tokenizer and generation_config.json come along (`CARRIED_FILES`)."""
     src = os.fspath(src)
-    real_src, real_dst = os.path.realpath(src), os.path.realpath(os.fspath(dst))
-    if real_dst == real_src or real_src.startswith(real_dst.rstrip(os.sep) + os.sep):
+    if os.path.exists(dst) and _is_or_holds(os.fspath(dst), src):
         raise ValueError(f"{dst} is the source folder or holds it; write to another folder (the conversion "
                          f"replaces the destination, which would delete the source's own files)")
     source, reader = open_source(src)

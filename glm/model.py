@@ -327,9 +327,9 @@ class GLM(nn.Module):
                 raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
             dtype = self.embed.weight.dtype
             dev = input_ids.device.type
-            if torch.is_autocast_enabled(dev):  # under autocast the keys come out in its dtype
-                dtype = torch.get_autocast_dtype(dev)
-            if cache.k.dtype != dtype:
+            # Under autocast the keys come out in its dtype; a cache in either dtype holds them.
+            ok = {dtype, torch.get_autocast_dtype(dev)} if torch.is_autocast_enabled(dev) else {dtype}
+            if cache.k.dtype not in ok:
                 raise InputError(f"the KV cache holds {cache.k.dtype} but the model computes in {dtype}; make it "
                                  f"with model.new_cache(batch, max_len) after casting the model (its dtype follows "
                                  f"the model's)")
@@ -442,7 +442,7 @@ class GLM(nn.Module):
         backend = backend or self.backend
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rotary, cos_sin, i, cache, mask, backend, static)
-        if cache is not None and not static:
+        if cache is not None and not static and T > 0:  # an empty call leaves the cache as it was
             if start == 0:
                 cache.set_structure(pad_left, prefix_len)
             cache.advance(T, position_ids[:, :, -1])

@@ -183,8 +183,7 @@ def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
     for path in gone:
         os.remove(path)
     tok_dir = os.path.join(out_dir, "tokenizer")
-    # Only a tokenizer the trainer trained carries its record; one placed there by hand stays.
-    if ours(tok_dir) and os.path.isfile(os.path.join(tok_dir, TOKENIZER_RECORD)):
+    if ours(tok_dir):
         # Only the files the tokenizer trainer wrote (model file, config, our record); a folder that then
         # still holds something else is not ours to delete.
         names = [TOKENIZER_RECORD, "tokenizer_config.json"]

@@ -278,3 +278,11 @@ def test_default_max_new_tokens_fits_the_model(checkpoint, capsys):
         assert "outside the model's" in capsys.readouterr().err
     else:
         assert main(["generate", d, "--prompt", "the cat"]) == 0
+
+
+def test_a_prompt_of_two_dashes(checkpoint, capsys):
+    # Python 3.11's argparse parses --prompt=-- as [] (a TypeError deep inside the tokenizer); the
+    # CLI takes it as the text "--".
+    family, d = checkpoint
+    assert main(["generate", d, "--prompt=--", "--max-new-tokens", "2"]) == 0
+    assert "Traceback" not in capsys.readouterr().err

@@ -309,3 +309,20 @@ def test_cache_in_the_autocast_dtype_is_accepted(backend):
         step = model(ids[:, 4:], cache=cache, backend=backend)[:, -1]
     assert cache.length == 5
     assert float((step.float() - full.float()).abs().max()) < 0.1  # bf16 rounding, not another computation
+
+
+def test_generate_under_autocast_with_the_default_cache():
+    model = glm.GLM(glm.preset("tiny-chatglm3")).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = glm.generate(model, ids, max_new_tokens=3, eos_token_ids=())
+    assert out.shape == (1, 3)
+
+
+def test_empty_call_into_a_cache_changes_nothing():
+    model = glm.GLM(glm.preset("tiny-chatglm3")).eval()
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        assert model(torch.zeros(1, 0, dtype=torch.long), cache=cache).shape == (1, 0, model.config.vocab_size)
+    assert cache.length == 3
