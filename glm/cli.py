@@ -55,12 +55,11 @@ DEFAULT_MAX_NEW_TOKENS = 128
 def _max_new(args: argparse.Namespace, model, prompt_len: int) -> int:
     """--max-new-tokens, or by default 128 cut to what the model's position table leaves room for
     (small trained models have seq_len + 1 positions); a value given explicitly is checked, not cut."""
+    from .generate import room_for_new_tokens
+
     if args.max_new_tokens is not None:
         return args.max_new_tokens
-    cfg = model.config
-    # 2D families count the block position up inside one blank (<sop> at 1): max_positions - 2 fit.
-    room = cfg.max_positions - 2 if cfg.position_streams == 2 else cfg.max_positions - prompt_len
-    return max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, room_for_new_tokens(model, prompt_len)))
 
 
 def _sampling(args: argparse.Namespace) -> dict:

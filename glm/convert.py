@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import GLMConfig
+from .tokenizer.load import MODEL_FILES
 
 
 @dataclass(frozen=True)
@@ -672,9 +673,8 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
 # Files a checkpoint folder carries besides weights and config.json that stay valid whatever the
 # weight format: the tokenizer (what glm.tokenizer.load and the references read) and generation
 # defaults. Remote-code .py files are not copied: they belong to one release format.
-CARRIED_FILES = ("tokenizer.model", "ice_text.model", "cog-pretrain.model", "tokenizer_config.json",
-                 "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "vocab.json", "merges.txt",
-                 "generation_config.json")
+CARRIED_FILES = (*MODEL_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "tokenizer.json", "vocab.json", "merges.txt", "generation_config.json")
 
 
 def carried_files(src: str) -> dict[str, bytes]:

@@ -260,6 +260,15 @@ def _eos_ids(model: GLM, cfg: SamplingConfig) -> tuple[int, ...]:
     return tuple(model.config.eos_token_ids if cfg.eos_token_ids is None else cfg.eos_token_ids)
 
 
+def room_for_new_tokens(model: GLM, prompt_len: int) -> int:
+    """How many tokens can be generated after a ``prompt_len``-token prompt before the positions leave
+    the model's table: 1D families count positions up from the prompt; GLM and ChatGLM-6B generate
+    a span inside a fresh blank, ``<sop>`` at block position 1 and its tokens fed at 2, 3, ..., so
+    ``max_positions - 2`` fit whatever the prompt's length."""
+    limit = model.config.max_positions
+    return limit - 2 if model.config.position_streams == 2 else limit - prompt_len
+
+
 def _check_positions(model: GLM, prompt_len: int, max_new_tokens: int, position_ids: Optional[Tensor],
                      input_ids: Optional[Tensor] = None, pad_left: Optional[Tensor] = None) -> None:
     """Refuse up front a generation whose positions would leave the model's table, instead of an
@@ -399,11 +408,11 @@ def _plan_infill(model: GLM, tokens: Sequence[int], mask_ids: Sequence[int], eop
     if max_span_tokens < 1:
         raise InputError(f"max_span_tokens must be >= 1, got {max_span_tokens}")
     limit = model.config.max_positions
-    # A span's <sop> has block position 1 and its fed tokens 2 .. max_span_tokens + 1.
-    if max_span_tokens + 1 >= limit:
+    room = room_for_new_tokens(model, len(tokens))
+    if max_span_tokens > room:
         raise InputError(f"max_span_tokens {max_span_tokens} takes a blank's block position to "
                          f"{max_span_tokens + 1}, outside the model's {limit} positions; at most "
-                         f"{limit - 2} tokens per blank fit")
+                         f"{room} tokens per blank fit")
     cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
     cfg.validate()
     eos = _eos_ids(model, cfg)
