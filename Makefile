@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 # The CPU wheel of torch; a looser pin would pull a multi-GB CUDA build on these machines.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The venv is not activated by make, so `glm` is not on PATH afterwards; install and demo say how.
+GLM_ON_PATH := glm is installed in $(VENV)/bin, not on your PATH: run ". $(VENV)/bin/activate" to use the glm command (or call $(VENV)/bin/glm)
 
 .PHONY: venv install test test-all demo kernels gpu-check clean
 
@@ -21,7 +23,10 @@ $(VENV)/.installed: $(PY) setup.cfg pyproject.toml $(wildcard setup.py) $(wildca
 	@$(PY) -c "import glm.kernels as k; print('glm.kernels:', 'C++ kernels built' if k.available() else k.load_error())"
 	touch $@
 
-venv install: $(VENV)/.installed
+venv: $(VENV)/.installed
+
+install: $(VENV)/.installed
+	@echo '$(GLM_ON_PATH)'
 
 # pytest exits 5 when it collected no tests; that is a broken suite here, so it fails loudly.
 test: $(VENV)/.installed
@@ -32,9 +37,12 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing"; exit 1; fi; exit $$rc
 
-# Pretrains a tiny GLM on the embedded corpus (a few minutes on 2 cores) and shows it filling blanks.
+# Pretrains a tiny GLM on the embedded corpus (minutes on 2 cores: benchmarks/results/demo_cpu.json has the
+# recorded time) and shows it filling blanks.
+# Unbuffered, so that `make demo > log` shows the progress lines as they come, not at exit.
 demo: $(VENV)/.installed
-	$(PY) -m glm demo
+	PYTHONUNBUFFERED=1 $(PY) -m glm demo
+	@echo '$(GLM_ON_PATH)'
 
 # On a GPU machine: builds the C++ and CUDA kernels into $(PYTHON)'s environment, whose torch must be
 # a CUDA build (the CPU venv above never is), e.g. `make kernels PYTHON=python`. The CUDA kernels
@@ -44,11 +52,12 @@ kernels:
 	@$(PYTHON) -c "import glm.kernels as k; print('glm.kernels devices:', sorted(k.devices()), '| CUDA kernels:', k.cuda_load_error() or 'built')"
 
 # On a GPU machine, everything issue 9 asks to measure in one go: build, the CUDA tests, then the
-# attention and decode benchmarks (records in benchmarks/results/*_cuda.json, with the device name).
+# attention and decode benchmarks, published as the committed records (benchmarks/results/*_cuda.json,
+# with the device name).
 gpu-check: kernels
 	$(PYTHON) -m pytest -q -m cuda tests/test_kernels_cuda.py tests/test_fast_decode.py -p no:cacheprovider
-	$(PYTHON) -m glm bench attention --device cuda
-	$(PYTHON) -m glm bench decode --device cuda
+	$(PYTHON) -m glm bench attention --device cuda --publish
+	$(PYTHON) -m glm bench decode --device cuda --publish
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,6 +16,11 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The committed records (quoted by the READMEs, shown on benchmarks/README.md) are replaced only on
+# purpose (`glm bench SUITE --publish`, or --out naming this folder); any other run lands in the
+# untracked results/local/, so trying a benchmark never rewrites what the docs quote.
+PUBLISHED = os.path.join(HERE, "results")
+LOCAL = os.path.join(PUBLISHED, "local")
 
 
 def sync(device: str) -> None:

@@ -11,7 +11,7 @@ rows) for B tokens, so with the copy bandwidth measured in this run the ceiling 
 B × bandwidth / bytes-per-step tokens/s; each row prints its fraction of it.
 
     python benchmarks/decode.py [--device cpu|cuda] [--shape bench-120m|glm4-9b] [--small]
-                                [--prompt N] [--new-tokens N] [--batches 1,8] [--out benchmarks/results]
+                                [--prompt N] [--new-tokens N] [--batches 1,8] [--out benchmarks/results/local]
     # the GLM-4-9B goal (H100): glm with CUDA graphs >= 118 tokens/s at batch 1 (~75% of the roofline)
     python benchmarks/decode.py --device cuda --shape glm4-9b
 """
@@ -24,9 +24,8 @@ import time
 
 import torch
 
-from common import copy_bandwidth, run_timed, summary_row, write_record
+from common import LOCAL, copy_bandwidth, run_timed, summary_row, write_record
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = ("bench-120m", "glm4-9b")
 # (prompt, new tokens) per shape when not given.
 DEFAULT_LENGTHS = {"bench-120m": (32, 64), "glm4-9b": (128, 128)}
@@ -133,7 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--small", action="store_true", help="a 2M-parameter model (smoke runs)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows (cuda)")
     ap.add_argument("--no-compile", action="store_true", help="skip the CUDA graphs + torch.compile row (cuda)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=LOCAL)
     args = ap.parse_args(argv)
 
     import transformers

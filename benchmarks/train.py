@@ -17,7 +17,7 @@ head) per token, plus the attention term 12 x layers x hidden x T, plus 6 x LM h
 with a target (all of them for causal LM). (Records before 2026-11-25 13:40 counted 6 x all
 parameters, the embedding table included, which overstated MFU: ~90% on CPU was ~65%.)
 
-    python benchmarks/train.py [--device cpu|cuda] [--steps 5] [--objective causal|glm|both] [--out benchmarks/results]
+    python benchmarks/train.py [--device cpu|cuda] [--steps 5] [--objective causal|glm|both] [--out benchmarks/results/local]
 """
 from __future__ import annotations
 
@@ -29,9 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import matmul_peak, summary_row, sync, write_record
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from common import LOCAL, matmul_peak, summary_row, sync, write_record
 
 
 def causal_batches(cfg, batch: int, seq: int, device: str) -> list[dict]:
@@ -127,7 +125,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile both models' forward (same for both)")
     ap.add_argument("--objective", default="both", choices=("causal", "glm", "both"))
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=LOCAL)
     args = ap.parse_args(argv)
 
     import transformers

@@ -6,6 +6,10 @@ converter measures peak RSS; the others must not inherit this process's allocati
 JSON record plus a PNG into ``--out``; this module then prints the record's ``summary`` rows (ours vs
 the peer measured in the same run) and its ``ceiling`` (what the device can do at best, also
 measured in the same run).
+
+Where the record goes: ``benchmarks/results/`` holds the committed records the docs quote, and only
+``--publish`` (or an explicit ``--out``) writes there; a plain run writes to the untracked
+``benchmarks/results/local/``, a ``--quick`` smoke run to ``benchmarks/results/quick/``.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-SUITES = ("attention", "decode", "train", "convert")
+SUITES = ("attention", "decode", "train", "convert", "demo")
 
 # Arguments that make each suite a smoke run of a few seconds (tests, first try on a new machine).
 QUICK = {
@@ -23,7 +27,12 @@ QUICK = {
     "decode": ["--small", "--prompt", "8", "--new-tokens", "2", "--batches", "1", "--repeats", "1"],
     "train": ["--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2", "--steps", "1"],
     "convert": ["--gb", "0.02", "--shard-size", "8MB"],
+    "demo": ["--steps", "20", "--eval-examples", "8"],
 }
+# Suites whose scripts judge goals; a smoke run tells them not to (tiny sizes say nothing about a goal).
+JUDGES_GOALS = ("attention", "convert")
+SMOKE_NOTE = ("--quick is a smoke run at tiny sizes, not a measurement: goals are not judged and the record is not "
+              "published")
 
 
 class BenchError(Exception):
@@ -41,21 +50,36 @@ def benchmarks_dir() -> str:
     return folder
 
 
+def results_dir(*, quick: bool = False, publish: bool = False) -> str:
+    """Where a run's record goes when no --out is given: the committed records only with ``publish``."""
+    if quick and publish:
+        raise BenchError("--quick is a smoke run at tiny sizes, not a measurement, so it cannot be published; "
+                         "drop --quick to publish, or --publish to smoke-test")
+    results = os.path.join(benchmarks_dir(), "results")
+    return results if publish else os.path.join(results, "quick" if quick else "local")
+
+
 def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, quick: bool = False,
-              extra: Sequence[str] = ()) -> dict:
-    """Runs ``benchmarks/<suite>.py`` in a fresh process and returns the JSON record it wrote."""
+              publish: bool = False, extra: Sequence[str] = ()) -> dict:
+    """Runs ``benchmarks/<suite>.py`` in a fresh process and returns the JSON record it wrote.
+
+    The record goes to ``out``; without it to benchmarks/results/ with ``publish`` (the records the
+    docs quote), else to the untracked benchmarks/results/local/ (results/quick/ with ``quick``)."""
     if suite not in SUITES:
         raise BenchError(f"unknown benchmark {suite!r}; choose one of {', '.join(SUITES)}")
     if suite == "convert" and device != "cpu":
         raise BenchError("the convert benchmark measures disk and host memory; it has no --device (use cpu)")
+    if publish and out:
+        raise BenchError(f"--publish writes the committed records in benchmarks/results/ and --out names another "
+                         f"folder ({out}); pass one of them")
     folder = benchmarks_dir()
-    # A --quick smoke run must not replace the published full-size records that `glm bench report`
-    # turns into benchmarks/README.md: by default it writes beside them, under results/quick.
-    out = os.path.abspath(out or os.path.join(folder, "results", *(["quick"] if quick else [])))
+    out = os.path.abspath(out or results_dir(quick=quick, publish=publish))
     argv = [sys.executable, os.path.join(folder, f"{suite}.py"), "--out", out]
     if suite != "convert":
         argv += ["--device", device]
-    argv += (QUICK[suite] if quick else []) + list(extra)
+    if quick:
+        argv += QUICK[suite] + (["--smoke"] if suite in JUDGES_GOALS else [])
+    argv += list(extra)
     rc = subprocess.run(argv, cwd=folder).returncode
     if rc != 0:
         raise BenchError(f"benchmarks/{suite}.py exited with status {rc} (its output is above)")
@@ -97,10 +121,13 @@ README_HEAD = """# Benchmarks
 Each script measures glm against a peer in the same run on the same machine and prints the ratio,
 with the device's ceiling measured in the same run too. Run one with `glm bench SUITE` (a checkout
 installed with `pip install -e .`; `--quick` for a smoke run, `--device cuda` on a GPU, arguments
-after `--` go to the script) or `python benchmarks/SUITE.py --help`. Records (JSON: device, torch
-version, git sha, config, results) and charts (PNG) go to `benchmarks/results/` (`--quick` smoke
-runs to `benchmarks/results/quick/`, which this page never shows); this page is regenerated from
-them by `glm bench report`.
+after `--` go to the script) or `python benchmarks/SUITE.py --help`. Each run writes a record (JSON:
+device, torch version, git sha, config, results) and a chart (PNG). A plain run writes them to
+`benchmarks/results/local/` (not tracked by git), a `--quick` smoke run to `benchmarks/results/quick/`
+(a smoke run judges no goals: its sizes measure nothing). The committed records in
+`benchmarks/results/`, which the docs quote and this page shows, are replaced only by
+`glm bench SUITE --publish` (or `--out benchmarks/results`; `make gpu-check` publishes the GPU
+records). This page is regenerated from them by `glm bench report`.
 
 | suite | what | peer |
 |---|---|---|
@@ -108,6 +135,7 @@ them by `glm bench report`.
 | decode | greedy decode tokens/s, batch 1 and 8: a 122M GLM-4-shaped model on CPU; GLM-4-9B-shaped (random bf16 weights) on GPU, eager / CUDA graphs / graphs + `torch.compile`, against the bandwidth roofline | transformers `GlmForCausalLM`, same weights |
 | train | training step tokens/s and MFU, small GLM-4-shaped model | transformers `GlmForCausalLM`, same config and batch |
 | convert | peak RSS and GB/s of streaming checkpoint conversion (2.2 GB, 3 shards) | loading everything, converting, saving |
+| demo | `make demo`'s run (`glm.train.DEMO`): held-out blank-infilling exact match on the fill's first word and on the whole fill; the record also has the held-out loss, steps and seconds | the most-frequent-answer baseline |
 """
 
 
@@ -142,11 +170,14 @@ def write_report(results: Optional[str] = None) -> str:
     return path
 
 
-def main(suite: str, *, device: str, out: Optional[str], quick: bool, extra: Sequence[str]) -> int:
+def main(suite: str, *, device: str, out: Optional[str], quick: bool, extra: Sequence[str],
+         publish: bool = False) -> int:
     if suite == "report":
         print(f"wrote {write_report(out)}")
         return 0
-    record = run_suite(suite, device=device, out=out, quick=quick, extra=extra)
+    record = run_suite(suite, device=device, out=out, quick=quick, publish=publish, extra=extra)
     print()
     print(summary_table(record))
+    if quick:
+        print(SMOKE_NOTE)
     return 0

@@ -6,16 +6,23 @@ asked for (safetensors: a positioned read of its byte range, after validating th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
+import stat
 from collections import OrderedDict
-from typing import BinaryIO, Callable, Iterator, Optional
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Collection, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from .config import ConfigError
+from .files import JSON_LIMIT, FileKindError, ensure_regular, open_regular, read_bounded
 
 
 class CheckpointError(ValueError):
@@ -31,66 +38,193 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 
 
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+# Element sizes in bits of every dtype the safetensors library (0.8) knows; a file naming another is
+# refused, as the library refuses it. glm loads only the `_ST_DTYPES` among them.
+_ST_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+            "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+            "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+_ST_MAX_HEADER = 100_000_000  # the library's limit on the JSON header
+_ST_MAX_DEPTH = 127  # serde_json's recursion limit: objects and arrays nested deeper are refused
+_U64 = 1 << 64  # shapes and offsets are usize: sizes are computed, and overflow, in 64 bits
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _read_safetensors_header(path: str) -> dict:
-    """Parse and check the header ourselves first, so that a truncated or corrupt file gets a clear
-    error naming it (not a Rust panic, a KeyError, or a huge allocation for a made-up shape).
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs in file order: the library refuses some repeated keys
+    (a field of a tensor entry, ``__metadata__``) that a dict would silently collapse."""
 
-    Every entry must have a string dtype, a shape of non-negative ints and ``data_offsets``
-    ``[begin, end]`` inside the file whose length matches shape x dtype size; after this, reading a
-    tensor cannot allocate more than the file holds."""
-    size = os.path.getsize(path)
+
+def _st_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):  # serde_json: "number out of range"; Python's json would give inf
+        raise ValueError(f"number {text[:20]} out of range")
+    return v
+
+
+def _st_int(text: str) -> "int | float":
+    # serde_json reads -0 and integers outside i64/u64 as floats (so never as a size or offset).
+    if text == "-0":
+        return -0.0
+    v = int(text)
+    return v if -(1 << 63) <= v < _U64 else _st_float(text)
+
+
+def _st_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_problem(doc) -> Optional[str]:
+    """What makes the parsed header JSON that the library's parser (serde_json) refuses, or None."""
+    stack = [(doc, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return "with a lone UTF-16 surrogate escape in a string"
+        elif isinstance(v, list):
+            if depth > _ST_MAX_DEPTH:
+                return f"nested more than {_ST_MAX_DEPTH} levels deep"
+            for item in v:
+                if isinstance(v, _Pairs):
+                    key, item = item
+                    if _SURROGATE.search(key):
+                        return "with a lone UTF-16 surrogate escape in a key"
+                stack.append((item, depth + 1))
+    return None
+
+
+def _short(v) -> str:
+    text = repr(list(v) if isinstance(v, _Pairs) else v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _tensor_entry(value) -> "tuple[str, list, list] | str":
+    """(dtype, shape, data_offsets) of one header entry, or what is wrong with it. The library also reads an
+    entry written as the list [dtype, shape, data_offsets] and a dtype written as {"F32": null}."""
+    if isinstance(value, _Pairs):
+        fields: dict = {}
+        for key, v in value:
+            if key in ("dtype", "shape", "data_offsets"):
+                if key in fields:
+                    return f"has '{key}' twice"
+                fields[key] = v
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
+        if missing:
+            return f"has no '{missing[0]}'"
+        dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    elif isinstance(value, list) and len(value) == 3:
+        dtype, shape, offsets = value
+    else:
+        return f"is not an object (got {_short(value)})"
+    if isinstance(dtype, _Pairs) and len(dtype) == 1 and dtype[0][1] is None:
+        dtype = dtype[0][0]
+    if not isinstance(dtype, str):
+        return f"has no string 'dtype' (got {_short(dtype)})"
+    if dtype not in _ST_BITS:
+        return f"has dtype {dtype!r}, which is not a safetensors dtype"
+    if (not isinstance(shape, list) or isinstance(shape, _Pairs)
+            or not all(_is_int(d) and 0 <= d < _U64 for d in shape)):
+        return f"has a 'shape' that is not a list of non-negative integers (got {_short(shape)})"
+    if (not isinstance(offsets, list) or isinstance(offsets, _Pairs) or len(offsets) != 2
+            or not all(_is_int(o) and 0 <= o < _U64 for o in offsets)):
+        return (f"has 'data_offsets' that are not [begin, end] with 0 <= begin <= end "
+                f"(got {_short(offsets)})")
+    return dtype, list(shape), list(offsets)
+
+
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    """The header of a safetensors file (tensor name -> {"dtype", "shape", "data_offsets"}, plus
+    ``__metadata__`` when present) and its length in bytes, after checking it exactly as the safetensors
+    library does, so that glm reads the files the library reads and refuses, with an error naming the
+    file and the tensor, every file it refuses: UTF-8 JSON that serde_json accepts, known dtypes, sizes
+    equal to shape x dtype (computed in 64 bits), and tensors that, sorted by offset, tile the data
+    section from its first byte to the file's last, without gaps or overlaps. Two tensors sharing bytes
+    would otherwise both load, one of them with the other's weights.
+
+    Nothing is allocated from the header's claims: after this, reading a tensor reads only bytes the
+    file holds."""
     fix = "re-download or re-convert it"
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path, "safetensors file")
+    except FileKindError as e:
+        raise CheckpointError(str(e)) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); {fix}")
         n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
+        if n <= 0 or 8 + n > size or n > _ST_MAX_HEADER:
             raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header bytes in a "
-                                  f"{size}-byte file); {fix}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
-    if not isinstance(header, dict):
+                                  f"{size}-byte file; at most {_ST_MAX_HEADER}); {fix}")
+        text = f.read(n)
+    try:
+        doc = json.loads(text.decode("utf-8"), object_pairs_hook=_Pairs, parse_int=_st_int,
+                         parse_float=_st_float, parse_constant=_st_constant)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
+    problem = _json_problem(doc)
+    if problem is not None:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON with {problem}, which safetensors "
+                              f"refuses); {fix}")
+    if not isinstance(doc, _Pairs):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
-    data_size = size - 8 - n
-    for name, info in header.items():
+
+    def corrupt(name: str, bad: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} {bad}; {fix}")
+
+    header: dict = {}
+    for name, value in doc:
         if name == "__metadata__":
+            if "__metadata__" in header:
+                raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' appears twice); {fix}")
+            if value is not None and not (isinstance(value, _Pairs) and all(isinstance(v, str) for _, v in value)):
+                raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' must be an object of "
+                                      f"strings, got {_short(value)}); {fix}")
+            header[name] = None if value is None else dict(value)
             continue
-        bad = None
-        if not isinstance(info, dict):
-            bad = "is not an object"
-        elif not isinstance(info.get("dtype"), str):
-            bad = f"has no string 'dtype' (got {info.get('dtype')!r})"
-        elif not isinstance(info.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in info["shape"]):
-            bad = f"has a 'shape' that is not a list of non-negative integers (got {info.get('shape')!r})"
-        elif (not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2
-              or not all(_is_int(o) for o in info["data_offsets"])
-              or not 0 <= info["data_offsets"][0] <= info["data_offsets"][1]):
-            bad = (f"has 'data_offsets' that are not [begin, end] with 0 <= begin <= end "
-                   f"(got {info.get('data_offsets')!r})")
-        elif info["dtype"] in _ST_SIZES:
-            begin, end = info["data_offsets"]
-            nbytes = math.prod(info["shape"]) * _ST_SIZES[info["dtype"]]
-            if end - begin != nbytes:
-                bad = (f"declares {end - begin} bytes for shape {info['shape']} {info['dtype']} "
-                       f"({nbytes} bytes)")
-        if bad is not None:
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} {bad}; {fix}")
-        end = info["data_offsets"][1]
+        entry = _tensor_entry(value)
+        if isinstance(entry, str):
+            raise corrupt(name, entry)
+        # A repeated name: the last entry counts, as in the library (every one must be well formed).
+        header[name] = {"dtype": entry[0], "shape": entry[1], "data_offsets": entry[2]}
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    data_size = size - 8 - n
+    for name, info in tensors.items():
+        (begin, end), shape, dtype = info["data_offsets"], info["shape"], info["dtype"]
+        if end < begin:
+            raise corrupt(name, f"has 'data_offsets' that are not [begin, end] with 0 <= begin <= end "
+                                f"(got {[begin, end]})")
+        count, overflow = 1, False
+        for d in shape:
+            count *= d
+            overflow = overflow or count >= _U64
+        bits = count * _ST_BITS[dtype]
+        if overflow or bits >= _U64 or bits % 8 or end - begin != bits // 8:
+            raise corrupt(name, f"declares {end - begin} bytes for shape {shape} {dtype} ({bits / 8:g} bytes)")
         if end > data_size:
             raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs {8 + n + end} bytes, "
                                   f"the file has {size}; {fix}")
-    return header
+    # Sorted by (begin, end), as the library sorts them, the tensors must follow each other exactly.
+    pos, prev = 0, None
+    for name, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"]):
+        begin, end = info["data_offsets"]
+        if begin < pos:
+            raise corrupt(name, f"has data_offsets {[begin, end]} that overlap tensor {prev!r} (which ends at "
+                                f"{pos}); two tensors may not share bytes")
+        if begin > pos:
+            after = f"after tensor {prev!r} (which ends at {pos})" if prev is not None else "at the start"
+            raise corrupt(name, f"has data_offsets {[begin, end]} that leave {begin - pos} bytes {after} "
+                                f"that no tensor covers")
+        pos, prev = end, name
+    if pos != data_size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: its last {data_size - pos} bytes belong to no "
+                              f"tensor in the header; {fix}")
+    return header, n
 
 
 class CheckpointReader:
@@ -98,10 +232,14 @@ class CheckpointReader:
 
     def __init__(self, folder: str):
         self.folder = folder = os.fspath(folder)
+        # A few recently used files stay open: a conversion rule may read tensors from two shards.
+        self._open_files: "OrderedDict[str, object]" = OrderedDict()
+        self._headers: dict[str, dict] = {}
+        self._data_start: dict[str, int] = {}  # header length per safetensors file
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: not a checkpoint folder (no such directory)")
         self.weight_map: dict[str, str] = {}  # tensor name -> file name inside folder
-        index = next((n for n in INDEX_NAMES if os.path.exists(os.path.join(folder, n))), None)
+        self.index = index = next((n for n in INDEX_NAMES if os.path.exists(os.path.join(folder, n))), None)
         if index is not None:
             self._read_index(os.path.join(folder, index))
         else:
@@ -111,17 +249,14 @@ class CheckpointReader:
                     f"{folder}: no weights found; expected one of {', '.join(INDEX_NAMES + SINGLE_NAMES)}")
             for name in self._file_keys(single):
                 self.weight_map[name] = single
-        # A few recently used files stay open: a conversion rule may read tensors from two shards.
-        self._open_files: "OrderedDict[str, object]" = OrderedDict()
-        self._headers: dict[str, dict] = {}
-        self._data_start: dict[str, int] = {}  # header length per safetensors file
 
     def _read_index(self, path: str) -> None:
         try:
-            with open(path, encoding="utf-8") as f:
-                wm = json.load(f)["weight_map"]
+            wm = json.loads(read_bounded(path, JSON_LIMIT, "shard index").decode("utf-8"))["weight_map"]
             if not isinstance(wm, dict) or not all(isinstance(v, str) and v for v in wm.values()):
                 raise TypeError
+        except FileKindError as e:
+            raise CheckpointError(str(e)) from None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
             raise CheckpointError(f"{path}: not a valid index (needs a JSON object with a 'weight_map' "
                                   f"of tensor name -> shard file); restore it from the release") from None
@@ -138,11 +273,15 @@ class CheckpointReader:
     def _file_keys(self, file: str) -> list[str]:
         path = os.path.join(self.folder, file)
         if file.endswith(".safetensors"):
-            return [k for k in _read_safetensors_header(path) if k != "__metadata__"]
+            return [k for k in self._header(file) if k != "__metadata__"]
         return list(self._load_bin(path).keys())
 
     @staticmethod
     def _load_bin(path: str) -> dict[str, Tensor]:
+        try:
+            ensure_regular(path, ".bin weight file")  # torch.load would block on a FIFO
+        except FileKindError as e:
+            raise CheckpointError(str(e)) from None
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as e:
@@ -201,7 +340,11 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: tensor {name!r} declares {end - begin} bytes for shape "
                                   f"{info['shape']} {info['dtype']}; the file is corrupt")
         if nbytes:
-            with open(path, "rb") as f:
+            try:
+                f = open_regular(path, "safetensors file")
+            except FileKindError as e:
+                raise CheckpointError(str(e)) from None
+            with f:
                 f.seek(8 + self._data_start[file] + begin)
                 got = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
             if got != nbytes:
@@ -247,10 +390,7 @@ class CheckpointReader:
 
     def _header(self, file: str) -> dict:
         if file not in self._headers:
-            path = os.path.join(self.folder, file)
-            self._headers[file] = _read_safetensors_header(path)
-            with open(path, "rb") as f:
-                self._data_start[file] = int.from_bytes(f.read(8), "little")
+            self._headers[file], self._data_start[file] = _read_safetensors_header(os.path.join(self.folder, file))
         return self._headers[file]
 
     def file_of(self, name: str) -> str:
@@ -311,7 +451,8 @@ def check_device(device: "torch.device | str") -> torch.device:
 
 
 def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
-                    device: "torch.device | str" = "cpu", backend: str = "auto", **config_overrides):
+                    device: "torch.device | str" = "cpu", backend: str = "auto", verify: bool = True,
+                    **config_overrides):
     """Load a checkpoint folder — a release's Hugging Face format or glm's own — as a `glm.GLM`.
 
     The family is recognised from config.json; foreign layouts (per-head or separate QKV,
@@ -319,6 +460,8 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     time. ``dtype=None`` (or ``"auto"``) keeps each tensor's stored dtype; the default upcasts to
     float32, the precision the parity fixtures were made in. ``config_overrides`` replace `GLMConfig`
     fields that do not change shapes, e.g. ``rope_inv_freq_dtype=None`` to keep RoPE frequencies exact.
+    A folder glm wrote has its weight files checked against the sha256 record written with them
+    (``glm_checksums.json``); ``verify=False`` skips that pass over the bytes.
     """
     import dataclasses
 
@@ -337,7 +480,7 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     device = check_device(device)
-    source, reader = open_source(folder)
+    source, reader = open_source(folder, verify=verify)
     if config_overrides:
         new = source.cfg.replace(**config_overrides)
         changed = [k for k in config_overrides if getattr(new, k) != getattr(source.cfg, k)]
@@ -367,6 +510,15 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
 
 GLM_FORMAT_VERSION = 1
 
+# Written by glm's writer beside the weights (both formats): the size and sha256 of every weight file
+# and of the index, checked on load, so bytes damaged after the write (a bad disk, a copy cut short
+# and padded) fail loudly instead of loading as wrong weights. config.json and the tokenizer are not
+# in it: they are text people edit, and their readers check them.
+CHECKSUMS_NAME = "glm_checksums.json"
+CHECKSUMS_VERSION = 1
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+_WRITER_FILES = ("config.json", "model.safetensors.index.json", CHECKSUMS_NAME)
+
 
 def is_glm_format(folder: str) -> bool:
     from .config import read_json
@@ -375,22 +527,90 @@ def is_glm_format(folder: str) -> bool:
     return os.path.exists(path) and isinstance(cfg := read_json(path), dict) and "glm_format_version" in cfg
 
 
-def parse_size(text: "str | int") -> int:
-    """'2GB', '500MB', '1.5GiB', or a byte count."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper().replace("IB", "B")
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
-    for u, mult in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * mult)
-            except ValueError:
-                break
+def file_sha256(path: str, what: str = "weight file") -> tuple[int, str]:
+    """(size, sha256 hex digest) of a regular file, streamed in 8 MiB reads."""
+    digest, size = hashlib.sha256(), 0
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open_regular(path, what) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return size, digest.hexdigest()
+
+
+def _read_checksums(folder: str) -> Optional[dict[str, dict]]:
+    """The ``files`` of ``folder``'s checksum record (name -> {"size", "sha256"}), or None without one."""
+    path = os.path.join(folder, CHECKSUMS_NAME)
+    if not os.path.lexists(path):
+        return None
+    fix = (f"delete it to load the folder unchecked (or pass verify=False / --no-verify), or re-convert the "
+           f"checkpoint")
     try:
-        return int(t)
-    except ValueError:
-        raise ValueError(f"shard size {text!r} is not a size; write e.g. 2GB, 500MB or a byte count") from None
+        record = json.loads(read_bounded(path, JSON_LIMIT, "checksum record").decode("utf-8"))
+        files = record["files"]
+        if (not isinstance(files, dict) or record.get("glm_checksums_version") != CHECKSUMS_VERSION
+                or not all(isinstance(v, dict) and _is_int(v.get("size")) and isinstance(v.get("sha256"), str)
+                           for v in files.values())):
+            raise TypeError
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        reason = str(e) if isinstance(e, (OSError, FileKindError)) else "not a glm checksum record"
+        raise CheckpointError(f"{path}: {reason} (expected {{\"glm_checksums_version\": {CHECKSUMS_VERSION}, "
+                              f"\"files\": {{name: {{\"size\", \"sha256\"}}}}}}); {fix}") from None
+    return files
+
+
+def verify_checksums(folder: str, names: "list[str]") -> None:
+    """Check the files ``names`` of ``folder`` against the checksum record glm wrote there (nothing to
+    check in a folder without one, such as a release). Every name must be in the record with its size
+    and sha256: a weight file damaged, replaced or added after glm wrote the folder is a CheckpointError."""
+    files = _read_checksums(folder)
+    if files is None:
+        return
+    record = os.path.join(folder, CHECKSUMS_NAME)
+    skip = "or pass verify=False (--no-verify) to load it unchecked"
+    for name in names:
+        path = os.path.join(folder, name)
+        want = files.get(name)
+        if want is None:
+            raise CheckpointError(f"{path}: not among the files glm wrote into this folder ({record} does not list "
+                                  f"it); it was added or renamed later. Re-convert the folder, delete {CHECKSUMS_NAME}, "
+                                  f"{skip}")
+        try:
+            st = ensure_regular(path, "weight file")
+            size, digest = (st.st_size, None) if st.st_size != want["size"] else file_sha256(path)
+        except FileKindError as e:
+            raise CheckpointError(str(e)) from None
+        if size != want["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, but glm wrote {want['size']} ({record}); the file was "
+                                  f"cut short or changed: re-download or re-convert it, {skip}")
+        if digest != want["sha256"]:
+            raise CheckpointError(f"{path}: its bytes differ from those glm wrote (sha256 {digest[:16]}..., recorded "
+                                  f"{want['sha256'][:16]}... in {record}); the file is damaged or was changed: "
+                                  f"re-download or re-convert it, {skip}")
+
+
+def parse_size(text: "str | int") -> int:
+    """'2GB', '500MB', '1.5GiB', or a byte count, as a positive whole number of bytes; anything else
+    (inf, nan, 0, negative, not a size) is a ValueError naming the value."""
+    bad = ValueError(f"shard size {text!r} is not a size; write e.g. 2GB, 500MB or a byte count")
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise bad
+    value, mult = text, 1
+    if isinstance(text, str):
+        t = text.strip().upper().replace("IB", "B")
+        units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
+        number = next(((t[: -len(u)], m) for u, m in units.items() if t.endswith(u)), (t, 1))
+        try:
+            value, mult = float(number[0]), number[1]
+        except ValueError:
+            raise bad from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"shard size {text!r} is not a finite size; write e.g. 2GB, 500MB or a byte count")
+    size = int(value * mult)
+    if size <= 0:
+        raise ValueError(f"shard size must be positive, got {text!r}")
+    return size
 
 
 def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list[tuple[str, Tensor]]]:
@@ -427,17 +647,40 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask. Linux reports it in /proc (no side effect); elsewhere it is read by setting
+    and restoring it, which is process-wide: a file another thread creates in that instant gets the
+    stricter 077 mask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, data: "bytes | Callable[[BinaryIO], None]") -> None:
     """Write ``data`` (bytes, or a function that writes to the open file) to a temp file beside
-    ``path``, fsync it and rename it over ``path``: readers see the old file or the new one, never half."""
+    ``path``, fsync it and rename it over ``path``: readers see the old file or the new one, never half.
+    The file gets the mode of the file it replaces, or 0666 less the umask (as ``open`` would give it;
+    the temp file is created 0600)."""
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             data(f) if callable(data) else f.write(data)
             f.flush()
+            os.chmod(tmp, mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -447,9 +690,10 @@ def atomic_write(path: str, data: "bytes | Callable[[BinaryIO], None]") -> None:
 
 
 def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],
-                              on_tensor=None) -> None:
+                              on_tensor=None) -> tuple[int, str]:
     """Write a safetensors file whose header is known up front (from meta tensors), then stream the
-    data one tensor at a time, so at most one tensor is held in memory."""
+    data one tensor at a time, so at most one tensor is held in memory. Returns the file's (size,
+    sha256), hashed as it is written (no second read)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, m in entries:
@@ -460,9 +704,16 @@ def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tens
         offset += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned
+    digest, size = hashlib.sha256(), 0
     with open(path, "wb") as f:
-        f.write(len(hb).to_bytes(8, "little"))
-        f.write(hb)
+        def put(b) -> None:
+            nonlocal size
+            f.write(b)
+            digest.update(b)
+            size += memoryview(b).nbytes
+
+        put(len(hb).to_bytes(8, "little"))
+        put(hb)
         for name, m in entries:
             got_name, t = next(tensors)
             if got_name != name or t.shape != m.shape or t.dtype != m.dtype:
@@ -470,63 +721,228 @@ def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tens
                                    f"{tuple(t.shape)} {t.dtype}")
             t = t.detach().contiguous().cpu()
             if t.numel():
-                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                put(memoryview(t.view(-1).view(torch.uint8).numpy()))
             if on_tensor is not None:
                 on_tensor(name, t.numel() * t.element_size())
             del t
         f.flush()
         os.fsync(f.fileno())
+    return size, digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The destination: what --overwrite may replace, temp folders of dead writers, SIGTERM
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a checkpoint was being written; the writer removed its temporary output.
+    A KeyboardInterrupt, so that code which cleans up on Ctrl-C cleans up on SIGTERM too."""
+
+
+@contextmanager
+def _sigterm_cleans_up():
+    """While writing, turn SIGTERM (``kill``, a job scheduler's stop) into `Terminated` in the main thread,
+    so the writer's cleanup runs as on Ctrl-C instead of the process dying with DST.tmp-* left behind.
+    Only where SIGTERM has its default action (a program's own handler, or ignoring it, stays in charge)
+    and only in the main thread (Python runs handlers there); the previous handler is restored after."""
+    import signal
+    import threading
+
+    if (not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _writer_file(name: str, carried: Collection[str]) -> bool:
+    """Whether glm's checkpoint writer writes files called ``name`` (or it is one's temp file, NAME.tmp-*)."""
+    base = name.split(".tmp-", 1)[0]
+    return base in _WRITER_FILES or base in carried or _WEIGHT_FILE.fullmatch(base) is not None
+
+
+def foreign_files(folder: str, carried: Collection[str] = ()) -> list[str]:
+    """What in ``folder`` glm's checkpoint writer does not write (a sub-folder ends in '/'): weight
+    shards, the index, config.json, the checksum record and the ``carried`` tokenizer files are glm's."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            out.append(name + "/")
+        elif not _writer_file(name, carried):
+            out.append(name)
+    return out
+
+
+def written_by_glm(folder: str) -> bool:
+    """Whether glm's writer wrote ``folder``: it holds glm's checksum record, or (glm-format folders
+    written before the record existed) a config.json with ``glm_format_version``."""
+    if os.path.isfile(os.path.join(folder, CHECKSUMS_NAME)):
+        return True
+    try:
+        cfg = json.loads(read_bounded(os.path.join(folder, "config.json"), JSON_LIMIT, "config.json"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(cfg, dict) and "glm_format_version" in cfg
+
+
+def check_destination(folder: str, overwrite: bool, carried: Collection[str] = ()) -> None:
+    """Refuse a destination the writer may not replace, before anything is written. It may write to a
+    path that does not exist or an empty folder; ``overwrite`` lets it replace a folder glm wrote that
+    holds only files glm writes (a user's other model, or notes beside glm's files, are never deleted)."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.islink(folder):
+        raise FileExistsError(f"{folder} is a symbolic link (to {os.path.realpath(folder)}); give the folder "
+                              f"itself as the destination")
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise FileExistsError(f"{folder} exists and is not a folder; choose another destination")
+    if not os.listdir(folder):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{folder} already exists; choose another destination or pass --overwrite "
+                              f"(overwrite=True)")
+    if not written_by_glm(folder):
+        raise FileExistsError(f"{folder} was not written by glm (it has no {CHECKSUMS_NAME}, and no config.json "
+                              f"with glm_format_version); --overwrite (overwrite=True) replaces only glm's own "
+                              f"output: choose another destination, or delete the folder yourself")
+    foreign = foreign_files(folder, carried)
+    if foreign:
+        raise FileExistsError(f"{folder} holds {len(foreign)} file(s) glm did not write: {', '.join(foreign[:10])}"
+                              f"{' ...' if len(foreign) > 10 else ''}; --overwrite replaces the whole folder, so it "
+                              f"refuses: move them out, or choose another destination")
+
+
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(folder: str, kind: str) -> str:
+    # The writer's pid and host in the name tell a later run whether the writer is gone.
+    return f"{os.path.basename(folder)}.{kind}-{os.getpid()}-{_HOST_TAG}-"
+
+
+def _writer_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's process
+        return False
+    return False
+
+
+def clear_stale_temps(folder: str, carried: Collection[str] = ()) -> list[str]:
+    """Remove what killed writers (kill -9, power loss) left beside ``folder``: ``FOLDER.tmp-*`` and
+    ``FOLDER.old-*`` folders whose writer ran on this machine and is gone, and that hold only files
+    glm's writer writes. A previous version left in ``FOLDER.old-*/x`` by a kill between the two final
+    renames is moved back to ``folder`` when ``folder`` is missing. Returns the paths removed."""
+    folder = os.path.abspath(os.fspath(folder))
+    parent, base = os.path.split(folder)
+    pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(\d+)-([0-9a-f]{8})-.+")
+    try:
+        names = sorted(os.listdir(parent), key=lambda n: ".old-" not in n)  # restore before deleting
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        path = os.path.join(parent, name)
+        if (m is None or m.group(3) != _HOST_TAG or not _writer_gone(int(m.group(2)))
+                or os.path.islink(path) or not os.path.isdir(path)):
+            continue
+        try:
+            if m.group(1) == "tmp":
+                if foreign_files(path, carried):
+                    continue
+            else:
+                inner = os.path.join(path, "x")
+                if set(os.listdir(path)) - {"x"}:
+                    continue
+                if os.path.isdir(inner) and not os.path.islink(inner):
+                    if foreign_files(inner, carried):
+                        continue
+                    if not os.path.lexists(folder):
+                        os.rename(inner, folder)
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            continue  # another run got there first, or no permission: leave it
+    return removed
 
 
 def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],
-                     files: dict[str, bytes], *, shard_size: int, overwrite: bool = False, on_tensor=None) -> list[str]:
+                     files: dict[str, bytes], *, shard_size: int, overwrite: bool = False, on_tensor=None,
+                     carried: Collection[str] = ()) -> list[str]:
     """Write ``tensors`` (yielded in the order of the planned ``entries``) as safetensors shards plus
-    the small ``files`` (config.json, ...) into ``folder``, atomically.
+    the small ``files`` (config.json, ...) and the checksum record into ``folder``, atomically.
 
     Everything goes to ``folder.tmp-*`` beside it, each file fsynced, and the folder is renamed into
-    place only at the end: an error or a kill leaves no half-written ``folder``.
+    place only at the end: an error, Ctrl-C or SIGTERM leaves no half-written ``folder`` and no temp
+    folder; a kill -9 leaves the temp folder, which the next write to ``folder`` removes. An existing
+    ``folder`` is replaced only as `check_destination` allows (``carried``: tokenizer file names that
+    count as glm's). Missing parent folders are created; the result gets the umask's permissions.
     """
-    import shutil
     import tempfile
 
     folder = os.path.abspath(os.fspath(folder))
-    if os.path.exists(folder) and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose another destination or pass --overwrite (overwrite=True)")
     parent = os.path.dirname(folder)
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{parent}: destination's parent folder does not exist; create it first")
+    clear_stale_temps(folder, carried)
+    check_destination(folder, overwrite, carried)
     try:
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=_temp_prefix(folder, "tmp"), dir=parent)
     except OSError as e:
         raise write_failed(e, folder, f"check that {parent} is writable and has free space") from e
     try:
-        shards = plan_shards(entries, shard_size)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for fname, shard in zip(names, shards):
-            _write_safetensors_stream(os.path.join(tmp, fname), shard, tensors, on_tensor)
-        if len(shards) > 1:
-            total = sum(m.numel() * m.element_size() for _, m in entries)
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {n: f for f, shard in zip(names, shards) for n, _ in shard}}
-            files = {**files, "model.safetensors.index.json": json.dumps(index, indent=2).encode()}
-        for fname, data in files.items():
-            atomic_write(os.path.join(tmp, fname), data)
-        old = None
-        if os.path.exists(folder):
-            old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=parent)
-            os.rename(folder, os.path.join(old, "x"))
-        try:
-            os.rename(tmp, folder)
-        except BaseException:
-            if old is not None:  # put the previous output back where it was
-                os.rename(os.path.join(old, "x"), folder)
+        with _sigterm_cleans_up():
+            shards = plan_shards(entries, shard_size)
+            names = (["model.safetensors"] if len(shards) == 1 else
+                     [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+            sums = {}
+            for fname, shard in zip(names, shards):
+                size, digest = _write_safetensors_stream(os.path.join(tmp, fname), shard, tensors, on_tensor)
+                sums[fname] = {"size": size, "sha256": digest}
+            if len(shards) > 1:
+                total = sum(m.numel() * m.element_size() for _, m in entries)
+                index = {"metadata": {"total_size": total},
+                         "weight_map": {n: f for f, shard in zip(names, shards) for n, _ in shard}}
+                files = {**files, "model.safetensors.index.json": json.dumps(index, indent=2).encode()}
+                data = files["model.safetensors.index.json"]
+                sums["model.safetensors.index.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            record = {"glm_checksums_version": CHECKSUMS_VERSION, "files": sums}
+            files = {**files, CHECKSUMS_NAME: (json.dumps(record, indent=2) + "\n").encode()}
+            for fname, data in files.items():
+                atomic_write(os.path.join(tmp, fname), data)
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0700
+            check_destination(folder, overwrite, carried)  # again: the folder may have changed meanwhile
+            old = None
+            if os.path.lexists(folder):
+                old = tempfile.mkdtemp(prefix=_temp_prefix(folder, "old"), dir=parent)
+                os.rename(folder, os.path.join(old, "x"))
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                if old is not None:  # put the previous output back where it was
+                    os.rename(os.path.join(old, "x"), folder)
+                    shutil.rmtree(old, ignore_errors=True)
+                raise
+            fsync_dir(parent)
+            if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-            raise
-        fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return names
+            return names
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(e, folder, f"{folder} was left as it was (no partial output); free space or "

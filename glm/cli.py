@@ -17,6 +17,7 @@ from .train import TrainingError
 def cmd_parity(args: argparse.Namespace) -> int:
     from .parity import run_parity, summary
 
+    _runnable_device(args.device)
     results = run_parity(args.dir, cases=args.cases, atol=args.atol, backend=args.backend, device=args.device)
     for r in results:
         print(r.line())
@@ -25,19 +26,70 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import Terminated
     from .convert import convert_checkpoint
 
-    summary = convert_checkpoint(args.src, args.dst, to=args.to, family=args.family, dtype=args.dtype,
-                                 allow_lossy=args.allow_lossy, shard_size=args.shard_size,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        summary = convert_checkpoint(args.src, args.dst, to=args.to, family=args.family, dtype=args.dtype,
+                                     allow_lossy=args.allow_lossy, shard_size=args.shard_size,
+                                     overwrite=args.overwrite, progress=not args.quiet, verify=not args.no_verify)
+    except Terminated:
+        # The writer removed its temp folder; exit as a process killed by SIGTERM would (128 + 15).
+        print(f"\nglm convert: terminated (SIGTERM); {args.dst} was left as it was", file=sys.stderr)
+        return 143
     print(summary.line())
     return 0
+
+
+def _runnable_device(device: str) -> str:
+    """--device when the model can run there: check_device's messages for unknown names and missing
+    CUDA, then the devices torch names but cannot compute on here (meta; xla, lazy, ... without
+    their backend)."""
+    import torch
+
+    from .checkpoint import check_device
+
+    dev = check_device(device)
+    if dev.type == "meta":
+        raise InputError(f"--device {device} holds shapes without values and cannot run a model; use --device cpu "
+                         f"(or cuda)")
+    try:
+        torch.zeros(1, device=dev)
+    except Exception as e:  # torch raises RuntimeError, NotImplementedError or ImportError by backend
+        # torch's first sentence says why; the rest lists every dispatch key.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+        raise InputError(f"--device {device} cannot run here ({reason}); use --device cpu (or cuda)") from None
+    return device
+
+
+def _check_text(flag: str, text: Optional[str]) -> None:
+    """A command-line text that is valid Unicode: bytes that are not UTF-8 reach Python as lone surrogates
+    (surrogateescape), which no tokenizer can encode."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{flag} is not valid UTF-8 text (character {e.start + 1} is an undecodable byte or a "
+                         f"lone surrogate); pass the text in UTF-8") from None
+
+
+def _check_generation_args(args: argparse.Namespace) -> None:
+    """Every numeric option of generate / infill / chat, before the model is loaded."""
+    from .generate import SamplingConfig
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    SamplingConfig(max_new_tokens=args.max_new_tokens or 1, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
+    _runnable_device(args.device)
 
 
 def _load(args: argparse.Namespace):
     from .checkpoint import from_pretrained
     from .tokenizer import load
 
+    _check_generation_args(args)
     model = from_pretrained(args.dir, dtype=args.dtype, device=args.device)
     tok = load(args.tokenizer or args.dir)
     # Fewer tokenizer ids than embedding rows is normal (padded vocabularies); more is a mismatch
@@ -70,6 +122,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream_text
 
+    _check_text("--prompt", args.prompt)
     model, tok = _load(args)
     ids = tok.encode_with_specials(args.prompt)
     if not args.raw:
@@ -83,9 +136,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_infill(args: argparse.Namespace) -> int:
     from .generate import infill
 
+    _check_text("--text", args.text)
     model, tok = _load(args)
     print(infill(model, tok, args.text, max_span_tokens=_max_new(args, model, 0), **_sampling(args)))
     return 0
+
+
+def _chat_reply_room(args: argparse.Namespace, model) -> int:
+    """Positions kept free for a chat reply: --max-new-tokens, else 128 or a quarter of the model's
+    positions if fewer (so the history may fill the rest rather than be dropped every turn)."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, model.config.max_positions // 4))
+
+
+def _chat_prompt(args: argparse.Namespace, model, tok, query: str,
+                 history: list[tuple[str, str]]) -> tuple[Optional[list[int]], int]:
+    """The prompt for ``query`` after the newest whole turns of ``history`` that leave room for the
+    reply, and how many of the oldest turns it leaves out; None when the message alone does not fit."""
+    limit = model.config.max_positions
+    reply = _chat_reply_room(args, model)
+    for dropped in range(len(history) + 1):
+        ids = tok.chat_ids(query, history=history[dropped:], system=args.system)
+        # 2D families (ChatGLM-6B) generate inside a blank whose block positions do not depend on the
+        # prompt: only the prompt itself must fit. 1D families count the reply on from the prompt.
+        need = len(ids) if model.config.position_streams == 2 else len(ids) + reply
+        if need <= limit:
+            return ids, dropped
+    return None, 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -93,13 +171,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     Reads plain lines, so it also works with a pipe: `printf 'hi\nmore\n' | glm chat DIR`."""
     from .generate import stream_text
 
+    _check_text("--system", args.system)
     model, tok = _load(args)
     history: list[tuple[str, str]] = []
     interactive = sys.stdin.isatty()
+    # A line of bytes that are not valid text must not end the session: they are read as lone
+    # surrogates and that line alone is refused below.
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+    number = 0
     while True:
         if interactive:
             print("you> ", end="", flush=True)
         line = sys.stdin.readline()
+        number += 1
         if not line:
             if interactive:
                 print()
@@ -107,11 +193,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
         query = line.strip()
         if not query:
             continue
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"(line {number} is not valid UTF-8 text; skipped it: send it again in UTF-8)", file=sys.stderr)
+            continue
         if query == "/reset":
             history.clear()
             print("(history cleared)")
             continue
-        ids = tok.chat_ids(query, history=history, system=args.system)
+        ids, dropped = _chat_prompt(args, model, tok, query, history)
+        if ids is None:
+            print(f"(the message does not fit: with room for a {_chat_reply_room(args, model)}-token reply it "
+                  f"needs more than the model's {model.config.max_positions} positions; send a shorter one)",
+                  file=sys.stderr)
+            continue
+        if dropped:
+            del history[:dropped]
+            print(f"(dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}: the history outgrew the "
+                  f"model's {model.config.max_positions} positions)", file=sys.stderr)
         print("glm> ", end="", flush=True)
         reply = ""
         for piece in stream_text(model, tok, ids, max_new_tokens=_max_new(args, model, len(ids)), **_sampling(args)):
@@ -127,7 +227,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train
 
     files = sorted({f for pattern in args.corpus for f in (_glob.glob(pattern) or [pattern])})
-    tok = train(files, args.out, args.vocab_size, args.family)
+    tok = train(files, args.out, args.vocab_size, args.family, overwrite=args.overwrite)
     print(f"wrote {args.out}: {tok!r}")
     return 0
 
@@ -149,7 +249,8 @@ def _train_config(args: argparse.Namespace):
                        grad_clip=args.grad_clip, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                        keep_last=args.keep_last, seed=args.seed, compile=args.compile, device=args.device,
                        fsdp=args.fsdp, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                       corpus_size=args.corpus_size)
+                       corpus_size=args.corpus_size, verify=not args.no_verify,
+                       allow_optimizer_change=args.allow_optimizer_change)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -168,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .train import DEMO, demo
 
-    cfg = _dc.replace(DEMO, out_dir=args.out, **({"steps": args.steps} if args.steps else {}))
+    cfg = _dc.replace(DEMO, out_dir=args.out, **({"steps": args.steps} if args.steps is not None else {}))
     demo(cfg)
     return 0
 
@@ -176,7 +277,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
-    return bench_main(args.suite, device=args.device, out=args.out, quick=args.quick, extra=args.extra)
+    return bench_main(args.suite, device=args.device, out=args.out, quick=args.quick, extra=args.extra,
+                      publish=args.publish)
 
 
 def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
@@ -204,7 +306,7 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--warmup", type=int, default=d.get("warmup", 50),
                    help="linear warmup steps before the cosine decay (default %(default)s)")
     s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0)")
+    s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, > 0; inf = no clipping (default 1.0)")
     s.add_argument("--eval-every", type=int, default=d["eval_every"],
                    help=f"held-out loss every N steps (default {d['eval_every']})")
     s.add_argument("--ckpt-every", type=int, default=d["ckpt_every"],
@@ -217,7 +319,12 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     s.add_argument("--overwrite", action="store_true",
                    help="delete the run already in OUT (checkpoints, metrics, tokenizer, model) and start over")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--allow-optimizer-change", action="store_true",
+                   help="with --resume: accept other --lr, --warmup, --weight-decay, --grad-clip than the run's "
+                        "(recorded in metrics.jsonl)")
+    s.add_argument("--no-verify", action="store_true", help="with --resume: skip the checkpoint's sha256 check")
+    s.add_argument("--quiet", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (in a log) on stderr")
 
 
 def _add_model_args(s: argparse.ArgumentParser) -> None:
@@ -258,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Stream SRC (a release's Hugging Face format, or glm's) into DST, one shard at a "
                                    "time. DST is written under DST.tmp-* and renamed into place at the end.")
     s.add_argument("src", help="source checkpoint folder")
-    s.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
+    s.add_argument("dst", help="destination folder: new or empty, or with --overwrite one glm wrote (missing parents "
+                               "are created)")
     s.add_argument("--to", choices=("glm", "hf"), default="glm", help="output format (default glm)")
     s.add_argument("--family", choices=list(FAMILIES), default=None,
                    help="release format for --to hf (default: the source's; e.g. glm-hf turns a chatglm-format "
@@ -267,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast every tensor (default: keep each tensor's dtype)")
     s.add_argument("--allow-lossy", action="store_true", help="permit casts that lose precision (e.g. fp32 -> bf16)")
     s.add_argument("--shard-size", default="2GB", help="max bytes per output shard, e.g. 2GB, 500MB (default 2GB)")
-    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace DST (atomically) if glm wrote it and it holds only glm's files")
+    s.add_argument("--no-verify", action="store_true",
+                   help="skip checking a glm-written SRC's weight files against their sha256 record")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_convert)
 
@@ -307,9 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a suite to run, or 'report' to regenerate benchmarks/README.md from the records")
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     s.add_argument("--out", default=None,
-                   help="folder for the JSON + PNG (default benchmarks/results; with --quick benchmarks/results/quick); "
-                        "for 'report', the records folder, with README.md written beside it")
-    s.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
+                   help="folder for the JSON + PNG (default benchmarks/results/local, untracked; with --quick "
+                        "benchmarks/results/quick); for 'report', the records folder, with README.md written beside it")
+    s.add_argument("--publish", action="store_true",
+                   help="write the record to benchmarks/results, replacing the committed one the docs quote")
+    s.add_argument("--quick", action="store_true",
+                   help="tiny sizes: a smoke run of a few seconds (not a measurement: goals are not judged)")
     s.set_defaults(func=cmd_bench)
 
     from .tokenizer import FAMILY_NAMES as TOKENIZER_FAMILIES
@@ -319,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="output folder")
     s.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
     s.add_argument("--family", choices=list(TOKENIZER_FAMILIES), required=True)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer saved in OUT (only its model file and tokenizer_config.json; "
+                        "OUT holding anything else is refused)")
     s.set_defaults(func=cmd_train_tokenizer)
     return p
 

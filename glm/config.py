@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .files import FileKindError, read_bounded
+
 
 class ConfigError(ValueError):
     """A config.json or a GLMConfig that `glm` cannot use; the message says what to change."""
@@ -102,8 +104,9 @@ class GLMConfig:
             v = getattr(self, fld)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(fld, f"must be a positive integer, got {v!r}")
+        # residual_alpha is checked whenever it is set: 0 (or false) would silently zero every residual.
         numbers = ("rotary_fraction", "rope_base", "rope_position_scale", "norm_eps") + \
-            (("residual_alpha",) if self.residual_alpha else ())
+            (("residual_alpha",) if self.residual_alpha is not None else ())
         for fld in numbers:
             v = getattr(self, fld)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
@@ -134,9 +137,9 @@ class GLMConfig:
         if self.position_encoding == "rope":
             if not 0.0 < self.rotary_fraction <= 1.0:
                 raise bad("rotary_fraction", f"must be in (0, 1], got {self.rotary_fraction}")
-            if self.rotary_dim % 2:
+            if self.rotary_dim % 2 or self.rotary_dim == 0:
                 raise bad("rotary_fraction", f"rotates {self.rotary_dim} dims of head_dim "
-                          f"{self.head_dim}; that must be an even number")
+                          f"{self.head_dim}; that must be an even number of at least 2")
         if not (self.rope_inv_freq_dtype is None or isinstance(self.rope_inv_freq_dtype, str)) or \
                 self.rope_inv_freq_dtype not in (None, "float16", "bfloat16"):
             raise bad("rope_inv_freq_dtype", f"{self.rope_inv_freq_dtype!r} is not None, 'float16' or 'bfloat16'")
@@ -146,6 +149,8 @@ class GLMConfig:
             raise bad("rope_base", f"must be > 1, got {self.rope_base}")
         if not self.rope_position_scale > 0:
             raise bad("rope_position_scale", f"must be positive, got {self.rope_position_scale}")
+        if self.residual_alpha is not None and not self.residual_alpha > 0:
+            raise bad("residual_alpha", f"must be positive or null, got {self.residual_alpha}")
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -223,6 +228,7 @@ class GLMConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
         family = detect_family(config, source)
         try:
+            _check_flags(config)
             return _FROM_HF[family](config)
         except KeyError as e:
             raise ConfigError(f"{source}: field {e.args[0]!r} is required for family {family!r} "
@@ -235,17 +241,37 @@ class GLMConfig:
 
 
 def read_json(path: str) -> Any:
+    """A JSON file a user hands to glm (config.json and its kin): a regular file of bounded size, so a
+    FIFO, a device or a link to /dev/zero is refused instead of blocking or filling memory."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = read_bounded(path, what=os.path.basename(path) or "JSON file")
+        return json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; a checkpoint folder needs its config.json") from None
+    except FileKindError as e:
+        raise ConfigError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); restore the file from the release") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not usable JSON (nested too deeply); restore the file from the release") from None
+    except (RecursionError, ValueError) as e:
+        # json raises a plain ValueError for an integer of more than 4300 digits.
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise ConfigError(f"{path}: not usable JSON ({why}); restore the file from the release") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+# The glm_format_version values this glm reads; glm's writer stores the last one.
+GLM_FORMAT_VERSIONS = (1,)
+
+
+def check_glm_format_version(value: Any, source: str) -> int:
+    """``value`` (a glm-format config.json's ``glm_format_version``) when this glm reads that version;
+    ConfigError naming ``source`` otherwise, since a later layout read as this one would load wrong."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in GLM_FORMAT_VERSIONS:
+        raise ConfigError(f"{source}: glm_format_version is {value!r}, but this glm reads only version(s) "
+                          f"{', '.join(map(str, GLM_FORMAT_VERSIONS))}; open the folder with the glm that wrote "
+                          f"it, or convert the release again with this one")
+    return value
 
 
 def detect_family(hf: dict[str, Any], source: str = "config") -> str:
@@ -315,23 +341,74 @@ def _int_field(hf: dict[str, Any], key: str, default: Any = KeyError, positive: 
     return _as_int(key, hf[key] if default is KeyError else hf.get(key, default), positive)
 
 
+def _size_field(hf: dict[str, Any], key: str, default: int) -> int:
+    """An optional size (head count, width): absent or null takes ``default``, as the reference config
+    class does; any value given must be a positive integer, since 0 is no size at all."""
+    v = hf.get(key)
+    return default if v is None else _as_int(key, v, positive=True)
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    # Python reads the string "false" as true, so a quoted flag would silently flip; the releases
+    # write JSON true/false.
+    if not isinstance(v, bool):
+        raise ConfigError(f"field {key!r} must be true or false, got {v!r}; fix it in config.json")
+    return v
+
+
+def _bool_field(hf: dict[str, Any], key: str, default: bool) -> bool:
+    return _as_bool(key, hf.get(key, default))
+
+
+# On/off flags of the release config.json schemas. glm reads some and ignores the rest, but a flag
+# that is not true/false means the file is damaged or hand-edited wrongly, so every present one is checked.
+_RELEASE_FLAGS = ("use_cache", "tie_word_embeddings", "block_position_encoding", "relative_encoding",
+                  "checkpoint_activations", "parallel_output", "output_predict", "position_encoding_2d",
+                  "rmsnorm", "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear",
+                  "add_qkv_bias", "bias_dropout_fusion", "multi_query_attention", "apply_query_key_layer_scaling",
+                  "attention_softmax_in_fp32", "fp32_residual_connection", "original_rope", "attention_bias")
+
+
+def _check_flags(hf: dict[str, Any]) -> None:
+    for key in _RELEASE_FLAGS:
+        if key in hf:
+            _as_bool(key, hf[key])
+
+
+def _head_dim(H: int, n: int) -> int:
+    """hidden_size / num_attention_heads where a release derives the head width from them."""
+    if H % n:
+        raise ConfigError(f"field 'hidden_size' ({H}) must be a multiple of 'num_attention_heads' ({n}): the "
+                          f"release splits the hidden size evenly among the heads; fix it in config.json")
+    return H // n
+
+
+def _kv_groups(hf: dict[str, Any], key: str, n: int, default: Optional[int] = None) -> int:
+    """The key/value head count ``key`` (required where ``default`` is None), checked against ``n`` heads."""
+    g = _int_field(hf, key, positive=True) if default is None else _size_field(hf, key, default)
+    if n % g:
+        raise ConfigError(f"field {key!r} ({g}) must divide 'num_attention_heads' ({n}): each key/value head "
+                          f"serves an equal share of the query heads; fix it in config.json")
+    return g
+
+
 def _heads(hf: dict[str, Any]) -> tuple[int, int]:
-    return _int_field(hf, "hidden_size"), _int_field(hf, "num_attention_heads", positive=True)
+    return _int_field(hf, "hidden_size", positive=True), _int_field(hf, "num_attention_heads", positive=True)
 
 
 def _from_hf_glm(hf: dict[str, Any]) -> GLMConfig:
     H, n = _heads(hf)
-    if hf.get("block_position_encoding", True) is not True:
+    if not _bool_field(hf, "block_position_encoding", True):
         raise ConfigError("block_position_encoding=false (1D learned positions) is not supported; "
                           "every GLM release uses block positions")
-    if hf.get("relative_encoding", False):
+    if _bool_field(hf, "relative_encoding", False):
         raise ConfigError("relative_encoding=true (Transformer-XL positions) is not supported")
     return GLMConfig(
-        family="glm", vocab_size=_int_field(hf, "vocab_size"), hidden_size=H,
-        num_layers=_int_field(hf, "num_layers"), num_heads=n, num_kv_heads=n, head_dim=H // n,
-        ffn_hidden_size=4 * H,
+        family="glm", vocab_size=_int_field(hf, "vocab_size", positive=True), hidden_size=H,
+        num_layers=_int_field(hf, "num_layers", positive=True), num_heads=n, num_kv_heads=n,
+        head_dim=_head_dim(H, n), ffn_hidden_size=4 * H,
         # The position tables have max_sequence_length + 1 rows.
-        max_positions=_int_field(hf, "max_sequence_length") + 1, position_encoding="learned_2d",
+        max_positions=_int_field(hf, "max_sequence_length", positive=True) + 1, position_encoding="learned_2d",
         norm="layernorm", norm_eps=1e-5,  # GLMStack's default; the config has no eps field
         mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True,
         name=str(hf.get("_name_or_path", "")),
@@ -340,17 +417,17 @@ def _from_hf_glm(hf: dict[str, Any]) -> GLMConfig:
 
 def _from_hf_chatglm(hf: dict[str, Any]) -> GLMConfig:
     H, n = _heads(hf)
-    if hf.get("position_encoding_2d", True) is not True:
+    if not _bool_field(hf, "position_encoding_2d", True):
         raise ConfigError("position_encoding_2d=false is not supported; ChatGLM-6B uses 2D RoPE")
     specials = {k: _int_field(hf, f"{k}_token_id") for k in ("mask", "gmask", "bos", "eos", "pad")
                 if hf.get(f"{k}_token_id") is not None}
     names = {"mask": "[MASK]", "gmask": "[gMASK]", "bos": "<sop>", "eos": "<eop>"}
     special_tokens = {names[k]: v for k, v in specials.items() if k in names}
     return GLMConfig(
-        family="chatglm", vocab_size=_int_field(hf, "vocab_size"), hidden_size=H,
-        num_layers=_int_field(hf, "num_layers"), num_heads=n, num_kv_heads=n, head_dim=H // n,
-        ffn_hidden_size=_as_int("inner_hidden_size", hf.get("inner_hidden_size") or 4 * H),
-        max_positions=_int_field(hf, "max_sequence_length", 2048), position_encoding="rope_2d",
+        family="chatglm", vocab_size=_int_field(hf, "vocab_size", positive=True), hidden_size=H,
+        num_layers=_int_field(hf, "num_layers", positive=True), num_heads=n, num_kv_heads=n,
+        head_dim=_head_dim(H, n), ffn_hidden_size=_size_field(hf, "inner_hidden_size", 4 * H),
+        max_positions=_int_field(hf, "max_sequence_length", 2048, positive=True), position_encoding="rope_2d",
         rope_inv_freq_dtype="float16", norm="layernorm",
         norm_eps=_as_float("layernorm_epsilon", hf.get("layernorm_epsilon", 1e-5)),
         mlp="gelu_tanh", residual_alpha=CHATGLM6B_RESIDUAL_ALPHA, qkv_bias=True, out_bias=True,
@@ -362,30 +439,39 @@ def _from_hf_chatglm(hf: dict[str, Any]) -> GLMConfig:
 
 def _from_hf_chatglm2(hf: dict[str, Any], family: str) -> GLMConfig:
     H, n = _heads(hf)
-    mqa = bool(hf.get("multi_query_attention", False))
-    if not hf.get("rmsnorm", True):
+    mqa = _bool_field(hf, "multi_query_attention", False)
+    if not _bool_field(hf, "rmsnorm", True):
         raise ConfigError("rmsnorm=false is not supported; every chatglm2-format release uses RMSNorm")
-    if hf.get("apply_residual_connection_post_layernorm", False):
+    if _bool_field(hf, "apply_residual_connection_post_layernorm", False):
         raise ConfigError("apply_residual_connection_post_layernorm=true is not supported")
-    if not hf.get("post_layer_norm", True):
+    if not _bool_field(hf, "post_layer_norm", True):
         raise ConfigError("post_layer_norm=false (no final norm) is not supported")
-    if not hf.get("original_rope", True):
+    if not _bool_field(hf, "original_rope", True):
         raise ConfigError("original_rope=false is not supported")
     rope_ratio = _as_float("rope_ratio", hf.get("rope_ratio", 1.0))
-    vocab = _as_int("padded_vocab_size", hf.get("padded_vocab_size") or hf["vocab_size"])
+    if not rope_ratio > 0:
+        raise ConfigError(f"field 'rope_ratio' must be positive, got {rope_ratio}; fix it in config.json")
+    # The reference model sizes its embedding by padded_vocab_size; vocab_size stands in where it is absent.
+    if hf.get("padded_vocab_size") is None:
+        vocab = _int_field(hf, "vocab_size", positive=True)
+    else:
+        vocab = _int_field(hf, "padded_vocab_size", positive=True)
+    # multi_query_group_num is read only with multi_query_attention, as the reference model does.
+    kv_heads = _kv_groups(hf, "multi_query_group_num", n) if mqa else n
+    kv_channels = hf.get("kv_channels")
     return GLMConfig(
-        family=family, vocab_size=vocab, hidden_size=H, num_layers=_int_field(hf, "num_layers"), num_heads=n,
-        num_kv_heads=_int_field(hf, "multi_query_group_num") if mqa else n,
-        head_dim=_as_int("kv_channels", hf.get("kv_channels") or H // n),
-        ffn_hidden_size=_int_field(hf, "ffn_hidden_size"),
-        max_positions=_int_field(hf, "seq_length"), position_encoding="rope", rotary_fraction=0.5,
+        family=family, vocab_size=vocab, hidden_size=H, num_layers=_int_field(hf, "num_layers", positive=True),
+        num_heads=n, num_kv_heads=kv_heads,
+        head_dim=_head_dim(H, n) if kv_channels is None else _as_int("kv_channels", kv_channels, positive=True),
+        ffn_hidden_size=_int_field(hf, "ffn_hidden_size", positive=True),
+        max_positions=_int_field(hf, "seq_length", positive=True), position_encoding="rope", rotary_fraction=0.5,
         # One key, two meanings: ChatGLM2-6B-32k's code divides the positions by rope_ratio
         # (interpolation), ChatGLM3-32k/128k's and GLM-4's multiply the rotary base by it.
         rope_base=10000.0 if family == "chatglm2" else 10000.0 * rope_ratio,
         rope_position_scale=rope_ratio if family == "chatglm2" else 1.0, norm="rmsnorm",
         norm_eps=_as_float("layernorm_epsilon", hf.get("layernorm_epsilon", 1e-5)),
-        mlp="swiglu", qkv_bias=bool(hf.get("add_qkv_bias", False)),
-        out_bias=bool(hf.get("add_bias_linear", False)), mlp_bias=bool(hf.get("add_bias_linear", False)),
+        mlp="swiglu", qkv_bias=_bool_field(hf, "add_qkv_bias", False),
+        out_bias=_bool_field(hf, "add_bias_linear", False), mlp_bias=_bool_field(hf, "add_bias_linear", False),
         tie_word_embeddings=False, pad_token_id=_optional_id(hf, "pad_token_id"),
         eos_token_ids=_eos_list(hf.get("eos_token_id")), name=str(hf.get("_name_or_path", "")),
     )
@@ -413,18 +499,18 @@ def _from_hf_glm_native(hf: dict[str, Any], family: str) -> GLMConfig:
     if act != "silu":
         raise ConfigError(f"hidden_act={act!r} is not supported for {family}; the releases use 'silu'")
     return GLMConfig(
-        family=family, vocab_size=_int_field(hf, "vocab_size"), hidden_size=H,
-        num_layers=_int_field(hf, "num_hidden_layers"), num_heads=n,
+        family=family, vocab_size=_int_field(hf, "vocab_size", positive=True), hidden_size=H,
+        num_layers=_int_field(hf, "num_hidden_layers", positive=True), num_heads=n,
         # Absent keys take transformers' GlmConfig/Glm4Config defaults (2 KV heads, head_dim 128),
         # as transformers itself would read the file.
-        num_kv_heads=_as_int("num_key_value_heads", hf.get("num_key_value_heads") or 2),
-        head_dim=_as_int("head_dim", hf.get("head_dim") or 128),
-        ffn_hidden_size=_int_field(hf, "intermediate_size"), max_positions=_int_field(hf, "max_position_embeddings"),
+        num_kv_heads=_kv_groups(hf, "num_key_value_heads", n, 2), head_dim=_size_field(hf, "head_dim", 128),
+        ffn_hidden_size=_int_field(hf, "intermediate_size", positive=True),
+        max_positions=_int_field(hf, "max_position_embeddings", positive=True),
         position_encoding="rope", rotary_fraction=frac, rope_base=theta,
         rope_inv_freq_dtype=stored if stored in ("float16", "bfloat16") else None, norm="rmsnorm",
         norm_eps=_as_float("rms_norm_eps", hf.get("rms_norm_eps", 1.5625e-07)), mlp="swiglu",
-        sandwich_norm=(family == "glm4-hf"), qkv_bias=bool(hf.get("attention_bias", True)),
-        out_bias=False, mlp_bias=False, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sandwich_norm=(family == "glm4-hf"), qkv_bias=_bool_field(hf, "attention_bias", True),
+        out_bias=False, mlp_bias=False, tie_word_embeddings=_bool_field(hf, "tie_word_embeddings", False),
         pad_token_id=_optional_id(hf, "pad_token_id"), bos_token_id=_optional_id(hf, "bos_token_id"),
         eos_token_ids=_eos_list(hf.get("eos_token_id")), name=str(hf.get("_name_or_path", "")),
     )

@@ -501,9 +501,11 @@ def check_shapes(source: Source, where: str) -> None:
                                       f"do not belong together")
 
 
-def open_source(src: str) -> tuple[Source, "object"]:
-    """A `Source` over a checkpoint folder in a release format or in glm's format."""
-    from .checkpoint import CheckpointError, CheckpointReader, is_glm_format
+def open_source(src: str, verify: bool = True) -> tuple[Source, "object"]:
+    """A `Source` over a checkpoint folder in a release format or in glm's format. ``verify``: check the
+    weight files against the checksum record of a folder glm wrote (after the cheap checks of config,
+    names and shapes, before any tensor is read)."""
+    from .checkpoint import CheckpointError, CheckpointReader, is_glm_format, verify_checksums
     from .config import ConfigError, read_json
 
     config_path = os.path.join(src, "config.json")
@@ -543,6 +545,8 @@ def open_source(src: str) -> tuple[Source, "object"]:
     check_keys(mappings, reader.keys(), "hf", src)
     source = Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys())
     check_shapes(source, src)
+    if verify:
+        verify_checksums(src, reader.files() + ([reader.index] if reader.index else []))
     return source, reader
 
 
@@ -592,7 +596,7 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     """Write ``source`` to ``dst`` in glm's format (``to="glm"``) or a release format (``to="hf"``,
     ``family`` defaults to the source's). Streams one mapping at a time; atomic. ``extra_files``
     (name -> bytes, e.g. the tokenizer) are written into the folder with the weights."""
-    from .checkpoint import _as_dtype, parse_size, write_checkpoint
+    from .checkpoint import _as_dtype, check_destination, clear_stale_temps, parse_size, write_checkpoint
 
     t0 = time.time()
     if to not in ("glm", "hf"):
@@ -604,11 +608,9 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     shard_bytes = parse_size(shard_size)
-    if shard_bytes <= 0:
-        raise ValueError(f"shard size must be positive, got {shard_size!r}")
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite (overwrite=True)")
+    clear_stale_temps(dst, CARRIED_FILES)
+    check_destination(dst, overwrite, CARRIED_FILES)
 
     src_dtypes = {source.meta(n).dtype for mp in source.mappings for n in mp.hf}
     if dtype is not None and not allow_lossy:
@@ -663,7 +665,7 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
              "config.json": (json.dumps(config_json, indent=2, ensure_ascii=False) + "\n").encode()}
     try:
         names = write_checkpoint(dst, entries, stream(source.get), files, shard_size=shard_bytes,
-                                 overwrite=overwrite, on_tensor=on_tensor)
+                                 overwrite=overwrite, on_tensor=on_tensor, carried=CARRIED_FILES)
     finally:
         if bar is not None:
             bar.close()
@@ -677,14 +679,24 @@ CARRIED_FILES = (*MODEL_FILES, "tokenizer_config.json", "special_tokens_map.json
                  "tokenizer.json", "vocab.json", "merges.txt", "generation_config.json")
 
 
+# Far above any real tokenizer file (GLM-4's tokenizer.json is ~7 MB); a larger one is not such a file.
+CARRIED_LIMIT = 512 * 1024 * 1024
+
+
 def carried_files(src: str) -> dict[str, bytes]:
-    """The `CARRIED_FILES` present in ``src``, name -> bytes."""
+    """The `CARRIED_FILES` present in ``src``, name -> bytes. One that is not a regular file (a FIFO would
+    block the copy forever) or is larger than any tokenizer file is a CheckpointError."""
+    from .checkpoint import CheckpointError
+    from .files import FileKindError, read_bounded
+
     out = {}
     for name in CARRIED_FILES:
         path = os.path.join(src, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[name] = f.read()
+        if os.path.exists(path):
+            try:
+                out[name] = read_bounded(path, CARRIED_LIMIT, "tokenizer file")
+            except FileKindError as e:
+                raise CheckpointError(str(e)) from None
     return out
 
 
@@ -700,14 +712,18 @@ def _is_or_holds(folder: str, path: str) -> bool:
         here = up
 
 
-def convert_checkpoint(src: str, dst: str, **kwargs) -> ConvertSummary:
+def convert_checkpoint(src: str, dst: str, *, verify: bool = True, **kwargs) -> ConvertSummary:
     """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`.
-    The tokenizer and generation_config.json come along (`CARRIED_FILES`)."""
+    The tokenizer and generation_config.json come along (`CARRIED_FILES`). ``verify``: check a
+    glm-written source against its checksum record first (see `glm.from_pretrained`)."""
+    from .checkpoint import parse_size
+
     src = os.fspath(src)
     if os.path.exists(dst) and _is_or_holds(os.fspath(dst), src):
         raise ValueError(f"{dst} is the source folder or holds it; write to another folder (the conversion "
                          f"replaces the destination, which would delete the source's own files)")
-    source, reader = open_source(src)
+    parse_size(kwargs.get("shard_size", "2GB"))  # a bad size fails before the source is read
+    source, reader = open_source(src, verify=verify)
     try:
         return write_from(source, dst, extra_files=carried_files(src), **kwargs)
     finally:

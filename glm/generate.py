@@ -14,17 +14,53 @@ layer from Python. On a CUDA model `generate` / `stream` use the graph by defaul
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 import operator
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .kv_cache import KVCache
-from .model import GLM, InputError
+from .model import GLM, ID_DTYPES, InputError
+
+
+def _int_arg(name: str, value: Any, low: int, high: Optional[int] = None, hint: str = "",
+             where: Optional[str] = None) -> int:
+    """``value`` as an int in ``[low, high)``; a bool, float or string is refused, not truncated."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < low or (high is not None and v >= high):
+        where = where or (f">= {low}" if high is None else f"in [{low}, {high})")
+        raise InputError(f"{name} must be {where}, an integer{hint}, got {value!r}")
+    return v
+
+
+def _real_arg(name: str, value: Any, low: float, *, open_low: bool, high: Optional[float] = None,
+              hint: str = "") -> float:
+    """``value`` as a finite float above ``low`` (or at it, unless ``open_low``) and at most ``high``:
+    NaN or inf would otherwise reach the logits and sample garbage without an error."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        v = float(value)
+        ok = (v > low if open_low else v >= low) and (high is None or v <= high)
+    if not ok:
+        where = (f"in ({low:g}, {high:g}]" if high is not None else f"{'>' if open_low else '>='} {low:g}")
+        raise InputError(f"{name} must be {where}, a finite number{hint}, got {value!r}")
+    return v
+
+
+# What torch.Generator.manual_seed takes.
+SEED_RANGE = (-2 ** 63, 2 ** 64)
 
 
 @dataclass
@@ -39,19 +75,19 @@ class SamplingConfig:
     seed: Optional[int] = None
 
     def validate(self) -> None:
+        """Check every field's type and range up front (a bool is not a number here), and normalise:
+        None top_k / top_p to off, eos_token_ids to a tuple of ints."""
         # None is "off" as well, so callers can forward unset options (e.g. argparse defaults) as they are.
         self.top_k = 0 if self.top_k is None else self.top_k
         self.top_p = 1.0 if self.top_p is None else self.top_p
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.max_new_tokens = _int_arg("max_new_tokens", self.max_new_tokens, 1)
+        self.temperature = _real_arg("temperature", self.temperature, 0.0, open_low=False, hint=" (0 = greedy)")
+        self.top_k = _int_arg("top_k", self.top_k, 0, hint=" (0 = off)")
+        self.top_p = _real_arg("top_p", self.top_p, 0.0, open_low=True, high=1.0, hint=" (1 = off)")
+        self.repetition_penalty = _real_arg("repetition_penalty", self.repetition_penalty, 0.0, open_low=True,
+                                            hint=" (1 = off)")
+        if self.seed is not None:
+            self.seed = _int_arg("seed", self.seed, *SEED_RANGE, hint=" (or None)", where="in [-2**63, 2**64)")
         # Greedy decoding takes the argmax, which top-k / top-p never remove: they would be ignored.
         if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
             given = "top_k" if self.top_k else "top_p"
@@ -59,12 +95,46 @@ class SamplingConfig:
                              f"temperature > 0 (e.g. 1.0) to sample, or drop {given}")
         if self.eos_token_ids is not None:
             try:
-                if isinstance(self.eos_token_ids, (str, bytes)):
+                if isinstance(self.eos_token_ids, (str, bytes)) or any(isinstance(t, bool) for t in self.eos_token_ids):
                     raise TypeError
                 self.eos_token_ids = tuple(operator.index(t) for t in self.eos_token_ids)
             except TypeError:
                 raise InputError(f"eos_token_ids must be a list of token ids (e.g. [2]), or () to never stop "
                                  f"early; got {self.eos_token_ids!r}") from None
+
+
+def _sampling_config(sampling: Optional[SamplingConfig], overrides: dict) -> SamplingConfig:
+    """``sampling`` with ``overrides`` applied, validated; an unknown keyword is named, not a TypeError."""
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise InputError(f"sampling must be a SamplingConfig (or None; its fields may be passed as keywords), got "
+                         f"{type(sampling).__name__}")
+    fields = [f.name for f in dataclasses.fields(SamplingConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise InputError(f"unknown argument(s) {', '.join(unknown)}; the sampling arguments are {', '.join(fields)}")
+    cfg = dataclasses.replace(sampling, **overrides) if sampling is not None else SamplingConfig(**overrides)
+    cfg.validate()
+    return cfg
+
+
+def _is_id(t: Any, vocab: int) -> bool:
+    if isinstance(t, bool):
+        return False
+    try:
+        return 0 <= operator.index(t) < vocab
+    except TypeError:
+        return False
+
+
+def _check_token_ids(model: GLM, name: str, ids: Sequence[Any]) -> None:
+    """Every id an int in the model's vocabulary: an id past it would never match (an eos that never
+    stops) or fail inside the embedding."""
+    vocab = model.config.vocab_size
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, set, frozenset)):
+        raise InputError(f"{name} must be a list of token ids, got {ids!r}")
+    bad = [t for t in ids if not _is_id(t, vocab)]
+    if bad:
+        raise InputError(f"{name} must be token ids in [0, {vocab}) (the model's vocabulary), got {bad[0]!r}")
 
 
 def _apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -82,7 +152,9 @@ def next_token(logits: Tensor, cfg: SamplingConfig, generator: Optional[torch.Ge
         logits = _apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / cfg.temperature
+    # Shifted so the largest logit is 0 first: softmax is unchanged, and a tiny temperature then sends
+    # the others to -inf instead of the largest to inf (inf - inf = NaN probabilities).
+    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -122,6 +194,10 @@ class StaticDecoder:
 
     def __init__(self, model: GLM, cache: KVCache, *, cuda_graph: bool = False, compile: bool = False,
                  backend: Optional[str] = None):
+        model.check_cache(cache)
+        for name, value in (("cuda_graph", cuda_graph), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be True or False, got {value!r}")
         device = cache.k.device
         if cuda_graph and device.type != "cuda":
             raise InputError(f"CUDA graphs need the model on a CUDA device; it is on {device}. Use "
@@ -185,6 +261,11 @@ class StaticDecoder:
         logits ``[B, V]``. With a CUDA graph they live in its output buffer, which the next step
         overwrites: use (or copy) them before stepping again."""
         B, S = self.cache.batch, self.streams
+        for name, t in (("tokens", tokens), ("position_ids", position_ids)):
+            # copy_ into the int64 input buffers would silently truncate float ids.
+            if not isinstance(t, Tensor) or t.dtype not in ID_DTYPES:
+                raise InputError(f"a decode step's {name} must be an int64 or int32 tensor, got "
+                                 f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
         if tokens.shape != (B,) or position_ids.shape != (B, S):
             raise InputError(f"a decode step takes tokens [{B}] and position_ids [{B}, {S}]; got "
                              f"{tuple(tokens.shape)} and {tuple(position_ids.shape)}")
@@ -244,6 +325,12 @@ def _decoder(model: GLM, batch: int, need: int, cuda_graph: bool, compile: bool 
 def _decode_mode(device: torch.device, cuda_graphs: Optional[bool], static: Optional[bool],
                  compile: bool = False) -> tuple[bool, bool]:
     """(cuda_graphs, static) from the caller's choices; None = CUDA graphs on a CUDA model."""
+    for name, value, optional in (("cuda_graphs", cuda_graphs, True), ("static", static, True),
+                                  ("compile", compile, False)):
+        # bool("no") is True: anything but a bool (or None where it means "default") is refused.
+        if not (isinstance(value, bool) or (optional and value is None)):
+            raise InputError(f"{name} must be True or False{' (or None: the default)' if optional else ''}, "
+                             f"got {value!r}")
     graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
     if graphs and device.type != "cuda":
         raise InputError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}. Leave "
@@ -293,6 +380,19 @@ def _check_positions(model: GLM, prompt_len: int, max_new_tokens: int, position_
                          f"inside the blank); at most {max(limit - last, 0)} new tokens fit")
 
 
+def _seen_tokens(input_ids: Tensor, pad_left: Optional[Tensor]) -> Tensor:
+    """The prompt's tokens per row for the repetition penalty, int64 (gather's index dtype). Left pads
+    are no part of a row: each is replaced by the row's first real token, a repeat that changes
+    nothing, so a padded row is penalised as it would be alone."""
+    ids = input_ids.long()
+    if pad_left is None:
+        return ids
+    pad = pad_left.to(ids.device).long().clamp(0, ids.shape[1] - 1)
+    first = ids.gather(1, pad[:, None])
+    slots = torch.arange(ids.shape[1], device=ids.device)
+    return torch.where(slots < pad[:, None], first, ids)
+
+
 @torch.no_grad()
 def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = None,
            prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
@@ -309,20 +409,22 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
     batch size and cache size; fewer kernels per step). Every mode picks the same greedy tokens, up to
     ties within rounding.
     """
-    cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
-    cfg.validate()
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+    cfg = _sampling_config(sampling, overrides)
+    model.check_input_types(input_ids, position_ids, prefix_len=prefix_len, pad_left=pad_left)
+    if input_ids.shape[1] == 0:
         raise InputError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
     B, P = input_ids.shape
-    _check_positions(model, P, cfg.max_new_tokens, position_ids, input_ids, pad_left)
+    eos_ids = _eos_ids(model, cfg)
+    _check_token_ids(model, "eos_token_ids", eos_ids)
     device = next(model.parameters()).device
     graphs, static = _decode_mode(device, cuda_graphs, static, compile)
+    _check_positions(model, P, cfg.max_new_tokens, position_ids, input_ids, pad_left)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     decoder = _decoder(model, B, P + cfg.max_new_tokens, graphs, compile) if static else None
     cache = decoder.cache if decoder is not None else model.new_cache(B, P + cfg.max_new_tokens)
-    eos = torch.tensor(list(_eos_ids(model, cfg)), dtype=torch.long, device=device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    seen = input_ids.to(device) if cfg.repetition_penalty != 1.0 else None
+    seen = _seen_tokens(input_ids.to(device), pad_left) if cfg.repetition_penalty != 1.0 else None
     if decoder is not None:
         decoder.in_use = True  # a second stream on this model meanwhile gets its own decoder
     try:
@@ -393,28 +495,37 @@ class _InfillPlan:
     ends: frozenset[int]  # <eop> and the eos ids: any of them ends a span
 
 
-def _plan_infill(model: GLM, tokens: Sequence[int], mask_ids: Sequence[int], eop_id: int, cls_id: Optional[int],
-                 gmask_id: Optional[int], max_span_tokens: int, sampling: Optional[SamplingConfig],
-                 overrides: dict) -> _InfillPlan:
+def _plan_infill(model: GLM, tokens: Sequence[int], mask_ids: Sequence[int], sop_id: int, eop_id: int,
+                 cls_id: Optional[int], gmask_id: Optional[int], max_span_tokens: int,
+                 sampling: Optional[SamplingConfig], overrides: dict) -> _InfillPlan:
     """Every check of an infill call, before any forward."""
+    model.check_runnable()
     if model.config.position_streams != 2:
         raise InputError(f"blank infilling needs a model with 2D positions (GLM, ChatGLM-6B); family "
                          f"{model.config.family} generates left to right only (use generate)")
+    if isinstance(tokens, Tensor) and tokens.dim() == 1 and tokens.dtype in ID_DTYPES:
+        tokens = tokens.tolist()
+    if isinstance(tokens, (str, bytes, Tensor)) or not isinstance(tokens, Sequence):
+        raise InputError(f"tokens must be a list of token ids (encode the text first, or call infill with the "
+                         f"tokenizer), got {type(tokens).__name__}")
     if not tokens:
         raise InputError("infill needs a non-empty text")
+    _check_token_ids(model, "tokens", tokens)
+    _check_token_ids(model, "mask_ids", mask_ids)
+    _check_token_ids(model, "sop_id / cls_id / gmask_id", [t for t in (sop_id, cls_id, gmask_id) if t is not None])
+    # <eop> and the eos ids only end spans (compared, never fed), so any int will do.
+    _int_arg("eop_id", eop_id, 0)
     if "max_new_tokens" in overrides:
         raise InputError(f"infill limits each blank with max_span_tokens (got max_new_tokens="
                          f"{overrides['max_new_tokens']}); pass max_span_tokens={overrides['max_new_tokens']}")
-    if max_span_tokens < 1:
-        raise InputError(f"max_span_tokens must be >= 1, got {max_span_tokens}")
+    max_span_tokens = _int_arg("max_span_tokens", max_span_tokens, 1)
     limit = model.config.max_positions
     room = room_for_new_tokens(model, len(tokens))
     if max_span_tokens > room:
         raise InputError(f"max_span_tokens {max_span_tokens} takes a blank's block position to "
                          f"{max_span_tokens + 1}, outside the model's {limit} positions; at most "
                          f"{room} tokens per blank fit")
-    cfg = SamplingConfig(**{**(sampling.__dict__ if sampling else {}), **overrides})
-    cfg.validate()
+    cfg = _sampling_config(sampling, overrides)
     eos = _eos_ids(model, cfg)
     part_a, blanks = _infill_layout(tokens, set(int(m) for m in mask_ids), cls_id, gmask_id, eos,
                                     gmask_first=model.config.family == "chatglm")
@@ -472,7 +583,7 @@ def stream_infill(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int],
     span ends (``<eop>`` or any of ``eos_token_ids``) or ``(blank, -1)`` when it hits
     ``max_span_tokens``. See `infill_ids` for the layout; ``cuda_graphs``, ``static`` and ``compile``
     as in `stream`. The arguments are checked when this is called, before any output."""
-    plan = _plan_infill(model, tokens, mask_ids, eop_id, cls_id, gmask_id, max_span_tokens, sampling, overrides)
+    plan = _plan_infill(model, tokens, mask_ids, sop_id, eop_id, cls_id, gmask_id, max_span_tokens, sampling, overrides)
     return _run_infill(model, plan, sop_id, max_span_tokens, cuda_graphs, static, compile)
 
 
@@ -496,7 +607,7 @@ def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], so
     ``max_span_tokens`` caps each span (``max_new_tokens`` is refused: it would read as a total);
     other keyword arguments are `SamplingConfig` fields.
     """
-    plan = _plan_infill(model, tokens, mask_ids, eop_id, cls_id, gmask_id, max_span_tokens, sampling, overrides)
+    plan = _plan_infill(model, tokens, mask_ids, sop_id, eop_id, cls_id, gmask_id, max_span_tokens, sampling, overrides)
     spans: list[list[int]] = []
     complete: list[bool] = []
     for b, tok in _run_infill(model, plan, sop_id, max_span_tokens, cuda_graphs, static, compile):
@@ -574,7 +685,16 @@ def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tok
     generate left to right until an eos. ``max_new_tokens`` caps the blank's span for 2D families;
     ``cuda_graphs`` as in `stream`. Arguments are checked before any text is yielded.
     """
-    ids = list(prompt_ids)
+    if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1 and prompt_ids.dtype in ID_DTYPES:
+        prompt_ids = prompt_ids.tolist()
+    elif isinstance(prompt_ids, Iterable) and not isinstance(prompt_ids, (str, bytes, Tensor)):
+        prompt_ids = list(prompt_ids)
+    _check_token_ids(model, "prompt_ids", prompt_ids)
+    if not prompt_ids:
+        raise InputError("prompt_ids is empty; a prompt needs at least one token")
+    # Checked here under its own name: 2D families pass it on as infill's max_span_tokens.
+    max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 1)
+    ids = [operator.index(t) for t in prompt_ids]
     new: list[int] = []
     shown = ""
     eos = tuple(sampling.pop("eos_token_ids", None) or tokenizer.eos_ids)

@@ -24,6 +24,11 @@ class InputError(ValueError):
     """Tokens, positions or masks that the model cannot take; the message says what is wrong."""
 
 
+# Embedding and gather take int64 or int32 indices; other integer dtypes fail deep inside torch, and
+# float or bool ids would be silently truncated or read as 0/1.
+ID_DTYPES = (torch.int64, torch.int32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -281,14 +286,66 @@ class GLM(nn.Module):
             return torch.stack((last[:, 0], last[:, 1] + 1), dim=1)
         return last + 1
 
+    def check_runnable(self) -> None:
+        """Refuse a model whose weights have no values (built or loaded on the meta device)."""
+        if self.embed.weight.is_meta:
+            raise InputError("the model's weights are on the meta device (shapes without values), which cannot "
+                             "compute anything; load them onto a real device (e.g. from_pretrained(..., device='cpu'))")
+
+    def check_input_types(self, input_ids: Tensor, position_ids: Optional[Tensor] = None, *,
+                          prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
+                          doc_start: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> None:
+        """The kinds of the inputs: tensors of integer dtypes, ``input_ids`` ``[batch, seq]``, a cache
+        made for this model. Reads host metadata only (no values), so a static step may run it too."""
+        self.check_runnable()
+        if not isinstance(input_ids, Tensor):
+            raise InputError(f"input_ids must be a torch tensor [batch, seq] of token ids, got "
+                             f"{type(input_ids).__name__}")
+        if input_ids.dtype not in ID_DTYPES:
+            raise InputError(f"input_ids must be an integer tensor of dtype int64 or int32, got {input_ids.dtype}; "
+                             f"convert it with .long()")
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        for name, t in (("position_ids", position_ids), ("prefix_len", prefix_len), ("pad_left", pad_left),
+                        ("doc_start", doc_start)):
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise InputError(f"{name} must be a torch tensor of dtype int64 or int32 (or None), got "
+                                 f"{type(t).__name__} {t!r}")
+            # Positions index the learned tables as ids do; the others count key slots, any integer dtype.
+            ok = t.dtype in ID_DTYPES if name == "position_ids" else not (
+                t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+            if not ok:
+                raise InputError(f"{name} must be an integer tensor of dtype int64 or int32, got {t.dtype}")
+        if cache is not None:
+            self.check_cache(cache, input_ids.device)
+
+    def check_cache(self, cache: KVCache, device: Optional[torch.device] = None) -> None:
+        """A KV cache made for this model: its layers, KV heads and head dim, its position streams
+        (once it holds a sequence) and, when given, ``device``."""
+        cfg = self.config
+        if not isinstance(cache, KVCache):
+            raise InputError(f"cache must be a glm KVCache (model.new_cache(batch, max_len)), got "
+                             f"{type(cache).__name__}")
+        layers, _, heads, _, dim = cache.k.shape
+        if (layers, heads, dim) != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
+            raise InputError(f"the KV cache was made for another model ({layers} layers, {heads} KV heads, head dim "
+                             f"{dim}); this model has {cfg.num_layers} layers, {cfg.num_kv_heads} KV heads, head dim "
+                             f"{cfg.head_dim}: make it with model.new_cache(batch, max_len)")
+        last = cache.last_position_ids
+        if last is not None and last.shape[1] != cfg.position_streams:
+            raise InputError(f"the KV cache holds a sequence with {last.shape[1]} position stream(s), from another "
+                             f"model; family {cfg.family} uses {cfg.position_streams}: make a new cache with "
+                             f"model.new_cache(batch, max_len)")
+        if device is not None and cache.k.device != device:
+            raise InputError(f"the KV cache is on {cache.k.device} but the input on {device}; make it with "
+                             f"model.new_cache(batch, max_len) after moving the model")
+
     def _check_inputs(self, input_ids: Tensor, position_ids: Tensor, cache: Optional[KVCache],
                       prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
                       doc_start: Optional[Tensor] = None) -> None:
         cfg = self.config
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= cfg.vocab_size:
@@ -395,6 +452,10 @@ class GLM(nn.Module):
           ``cache.begin_static_step()`` and ``cache.advance(1, position_ids)`` (host bookkeeping a
           graph would not replay); `glm.generate.StaticDecoder` does.
         """
+        if check_inputs and not torch.compiler.is_compiling():
+            # Before anything below reads them: a list, a bool or a float tensor would otherwise fail deep in torch.
+            self.check_input_types(input_ids, position_ids, prefix_len=prefix_len, pad_left=pad_left,
+                                   doc_start=doc_start, cache=cache)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if static:

@@ -8,6 +8,8 @@ position ids glm derives for each fed token with the ones the reference fed.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, from_pretrained
+from .files import ensure_regular, read_bounded
 from .model import GLM, lm_loss
 
 
@@ -54,14 +57,15 @@ def load_cases(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         if not os.path.exists(p):
             raise CheckpointError(f"{p}: no such file; a cases file is a .json with its .safetensors beside it "
                                   f"(see docs/parity.md for how to dump one)")
+        # A FIFO or device here would block the reads below forever.
+        ensure_regular(p, "cases file")
     try:
-        with open(json_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(read_bounded(json_path, what="cases file").decode("utf-8"))
         cases = meta["cases"]
-        if not isinstance(cases, list):
+        if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
             raise TypeError
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{json_path}: not a cases file (needs a JSON object with a 'cases' list)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
+        raise CheckpointError(f"{json_path}: not a cases file (needs a JSON object with a 'cases' list of objects)") from None
     if not cases:
         # An empty list would "pass" having checked nothing.
         raise CheckpointError(f"{json_path}: the 'cases' list is empty; a parity check needs at least one case")
@@ -159,9 +163,11 @@ def run_parity(model_or_dir: "GLM | str", cases: Optional[str] = None, atol: Opt
         model = from_pretrained(model_or_dir, dtype=torch.float32, device=device)
         cases = cases or model_or_dir
     meta, tensors = load_cases(cases)
-    tol = float(atol if atol is not None else meta.get("atol", 1e-4))
-    if not tol > 0:
-        raise ValueError(f"atol must be a positive number, got {tol} (--atol, or the cases file's 'atol')")
+    raw = atol if atol is not None else meta.get("atol", 1e-4)
+    # inf would pass every case whatever the logits, NaN none; a string or list is no tolerance at all.
+    if isinstance(raw, bool) or not isinstance(raw, numbers.Real) or not math.isfinite(raw) or raw <= 0:
+        raise ValueError(f"atol must be a finite number > 0, got {raw!r} (--atol, or the cases file's 'atol')")
+    tol = float(raw)
     dev = next(model.parameters()).device
     results = []
     for case in meta["cases"]:
@@ -172,18 +178,24 @@ def run_parity(model_or_dir: "GLM | str", cases: Optional[str] = None, atol: Opt
             kind, name = case["kind"], case["name"]
         except KeyError as e:
             raise CheckpointError(f"{where}: missing field {e.args[0]!r}") from None
+        except AttributeError:
+            raise CheckpointError(f"{where}: 'inputs' and 'outputs' must be JSON objects") from None
         ref = outputs.get("logits", outputs.get("step_logits"))
         if isinstance(ref, Tensor) and ref.shape[-1] != model.config.vocab_size:
             raise CheckpointError(f"{where}: the reference logits have {ref.shape[-1]} vocabulary entries, the "
                                   f"model {model.config.vocab_size}; these cases belong to another checkpoint")
         inputs = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in inputs.items()}
         outputs = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in outputs.items()}
-        if kind == "forward":
-            results.append(_forward_case(model, name, inputs, outputs, tol, backend))
-        elif kind == "decode":
-            results.append(_decode_case(model, name, inputs, outputs, tol, backend))
-        else:
+        if kind not in ("forward", "decode"):
             raise CheckpointError(f"{where}: unknown case kind {kind!r} (expected 'forward' or 'decode')")
+        run = _forward_case if kind == "forward" else _decode_case
+        try:
+            results.append(run(model, name, inputs, outputs, tol, backend))
+        except (RuntimeError, IndexError, TypeError, KeyError) as e:
+            # The model checks its own inputs (InputError); what fails past them is a reference tensor
+            # (or field) of another shape or type than the inputs.
+            raise CheckpointError(f"{where}: the case's tensors do not fit together or this model "
+                                  f"({type(e).__name__}: {e})") from None
     return results
 
 

@@ -5,6 +5,12 @@ Reproducibility is structural: the batch of step ``s`` is drawn from an RNG seed
 the schedule, the step and torch's RNG. Resuming on CPU therefore reproduces the uninterrupted
 run's losses bit for bit.
 
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), read back with
+``weights_only=True`` so a planted pickle cannot run code, and ends with the sha256 of the bytes
+before it (``CHECKSUM_TAG``), checked before loading. It also records the run's settings: a resume
+compares them field by field (``RUN_FIELDS`` ... ``FREE_FIELDS``). One run at a time holds the run
+folder (``run_lock``).
+
 Multi-process (``torchrun --nproc_per_node N -m glm train ...``): every rank builds the same global
 batch and takes its own rows; each rank's loss is its token-loss *sum* over the global token count
 times the world size, so DDP's gradient average equals the single-process gradient of the same
@@ -12,23 +18,32 @@ global batch. Rank 0 logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
-import shutil
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write, check_device, write_failed
+from .checkpoint import atomic_write, check_device, foreign_files, write_failed, written_by_glm
 from .config import GLMConfig, preset
+from .files import FileKindError, ensure_regular, read_bounded
 from .model import GLM
+from .tokenizer.load import MODEL_FILES
 
 
 class TrainingError(RuntimeError):
@@ -57,7 +72,7 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; math.inf = no clipping
     eval_every: int = 250
     eval_examples: int = 200
     ckpt_every: int = 250
@@ -66,14 +81,65 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto = cuda if available else cpu
     fsdp: bool = False
-    progress: bool = True  # a tqdm bar on stderr, drawn only when stderr is a terminal (never into a log)
+    progress: bool = True  # a tqdm bar on a terminal, else a plain line every ~10% of the run (stderr)
     resume: bool = False  # continue the newest checkpoint in out_dir
     overwrite: bool = False  # delete an earlier run in out_dir (its checkpoints, metrics, tokenizer, model) first
+    verify: bool = True  # check a checkpoint's sha256 before loading it (resume)
+    allow_optimizer_change: bool = False  # resume may change OPTIMIZER_FIELDS (recorded in metrics.jsonl)
 
     def validate(self) -> None:
-        for f in ("seq_len", "batch_size", "grad_accum", "steps", "vocab_size", "keep_last"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"TrainConfig.{f} must be >= 1, got {getattr(self, f)}")
+        """Every field's type and range, before anything is read or written: a value outside them would
+        not fail but train wrongly (a negative grad_clip reverses the update, 0 freezes it)."""
+        def bad(name: str, why: str) -> ValueError:
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+            return ValueError(f"TrainConfig.{name}{f' ({flag})' if flag else ''} {why}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v: Any) -> bool:  # an int or float that is not NaN (a bool is not a number here)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+        for name in ("compile", "fsdp", "progress", "resume", "overwrite", "verify", "allow_optimizer_change"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, f"must be True or False, got {getattr(self, name)!r}")
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("vocab_size", 1),
+                          ("keep_last", 1), ("warmup", 0), ("eval_every", 0), ("eval_examples", 0),
+                          ("ckpt_every", 0), ("seed", 0)):
+            v = getattr(self, name)
+            if not is_int(v) or v < low:
+                raise bad(name, f"must be an integer >= {low}, got {v!r}")
+        if self.seed >= 2**63:
+            raise bad("seed", f"must be below 2**63 (torch's seed range), got {self.seed}")
+        if not (is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", f"must be a finite number > 0, got {self.lr!r}")
+        if not (is_real(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise bad("min_lr_ratio", f"must lie in [0, 1] (the final lr as a share of lr), got {self.min_lr_ratio!r}")
+        if not (is_real(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", f"must be a finite number >= 0, got {self.weight_decay!r}")
+        if not (is_real(self.grad_clip) and self.grad_clip > 0):
+            raise bad("grad_clip", f"must be > 0 (the max gradient norm, e.g. 1.0; inf turns clipping off), got "
+                                   f"{self.grad_clip!r}")
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(is_real(b) and 0 <= b < 1 for b in self.betas)):
+            raise bad("betas", f"must be two numbers in [0, 1) (AdamW's moment decays, e.g. (0.9, 0.95)), got "
+                               f"{self.betas!r}")
+        if self.mix is not None and not (isinstance(self.mix, (tuple, list)) and len(self.mix) == 2
+                                         and all(is_real(p) and 0 <= p <= 1 for p in self.mix)
+                                         and sum(self.mix) <= 1):
+            raise bad("mix", f"must be None or (bert_prob, gap_sentence_prob), two numbers in [0, 1] summing to at "
+                             f"most 1, got {self.mix!r}")
+        for name in ("out_dir", "model", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, f"must be a non-empty string, got {getattr(self, name)!r}")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise bad("tokenizer", f"must be None or a tokenizer folder, got {self.tokenizer!r}")
+        if self.data is not None and not (isinstance(self.data, (list, tuple)) and self.data
+                                          and all(isinstance(p, str) and p for p in self.data)):
+            raise bad("data", f"must be None (the embedded corpus) or a non-empty list of file names or globs, such "
+                              f"as ['books/*.txt'], got {self.data!r}")
+        if self.corpus_size not in ("tiny", "small", "base"):
+            raise bad("corpus_size", f"must be tiny, small or base, got {self.corpus_size!r}")
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume continues the run in out_dir and overwrite deletes it; pass one "
                              "of them (--resume or --overwrite), not both")
@@ -97,8 +163,27 @@ class TrainConfig:
                              f"(--seq-len)")
         if self.objective not in ("glm", "causal", "prefix"):
             raise ValueError(f"TrainConfig.objective must be glm, causal or prefix, got {self.objective!r}")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0):
-            raise ValueError("TrainConfig: lr must be > 0, min_lr_ratio in [0, 1], warmup >= 0")
+
+
+# The command-line flag of each TrainConfig field where it is not --field-name ("" = none).
+_FLAGS = {"out_dir": "--out", "progress": "--quiet", "verify": "--no-verify", "mix": "", "betas": "",
+          "min_lr_ratio": "", "eval_examples": ""}
+
+# How `--resume` treats each field when it differs from the checkpoint's record (every field is in
+# exactly one group; tests check that). RUN_FIELDS fix what the model is and which batches it sees:
+# a change is refused. RESOLVED_FIELDS are compared as what they resolve to: model and
+# model_overrides as the GLMConfig (every field but vocab_size, which follows the tokenizer), and
+# tokenizer as its files' sha256, so the same tokenizer in another folder is the same run.
+# OPTIMIZER_FIELDS may change with allow_optimizer_change, recorded in metrics.jsonl. FREE_FIELDS
+# say where and how the run executes, evaluates and saves, so they may differ; so may steps, which
+# stretches or shortens the cosine schedule (extending a run is what resume is for; it is recorded
+# like an optimizer change).
+RUN_FIELDS = ("data", "corpus_size", "vocab_size", "objective", "mix", "seq_len", "batch_size", "grad_accum",
+              "seed")
+RESOLVED_FIELDS = ("model", "model_overrides", "tokenizer")
+OPTIMIZER_FIELDS = ("lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "grad_clip")
+FREE_FIELDS = ("out_dir", "steps", "eval_every", "eval_examples", "ckpt_every", "keep_last", "compile", "device",
+               "fsdp", "progress", "resume", "overwrite", "verify", "allow_optimizer_change")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,18 +209,62 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, keep-last-K
+# Checkpoints: atomic, checksummed, keep-last-K, read back as plain data only
+
+# The last bytes of every trainer checkpoint: this tag, the sha256 of all bytes before it (64 hex
+# digits) and "\n". It goes into the temp file before the rename, so the digest is as atomic as the
+# checkpoint; torch.load reads the zip archive in front of it and ignores what follows.
+CHECKSUM_TAG = b"\nglm-sha256:"
+CHECKSUM_TRAILER = len(CHECKSUM_TAG) + 64 + 1
+
 
 def checkpoints(out_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))
 
 
+class _HashingWriter:
+    """The file object torch.save writes to: hashes each byte on its way into ``f`` and keeps the first
+    OSError the disk raised. torch's zip writer reports a failed write as a RuntimeError ("unexpected
+    pos ...") when it then tries to close the archive; the kept OSError says what really happened."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.error = f, hashlib.sha256(), None
+
+    def write(self, data) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.sha.update(data)
+        return n
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
 def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str:
-    """Write ``ckpt-{step}.pt`` atomically (temp file + fsync + rename), then drop all but the last
-    ``keep_last``. A failure (disk full, ...) leaves the earlier checkpoints as they were."""
+    """Write ``ckpt-{step}.pt`` atomically (temp file + fsync + rename) with its sha256 at the end, then
+    drop all but the last ``keep_last``. A failure (disk full, ...) leaves the earlier checkpoints as
+    they were and is an OSError naming the file, whatever layer of torch.save met it."""
     path = os.path.join(out_dir, f"ckpt-{step:07d}.pt")
+
+    def write(f) -> None:
+        out = _HashingWriter(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+        f.write(CHECKSUM_TAG + out.sha.hexdigest().encode() + b"\n")
+
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, write)
     except OSError as e:
         raise write_failed(e, path, f"the earlier checkpoints in {out_dir} are intact; free space (or lower "
                                     f"--keep-last), then rerun with --resume") from e
@@ -144,30 +273,180 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str
     return path
 
 
+def verify_checkpoint(path: str) -> None:
+    """Compare a trainer checkpoint's bytes with the sha256 recorded at its end; a TrainingError naming
+    the file when the record is missing (cut short, not glm's) or does not match (flipped bytes)."""
+    size = os.path.getsize(path)
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        tail = b""
+        if size >= CHECKSUM_TRAILER:
+            f.seek(size - CHECKSUM_TRAILER)
+            tail = f.read(CHECKSUM_TRAILER)
+        fix = "delete it to resume from the previous one, or pass verify=False (--no-verify) to load it anyway"
+        if not (tail.startswith(CHECKSUM_TAG) and tail.endswith(b"\n")):
+            raise TrainingError(f"{path}: cannot read this checkpoint (its sha256 record is missing: the file was "
+                                f"cut short, or not written by glm's trainer); {fix}")
+        f.seek(0)
+        left = size - CHECKSUM_TRAILER
+        while left > 0:
+            chunk = f.read(min(left, 1 << 24))
+            if not chunk:
+                break
+            sha.update(chunk)
+            left -= len(chunk)
+    if sha.hexdigest().encode() != tail[len(CHECKSUM_TAG):-1]:
+        raise TrainingError(f"{path}: cannot read this checkpoint (its bytes differ from the sha256 recorded when "
+                            f"glm wrote it: changed on disk or in a copy); {fix}")
+
+
+# What a trainer checkpoint holds, with the type of each entry.
+_STATE = {"model": dict, "optimizer": dict, "step": int, "torch_rng": torch.Tensor, "config": dict,
+          "model_config": dict}
+
+
+def load_checkpoint(path: str, device: torch.device, verify: bool = True) -> dict:
+    """A trainer checkpoint, or a TrainingError naming the file and what to do.
+
+    Only tensors and plain containers load (``weights_only=True``): a pickle that would build other
+    objects, i.e. run code, is refused, as a file glm's trainer never writes."""
+    try:
+        ensure_regular(path, "trainer checkpoint")
+    except FileKindError as e:
+        raise TrainingError(f"{e}; or move it out of the run folder") from None
+    if verify:
+        verify_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise TrainingError(f"{path}: cannot read this checkpoint (UnpicklingError: {str(e)[:200]}); delete it "
+                                f"to resume from the previous one, or start over without --resume") from None
+        raise TrainingError(f"{path}: refused: this file holds pickled objects other than tensors and plain data, "
+                            f"which glm never loads because unpickling them can run code; glm's trainer did not "
+                            f"write it, so move it out of the run folder") from None
+    except Exception as e:  # truncated / corrupted: zip and EOF errors of many kinds
+        raise TrainingError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); delete it to resume "
+                            f"from the previous one, or start over without --resume") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) and not isinstance(state.get(k), bool)
+                                              for k, t in _STATE.items()):
+        raise TrainingError(f"{path}: not a glm trainer checkpoint (needs {', '.join(_STATE)}); move it out of the "
+                            f"run folder")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The run folder: one run at a time, and --overwrite deletes only what the trainer wrote
+
 # What `train` writes at the top of out_dir, with the temp names it writes them under first.
 RUN_FILES = ("metrics.jsonl", "metrics.jsonl.tmp", "loss.png", "loss.png.tmp.png", "train_text.txt",
              "train_text.txt.tmp")
 TOKENIZER_RECORD = "glm_train_settings.json"  # beside a tokenizer the trainer trained: what it was trained with
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out_dir/.lock`` (holding this process's id) for the block, so a
+    second run into the same folder, from any process, fails at once instead of interleaving its
+    checkpoints, pruning and metrics with this one. The file is removed on the way out, while still
+    locked; a run that opened it just before then sees it is gone and locks the new one instead."""
+    if fcntl is None:  # no flock on this platform
+        yield
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainingError(f"{out_dir} exists and is not a folder; pass a folder for the run (--out)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"{out_dir}: cannot create the run folder ({e.strerror or e}); pass a writable folder "
+                            f"(--out)") from None
+    path = os.path.join(out_dir, LOCK_FILE)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise TrainingError(f"{path}: cannot open the run folder's lock file ({e.strerror or e}); remove it "
+                                f"if it is not glm's, then rerun") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise TrainingError(f"{out_dir} is in use by another glm train run (process {holder or 'unknown'} holds "
+                                f"{path}); wait for it to finish, or use another out_dir (--out)") from None
+        try:
+            current = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(fd)):
+            break
+        os.close(fd)  # locked a file the previous holder had just removed
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _json_or_none(path: str) -> Any:
+    try:
+        return json.loads(read_bounded(path, what=os.path.basename(path)))
+    except (OSError, ValueError):
+        return None
+
+
+# The tokenizer files the final save adds to OUT/model beside glm's checkpoint writer's files.
+_TOKENIZER_FILES = ("tokenizer_config.json", *MODEL_FILES)
+
+
+def model_folder_strangers(model_dir: str) -> list[str]:
+    """The entries of ``model_dir`` (OUT/model) that the run's final save did not write, sorted; folders
+    end in "/". Ours are what glm's checkpoint writer writes (config.json, weights, index, checksum
+    record) and the tokenizer's files, in a folder that writer wrote; in any other folder nothing is
+    ours. Empty when the folder is absent (or a link, which clear_run never follows)."""
+    if not os.path.isdir(model_dir) or os.path.islink(model_dir):
+        return []
+    if not written_by_glm(model_dir):
+        return [name + ("/" if os.path.isdir(os.path.join(model_dir, name)) else "")
+                for name in sorted(os.listdir(model_dir))]
+    return foreign_files(model_dir, carried=_TOKENIZER_FILES)
+
+
+def _refuse_strangers(model_dir: str) -> None:
+    strangers = model_folder_strangers(model_dir)
+    if strangers:
+        shown = ", ".join(strangers[:10]) + (f" and {len(strangers) - 10} more" if len(strangers) > 10 else "")
+        raise TrainingError(f"{model_dir} holds files glm's trainer did not write ({shown}); the run's final save "
+                            f"replaces that folder, so move them elsewhere first, or use another out_dir (--out)")
 
 
 def claim_run_folder(cfg: TrainConfig, is_main: bool = True) -> None:
     """Make sure ``cfg.out_dir`` holds no other run this one would mix with: without ``resume``, a folder
     with checkpoints is refused (keep-newest-K pruning goes by step number, so the old run's later
     checkpoints would outlive the new run's, and a later resume would continue the old run), unless
-    ``overwrite`` asks to delete that run first (done by rank 0)."""
+    ``overwrite`` asks to delete that run first (done by rank 0). OUT/model holding files the trainer
+    did not write is refused up front, since the final save replaces that folder."""
     ckpts = checkpoints(cfg.out_dir)
     if ckpts and not cfg.resume and not cfg.overwrite:
         raise TrainingError(f"{cfg.out_dir} already holds a run (checkpoints up to {os.path.basename(ckpts[-1])}); "
                             f"pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to delete its "
                             f"checkpoints, metrics, tokenizer and model and start over, or use a new out_dir (--out)")
+    _refuse_strangers(os.path.join(cfg.out_dir, "model"))
     if cfg.overwrite and is_main:
         clear_run(cfg.out_dir, keep=cfg.tokenizer)
 
 
 def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
     """Delete what `train` writes into ``out_dir`` (checkpoints and their temp files, metrics, plot,
-    tokenizer training text, ``tokenizer/``, ``model/``) and nothing else; ``keep`` (a folder this run
-    reads, e.g. ``--tokenizer OUT/tokenizer``) is left alone. Returns the deleted paths."""
+    tokenizer training text, the trainer's files in ``tokenizer/`` and ``model/``) and nothing else;
+    ``keep`` (a folder this run reads, e.g. ``--tokenizer OUT/tokenizer``) is left alone. A ``model/``
+    that holds anything else is a TrainingError before anything is deleted. Returns the deleted paths."""
     if not os.path.isdir(out_dir):
         return []
     kept = os.path.realpath(keep) if keep else None
@@ -177,6 +456,9 @@ def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
         return (os.path.isdir(folder) and not os.path.islink(folder)
                 and not (kept and (kept == real or kept.startswith(real + os.sep))))
 
+    model_dir = os.path.join(out_dir, "model")
+    if ours(model_dir):
+        _refuse_strangers(model_dir)
     gone = glob.glob(os.path.join(out_dir, "ckpt-*.pt")) + glob.glob(os.path.join(out_dir, "ckpt-*.pt.tmp-*"))
     gone += [os.path.join(out_dir, name) for name in RUN_FILES]
     gone = [p for p in gone if os.path.isfile(p)]
@@ -187,11 +469,9 @@ def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
         # Only the files the tokenizer trainer wrote (model file, config, our record); a folder that then
         # still holds something else is not ours to delete.
         names = [TOKENIZER_RECORD, "tokenizer_config.json"]
-        try:
-            with open(os.path.join(tok_dir, "tokenizer_config.json"), encoding="utf-8") as f:
-                names.append(os.path.basename(str(json.load(f).get("model_file", ""))))
-        except (OSError, ValueError, AttributeError):
-            pass
+        tok_config = _json_or_none(os.path.join(tok_dir, "tokenizer_config.json"))
+        if isinstance(tok_config, dict):
+            names.append(os.path.basename(str(tok_config.get("model_file", ""))))
         for name in filter(None, names):
             for path in glob.glob(os.path.join(tok_dir, glob.escape(name))) + glob.glob(
                     os.path.join(tok_dir, glob.escape(name) + ".tmp-*")):
@@ -199,19 +479,20 @@ def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
                 gone.append(path)
         if not os.listdir(tok_dir):
             os.rmdir(tok_dir)
-    model_dir = os.path.join(out_dir, "model")
     if ours(model_dir):
-        # The final save replaces this folder whole (save_pretrained(overwrite=True)); deleting it now
-        # keeps a crashed new run from leaving the old run's model beside the new run's metrics.
-        shutil.rmtree(model_dir)
+        # Deleting the old run's model now keeps a crashed new run from leaving it beside the new
+        # run's metrics; _refuse_strangers above made sure every file here is one the final save wrote.
+        for name in os.listdir(model_dir):
+            os.remove(os.path.join(model_dir, name))
+            gone.append(os.path.join(model_dir, name))
+        os.rmdir(model_dir)
         gone.append(model_dir)
     return gone
 
 
 def remove_stale_temp_files(out_dir: str) -> list[str]:
     """Delete ``ckpt-*.pt.tmp-*`` files that a killed run (kill -9, power loss) left mid-write; they
-    are never read (`checkpoints` only lists complete ``ckpt-*.pt``). Call only when no other run
-    writes to ``out_dir``."""
+    are never read (`checkpoints` only lists complete ``ckpt-*.pt``). Call only under `run_lock`."""
     stale = glob.glob(os.path.join(out_dir, "ckpt-*.pt.tmp-*"))
     for path in stale:
         try:
@@ -221,17 +502,100 @@ def remove_stale_temp_files(out_dir: str) -> list[str]:
     return stale
 
 
-def load_checkpoint(path: str, device: torch.device) -> dict:
-    """A trainer checkpoint, or a TrainingError naming the file and what to do."""
+# ------------------------------------------------------------------------------------------------
+# Resume: the checkpoint's record of the run against the settings now
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists): what a checkpoint stores and compares."""
+    return json.loads(json.dumps(value))
+
+
+def model_config_for(cfg: TrainConfig) -> GLMConfig:
+    """The GLMConfig a run of ``cfg`` trains, before the tokenizer sets vocab_size."""
+    base = preset(cfg.model)
+    # validate() checked the overrides (no vocab_size: the tokenizer sets it; max_positions >= seq_len + 1).
+    return base.replace(**{"vocab_size": max(base.vocab_size, 1),
+                           "max_positions": max(base.max_positions, cfg.seq_len + 1), **cfg.model_overrides})
+
+
+def setting_changes(saved: dict, saved_model: dict, cfg: TrainConfig,
+                    model_cfg: GLMConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """What differs between a checkpoint's record (its ``config`` and ``model_config``) and the run of
+    ``cfg`` now, as ``name -> (checkpoint's value, value now)``: the RUN_FIELDS and model changes, and
+    the OPTIMIZER_FIELDS and ``steps`` changes. Model fields are named ``model_config.FIELD``. The
+    tokenizer is compared once it exists (`check_resumed_tokenizer`)."""
+    defaults = _plain(dataclasses.asdict(TrainConfig()))
+    now = _plain(dataclasses.asdict(cfg))
+    was = {k: saved.get(k, defaults[k]) for k in now}
+    run = {k: (was[k], now[k]) for k in RUN_FIELDS if was[k] != now[k]}
+    model_now = _plain(model_cfg.to_dict())
+    model_defaults = {f.name: _plain(f.default) for f in dataclasses.fields(GLMConfig)
+                      if f.default is not dataclasses.MISSING}  # fields to_dict leaves out at their default
+    for k in sorted(set(model_now) | set(saved_model)):
+        old, new = saved_model.get(k, model_defaults.get(k)), model_now.get(k, model_defaults.get(k))
+        if k != "vocab_size" and old != new:
+            run[f"model_config.{k}"] = (old, new)
+    optimizer = {k: (was[k], now[k]) for k in (*OPTIMIZER_FIELDS, "steps") if was[k] != now[k]}
+    return run, optimizer
+
+
+def check_resume(path: str, state: dict, cfg: TrainConfig, model_cfg: GLMConfig) -> dict[str, tuple]:
+    """Refuse to resume the checkpoint at ``path`` with settings other than its run's (TrainingError
+    naming each field with both values); OPTIMIZER_FIELDS may differ with ``allow_optimizer_change``.
+    Returns the changes that are allowed (optimizer fields, steps)."""
+    run, optimizer = setting_changes(state["config"], state["model_config"], cfg, model_cfg)
+
+    def listed(changes: dict) -> str:
+        return "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changes.items())
+
+    if run:
+        raise TrainingError(f"{path}: this checkpoint was written for another model or data setup ({listed(run)}); "
+                            f"resume with the run's original settings, or start a new run with a new --out (or "
+                            f"--overwrite)")
+    if cfg.steps < state["step"]:
+        raise TrainingError(f"{path}: the run is already at step {state['step']}, past steps={cfg.steps}; pass "
+                            f"steps (--steps) of at least {state['step']} to resume it")
+    changed = {k: v for k, v in optimizer.items() if k != "steps"}
+    if changed and not cfg.allow_optimizer_change:
+        raise TrainingError(f"{path}: resuming with other optimizer settings ({listed(changed)}); pass "
+                            f"allow_optimizer_change=True (--allow-optimizer-change) to change them from step "
+                            f"{state['step']} on (recorded in metrics.jsonl), or resume with the run's values")
+    return optimizer
+
+
+def tokenizer_fingerprint(tok_dir: str) -> Optional[str]:
+    """sha256 of a tokenizer folder's tokenizer_config.json and model file (the one the config names,
+    else the release names in MODEL_FILES): what a resume compares, so the same tokenizer under another
+    path is the same run. None when they cannot be read."""
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated / corrupted: pickle, zip and EOF errors of many kinds
-        raise TrainingError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); delete it to resume "
-                            f"from the previous one, or start over without --resume") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "torch_rng"} <= set(state):
-        raise TrainingError(f"{path}: not a glm trainer checkpoint (needs model, optimizer, step and torch_rng); "
-                            f"move it out of the run folder")
-    return state
+        config = read_bounded(os.path.join(tok_dir, "tokenizer_config.json"), what="tokenizer_config.json")
+        named = json.loads(config).get("model_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    names = [named] if isinstance(named, str) and named else [
+        n for n in MODEL_FILES if os.path.isfile(os.path.join(tok_dir, n))]
+    sha = hashlib.sha256(config)
+    try:
+        for name in names:
+            path = os.path.join(tok_dir, os.path.basename(name))
+            ensure_regular(path, "tokenizer model file")
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+    except (OSError, ValueError):
+        return None
+    return sha.hexdigest()
+
+
+def check_resumed_tokenizer(path: str, state: dict, tok_dir: str, fingerprint: Optional[str]) -> None:
+    """Refuse to resume the checkpoint at ``path`` with another tokenizer than its run's (compared by
+    `tokenizer_fingerprint`; a checkpoint without the record, or a folder that cannot say, passes)."""
+    was = state.get("tokenizer_sha256")
+    if isinstance(was, str) and fingerprint is not None and was != fingerprint:
+        raise TrainingError(f"{path}: this checkpoint was written for another model or data setup (tokenizer: the "
+                            f"run trained with a tokenizer of sha256 {was[:12]}..., but {tok_dir} has "
+                            f"{fingerprint[:12]}...); resume with the run's tokenizer (--tokenizer), or start a new "
+                            f"run with a new --out (or --overwrite)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +618,69 @@ def _resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", _dist_info()[2])
         return torch.device("cpu")
-    return check_device(name)
+    device = check_device(name)
+    if device.type == "meta":
+        raise ValueError("TrainConfig.device (--device) 'meta' holds shapes but no data, so nothing can be trained "
+                         "on it; use cpu or cuda")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: a step that cannot fit is refused before anything is allocated
+
+def step_memory_floor(cfg: TrainConfig, model_cfg: GLMConfig, world: int = 1) -> tuple[int, int]:
+    """A lower bound on the bytes one step of ``cfg`` needs: (on the training device, in host memory).
+
+    Device: fp32 weights, gradients and AdamW's two moments (16 bytes per parameter), plus one fp32
+    vector per token and layer that backward keeps (a block's input; a real block keeps several
+    more). Host: the step's micro-batches, built up front, as int64 token ids and targets. Being a
+    floor it never refuses a run that fits; it catches sizes that are off by orders of magnitude."""
+    vocab = cfg.vocab_size if cfg.tokenizer is None else model_cfg.vocab_size
+    params = model_cfg.replace(vocab_size=vocab).num_parameters
+    rows = cfg.batch_size // world
+    device = 16 * params + 4 * rows * cfg.seq_len * model_cfg.hidden_size * model_cfg.num_layers
+    host = 2 * 8 * cfg.grad_accum * cfg.batch_size * cfg.seq_len
+    return device, host
+
+
+def _host_available() -> Optional[int]:
+    """Bytes of memory this machine can still give (MemAvailable), or None where it cannot say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _device_available(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    try:
+        return torch.cuda.mem_get_info(device)[0]
+    except RuntimeError:
+        return None
+
+
+def check_memory(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, world: int = 1) -> None:
+    """TrainingError with the numbers when `step_memory_floor` exceeds the memory available now."""
+    on_device, on_host = step_memory_floor(cfg, model_cfg, world)
+    if device.type == "cpu":
+        checks = [("memory", on_device + on_host, _host_available())]
+    else:
+        checks = [(f"{device} memory", on_device, _device_available(device)), ("host memory", on_host,
+                                                                                _host_available())]
+    for where, need, have in checks:
+        if have is not None and need > have:
+            raise TrainingError(f"batch_size {cfg.batch_size} x seq_len {cfg.seq_len} (grad_accum {cfg.grad_accum}) "
+                                f"needs at least {need / 2**30:.1f} GiB of {where} per step, but "
+                                f"{have / 2**30:.1f} GiB is available; lower batch_size (--batch-size) and raise "
+                                f"grad_accum (--grad-accum) to keep the tokens per step, or lower seq_len (--seq-len)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,6 +739,11 @@ def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 
     collator = Collator(special=_special_ids(tok, tok_dir), max_len=cfg.seq_len, objective=objective,
                         position_streams=model_cfg.position_streams, is_sentence_end=sentence_end_ids(tok))
     limit = objective.max_doc_len(cfg.seq_len, cls=tok.cls_id is not None)
+    if limit < 1:
+        enough = next(n for n in range(cfg.seq_len + 1, cfg.seq_len + 1000)
+                      if objective.max_doc_len(n, cls=tok.cls_id is not None) >= 1)
+        raise TrainingError(f"seq_len {cfg.seq_len} leaves no room for a document token once the {cfg.objective} "
+                            f"objective's special tokens are placed; use seq_len (--seq-len) of at least {enough}")
     # Long documents are split into consecutive chunks that fit (stated here, never silent truncation).
     train_docs = [c for t in texts for c in _chunk(tok.encode(t), limit) if c]
     heldout_docs = [c for t in held_texts for c in _chunk(tok.encode(t), limit) if c]
@@ -487,6 +918,11 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+def _progress_every(steps: int) -> int:
+    """Steps between plain progress lines: about a tenth of the run, at least every 100 steps."""
+    return max(1, min(100, math.ceil(steps / 10)))
+
+
 def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
     """Run (or resume) a pretraining run; returns a summary. See the module docstring."""
     cfg.validate()
@@ -494,17 +930,37 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
     rank, world = _setup_distributed(device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    model_cfg = model_config_for(cfg)
+    check_memory(cfg, model_cfg, device, world)
+    # Rank 0 holds the folder for the whole run; the other ranks of the same run follow it.
+    with run_lock(cfg.out_dir) if rank == 0 else contextlib.nullcontext():
+        return _train_locked(cfg, model_cfg, device, rank, world, on_step)
+
+
+def _train_locked(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, rank: int, world: int,
+                  on_step: Optional[Callable[[int, float], None]]) -> dict:
     is_main = rank == 0
-    base = preset(cfg.model)
-    # validate() checked the overrides (no vocab_size: the tokenizer sets it; max_positions >= seq_len + 1).
-    model_cfg = base.replace(**{"vocab_size": max(base.vocab_size, 1),
-                                "max_positions": max(base.max_positions, cfg.seq_len + 1), **cfg.model_overrides})
     claim_run_folder(cfg, is_main)
     if world > 1:
         torch.distributed.barrier()  # rank 0 has cleared an overwritten run before anyone reads the folder
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if is_main:
+        remove_stale_temp_files(cfg.out_dir)
+    ckpts = checkpoints(cfg.out_dir)
+    state, start, changes = None, 0, {}
+    if cfg.resume and ckpts:
+        # Read and compared before the data is prepared: a refused resume changes nothing in the folder.
+        state = load_checkpoint(ckpts[-1], device, verify=cfg.verify)
+        changes = check_resume(ckpts[-1], state, cfg, model_cfg)
+        start = state["step"]
+    elif cfg.resume and is_main:
+        print(f"--resume: no checkpoint in {cfg.out_dir}; starting from step 0")
     prep = prepare(cfg, model_cfg, rank, world)
+    tok_dir = cfg.tokenizer or os.path.join(cfg.out_dir, "tokenizer")
+    tok_sha = tokenizer_fingerprint(tok_dir)
+    if state is not None:
+        check_resumed_tokenizer(ckpts[-1], state, tok_dir, tok_sha)
     model_cfg = model_cfg.replace(vocab_size=prep.tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)
     model = GLM(model_cfg).to(device)
@@ -512,12 +968,7 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
     model.train()
     optimizer = make_optimizer(model, cfg)
 
-    start = 0
-    if is_main:
-        remove_stale_temp_files(cfg.out_dir)
-    ckpts = checkpoints(cfg.out_dir)
-    if cfg.resume and ckpts:
-        state = load_checkpoint(ckpts[-1], device)
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -526,20 +977,30 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
             first = " ".join(lines[:2])[:300] if lines else type(e).__name__
             raise TrainingError(f"{ckpts[-1]}: this checkpoint was written for another model or optimizer setup "
                                 f"({first}); resume with the run's original settings or use a new --out") from None
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
-        if is_main and os.path.exists(metrics_path):
-            # Drop what the interrupted run logged after its last checkpoint, and a line torn by a kill.
+        # load_state_dict restores the checkpoint's hyperparameters; an allowed change takes effect
+        # here (the lr is set every step from the schedule).
+        optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+        for g in optimizer.param_groups:
+            g["betas"] = tuple(cfg.betas)
+        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it with the rest
+        del state
+    if is_main:
+        # Keep what the run logged up to the step it continues from (none for a fresh start, also when
+        # --resume found no checkpoint); drop later records and a line torn by a kill.
+        keep = []
+        if start and os.path.exists(metrics_path):
             keep = [line for line in open(metrics_path, encoding="utf-8", errors="replace")
                     if (rec := _parse_record(line)) is not None and isinstance(rec.get("step"), int)
                     and rec["step"] <= start]
+        if keep:
             with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(keep)
             os.replace(metrics_path + ".tmp", metrics_path)
-    elif cfg.resume and not ckpts and is_main:
-        print(f"--resume: no checkpoint in {cfg.out_dir}; starting from step 0")
-    if not cfg.resume and is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        if changes:
+            _log(metrics_path, {"step": start, "event": "settings_changed",
+                                "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
 
     raw_model = model
     if world > 1:
@@ -554,10 +1015,13 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
     fwd_model = torch.compile(model) if cfg.compile else model
     autocast = device.type == "cuda"
 
-    bar = None
-    if cfg.progress and is_main and _is_terminal(sys.stderr):
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+    bar, every = None, 0
+    if cfg.progress and is_main:
+        if _is_terminal(sys.stderr):
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+        else:  # a log file or pipe: a plain line now and then instead of a bar nobody sees until the end
+            every = _progress_every(cfg.steps)
     last_ckpt = ckpts[-1] if ckpts and cfg.resume else None
     t_start = time.perf_counter()
     tokens_seen = 0
@@ -595,12 +1059,15 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
         if on_step is not None:
             on_step(step + 1, loss)
+        done = step + 1 == cfg.steps
         if is_main:
             _log(metrics_path, record)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-        done = step + 1 == cfg.steps
+            elif every and ((step + 1) % every == 0 or done):
+                print(f"train: step {step + 1}/{cfg.steps} ({(step + 1) / cfg.steps:.0%})  loss {loss:.4f}  "
+                      f"{record['tokens_per_s']:.0f} tokens/s  {elapsed:.0f} s", file=sys.stderr, flush=True)
         if is_main and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             ev = evaluate(raw_model, prep, cfg, device, cfg.eval_examples)
             preds = ev.pop("_predictions", None)
@@ -610,16 +1077,21 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
                 summary["predictions"] = preds
                 summary["examples"] = [(e.text_with_blank, e.answer, e.kind) for e in prep.examples[:len(preds)]]
         if is_main and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
+            # Plain data only (tensors, dicts, lists, numbers, strings), so it loads with weights_only=True.
             state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                     "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
-                     "model_config": model_cfg.to_dict()}
+                     "torch_rng": torch.get_rng_state(), "config": _plain(dataclasses.asdict(cfg)),
+                     "model_config": _plain(model_cfg.to_dict()), "tokenizer_sha256": tok_sha}
             last_ckpt = save_checkpoint(cfg.out_dir, state, step + 1, cfg.keep_last)
+            del state
         if world > 1 and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
             torch.distributed.barrier()
     if bar is not None:
         bar.close()
     if is_main:
         final = os.path.join(cfg.out_dir, "model")
+        # Files put into OUT/model during the run would be lost to the save below: refuse instead
+        # (the checkpoint holds the run; after moving them, --resume only writes the model).
+        _refuse_strangers(final)
         raw_model.save_pretrained(final, format="glm", overwrite=True)
         prep.tokenizer.save(final)
         summary.update(model_dir=final, metrics=metrics_path, checkpoint=last_ckpt,
@@ -646,17 +1118,17 @@ DEMO = TrainConfig(
 
 
 def _earlier_run_of(cfg: TrainConfig) -> bool:
-    """Whether ``cfg.out_dir``'s newest checkpoint was written by a run of ``cfg`` (up to its length)."""
+    """Whether ``cfg.out_dir``'s newest checkpoint was written by a run of ``cfg`` (up to its length:
+    only `FREE_FIELDS` may differ). A checkpoint that does not load (checksum, pickled code) is not."""
     ckpts = checkpoints(cfg.out_dir)
     if not ckpts:
         return False
     try:
-        saved = torch.load(ckpts[-1], map_location="cpu", weights_only=False).get("config", {})
-    except Exception:  # unreadable: not provably ours
+        state = load_checkpoint(ckpts[-1], torch.device("cpu"), verify=cfg.verify)
+        run, optimizer = setting_changes(state["config"], state["model_config"], cfg, model_config_for(cfg))
+    except (TrainingError, ValueError):  # unreadable or refused: not provably ours
         return False
-    loose = ("out_dir", "steps", "resume", "overwrite", "progress")
-    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in loose}
-    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k not in loose} == mine
+    return not run and set(optimizer) <= {"steps"}
 
 
 def demo(cfg: TrainConfig = DEMO, show: int = 10) -> dict:

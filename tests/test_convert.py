@@ -156,7 +156,7 @@ def test_glm_format_to_glm_format_is_identity(name, tmp_path):
     convert_checkpoint(g1, g2, to="glm")  # one shard this time
     assert_bit_exact(g1, g2)
     carried = sorted(set(os.listdir(reference_dir(name))) & set(CARRIED_FILES))  # tokenizer etc.
-    assert sorted(os.listdir(g2)) == sorted(["config.json", "model.safetensors", *carried])
+    assert sorted(os.listdir(g2)) == sorted(["config.json", "model.safetensors", "glm_checksums.json", *carried])
     assert load_json(g1 / "config.json") == load_json(g2 / "config.json")
 
 
@@ -585,29 +585,31 @@ def test_existing_destination_needs_overwrite(tmp_path):
     (dst / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert_checkpoint(src, dst, to="glm")
+    # A folder glm did not write is never replaced, not even with --overwrite.
+    with pytest.raises(FileExistsError, match="not written by glm"):
+        convert_checkpoint(src, dst, to="glm", overwrite=True)
     assert snapshot(dst) == {"precious.txt": b"keep me"}
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
-    convert_checkpoint(src, dst, to="glm", overwrite=True, shard_size=SHARD)
-    assert not (dst / "precious.txt").exists()
-    check_sharded_output(dst)
-    fresh = tmp_path / "fresh"
+    fresh, again = tmp_path / "fresh", tmp_path / "again"
     convert_checkpoint(src, fresh, to="glm", shard_size=SHARD)
-    assert snapshot(dst) == snapshot(fresh)
-    assert sorted(os.listdir(tmp_path)) == ["fresh", "out"]
+    convert_checkpoint(src, again, to="glm")  # one shard
+    convert_checkpoint(src, again, to="glm", overwrite=True, shard_size=SHARD)  # glm's own output: replaced
+    check_sharded_output(again)
+    assert snapshot(again) == snapshot(fresh)
+    assert sorted(os.listdir(tmp_path)) == ["again", "fresh", "out"]
 
 
-def test_missing_destination_parent(tmp_path):
+def test_missing_destination_parents_are_created(tmp_path):
     dst = tmp_path / "no" / "such" / "out"
-    with pytest.raises(CheckpointError, match="parent folder does not exist"):
-        convert_checkpoint(reference_dir("chatglm3-6b"), dst, to="glm")
-    assert not (tmp_path / "no").exists()
+    convert_checkpoint(reference_dir("chatglm3-6b"), dst, to="glm")
+    assert is_glm_format(str(dst)) and sorted(os.listdir(tmp_path / "no" / "such")) == ["out"]
 
 
 def _previous_output(tmp_path):
     dst = tmp_path / "out"
     convert_checkpoint(reference_dir("chatglm-6b"), dst, to="glm", shard_size=SHARD)
-    (dst / "notes.txt").write_text("previous run")
+    (dst / "generation_config.json").write_text("previous run")  # a file glm writes: --overwrite may replace it
     return dst, snapshot(dst)
 
 
@@ -741,6 +743,7 @@ def test_cli_errors_are_one_line(case, tmp_path, capsys):
         args[1] = str(tmp_path / "nowhere")
     elif case == "exists":
         dst.mkdir()
+        (dst / "notes.txt").write_text("an empty folder may be used; this one is not empty")
     elif case == "format":
         args += ["--to", "hf", "--family", "glm-hf"]
     elif case == "lossy":
@@ -801,8 +804,8 @@ def test_chatglm2_without_multi_query_reads_per_head_rows(tmp_path):
         tensors[name] = blocks_to_per_head_qkv(tensors[name], 4, 16).contiguous()
     from safetensors.torch import save_file
     for f in os.listdir(folder):
-        if f.endswith(".safetensors") or f.endswith(".index.json"):
-            os.remove(folder / f)
+        if f.endswith(".safetensors") or f.endswith(".index.json") or f == "glm_checksums.json":
+            os.remove(folder / f)  # hand-made weights: glm's checksum record no longer describes them
     save_file(tensors, str(folder / "model.safetensors"))
     with torch.no_grad():
         got = glm.from_pretrained(folder)(ids)
@@ -822,6 +825,7 @@ def test_unused_rope_buffers_are_optional(name, tmp_path):
     tensors = {k: v for k, v in read_all(src).items() if "inv_freq" not in k}
     from safetensors.torch import save_file
     os.remove(src / "model.safetensors")
+    os.remove(src / "glm_checksums.json")  # hand-made weights: glm's checksum record no longer describes them
     save_file(tensors, str(src / "model.safetensors"))
     assert_parity(src, name)
 

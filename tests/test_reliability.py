@@ -554,14 +554,14 @@ def test_unavailable_device_is_one_clear_error(folders, tmp_path):
 
 @pytest.fixture
 def convert_setup(folders, tmp_path):
-    """A release-format source, and DST holding a complete previous conversion plus a user's note."""
+    """A release-format source, and DST holding a complete previous conversion plus a carried file."""
     src = str(tmp_path / "src")
     shutil.copytree(folders["tiny-glm4-hf"], src)
     parent = tmp_path / "outs"
     parent.mkdir()
     dst = str(parent / "out")
     convert_checkpoint(src, dst, to="glm", shard_size=SHARD)
-    with open(os.path.join(dst, "notes.txt"), "w") as f:
+    with open(os.path.join(dst, "generation_config.json"), "w") as f:  # a file glm writes: --overwrite replaces it
         f.write("previous run")
     return src, dst, snapshot(src), snapshot(dst)
 
@@ -610,7 +610,7 @@ def test_disk_full_during_convert_keeps_previous_output(convert_setup, monkeypat
     assert snapshot(dst) == dst_before and snapshot(src) == src_before
     assert litter(os.path.dirname(dst), "out") == []  # the temp folder is removed
     convert_checkpoint(src, dst, to="glm", shard_size=SHARD, overwrite=True)  # space freed: a rerun works
-    assert not os.path.exists(os.path.join(dst, "notes.txt"))
+    assert not os.path.exists(os.path.join(dst, "generation_config.json"))
     glm.from_pretrained(dst)
 
 

@@ -7,6 +7,7 @@ prompt wrapping (`build_inputs`) and its chat format (`_chat`).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from typing import Iterable, Mapping, Optional, Sequence
@@ -33,6 +34,21 @@ def canonical_family(name: object, where: str) -> str:
         return FAMILY_ALIASES.get(name, name)
     raise TokenizerError(f"unknown tokenizer family {name!r} (from {where}); expected one of {', '.join(FAMILIES)} "
                          f"or a model family name ({', '.join(FAMILY_ALIASES)}, meaning glm4)")
+
+
+def check_text(text: object, what: str = "the text") -> str:
+    """``text`` when it is a str that encodes as UTF-8; TokenizerError naming the first character that does
+    not (a lone surrogate, which bytes decoded with errors="surrogateescape" leave behind): each backend
+    would otherwise fail in its own way or silently encode U+FFFD."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be a str, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"{what} holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+                                 f"(invalid UTF-8 decoded with surrogateescape?); pass valid Unicode text") from None
+    return text
 
 
 Message = Mapping[str, object]
@@ -145,6 +161,7 @@ class Tokenizer:
         its id and the text between them is encoded on its own, as a Hugging Face tokenizer does with
         its added tokens. ``continuation``: the text continues a word already tokenised (its first run
         is encoded by :meth:`encode_continuation`)."""
+        check_text(text)  # positions in errors count from the start of the whole text
         if self._split_re is None:
             return self.encode_continuation(text) if continuation else self.encode(text)
         out: list[int] = []
@@ -158,7 +175,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Ids -> text. Runs of text ids are decoded together; a special token becomes its string
         (or nothing with ``skip_special_tokens``)."""
-        ids = [int(i) for i in ids]
+        ids = list(ids)
+        try:
+            # operator.index takes ints, numpy ints and integer 0-d tensors; int() would truncate 2.7 to 2
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise TokenizerError(f"decode: ids must be integers, got {ids[:5]!r}") from None
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"ids {bad[:5]} are outside this {self.family} tokenizer's vocabulary "
@@ -235,6 +257,9 @@ def _conversation(query: Optional[str], history: Sequence, system: Optional[str]
                                  f"knows {', '.join(sorted(roles))}")
         if not isinstance(m.get("content"), str):
             raise TokenizerError(f"chat_ids: message {i} needs a string 'content', got {m.get('content')!r}")
+        check_text(m["content"], f"chat_ids: message {i}'s content")
+        if "metadata" in m:
+            check_text(m["metadata"], f"chat_ids: message {i}'s metadata")
     return msgs
 
 

@@ -8,7 +8,7 @@ import binascii
 from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .base import Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError, check_text
 
 # The cl100k-style pre-tokenisation regex of the release.
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -41,16 +41,28 @@ def parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
             continue
         try:
             tok, rank = line.split()
-            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            token, value = base64.b64decode(tok, validate=True), int(rank)
         except (ValueError, binascii.Error):
             raise TokenizerError(f"{source}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}; the file "
                                  f"is not a GLM-4 tokenizer.model (re-download it)") from None
+        if token in ranks:
+            raise TokenizerError(f"{source}:{lineno}: token {token!r} already has rank {ranks[token]}; a token appears "
+                                 f"once in a rank file (re-download it)")
+        ranks[token] = value
     if not ranks:
         raise TokenizerError(f"{source}: empty rank file; re-download the GLM-4 tokenizer.model")
     values = sorted(ranks.values())
     if values != list(range(len(values))):
         raise TokenizerError(f"{source}: ranks are not 0..{len(values) - 1} without gaps or repeats; the file is "
                              f"damaged (re-download it)")
+    # tiktoken's byte-pair merge ends on single bytes wherever no merge applies and looks each one up,
+    # panicking on a byte without a rank; every byte needs one so that any text encodes.
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        shown = ", ".join(f"0x{b:02x}" for b in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        raise TokenizerError(f"{source}: the rank file has no token for {len(missing)} of the 256 single bytes "
+                             f"({shown}); a byte-level BPE rank file needs all of them (re-download the GLM-4 "
+                             f"tokenizer.model)")
     return ranks
 
 
@@ -81,7 +93,8 @@ class GLM4Tokenizer(Tokenizer):
         return self._data
 
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        # tiktoken would silently encode a lone surrogate as U+FFFD
+        return self.enc.encode_ordinary(check_text(text))
 
     def _decode_text(self, ids: list[int]) -> str:
         # Like the release, bytes that do not form UTF-8 (a cut-off multi-byte character) become U+FFFD.

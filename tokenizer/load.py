@@ -12,6 +12,8 @@ import json
 import os
 from typing import Optional
 
+from glm.files import JSON_LIMIT, FileKindError, read_bounded
+
 from .base import CONFIG_NAME, FAMILY_KEY, Tokenizer, TokenizerError, canonical_family
 from .glm4 import GLM4Tokenizer, is_rank_file
 from .sentencepiece_families import (CHATGLM3_ROLES, ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer,
@@ -21,19 +23,53 @@ from .sentencepiece_families import (CHATGLM3_ROLES, ChatGLM2Tokenizer, ChatGLM3
 MODEL_FILES = ("ice_text.model", "cog-pretrain.model", "tokenizer.model")
 CLASSES = {"glm": GLMTokenizer, "chatglm": ChatGLM6BTokenizer, "chatglm2": ChatGLM2Tokenizer,
            "chatglm3": ChatGLM3Tokenizer, "glm4": GLM4Tokenizer}
+# The releases' model files are 1-3 MB; past this a file is not a tokenizer model.
+MODEL_FILE_LIMIT = 256 * 1024 * 1024
+
+
+def read_file(path: str, limit: int = JSON_LIMIT) -> bytes:
+    """The bytes of a tokenizer folder's file: a regular file only (a FIFO would block open() forever),
+    of bounded size."""
+    try:
+        return read_bounded(path, limit, what=os.path.basename(path))
+    except FileKindError as e:
+        raise TokenizerError(str(e)) from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return {}
+    raw = read_file(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e}); fix or delete it") from None
+    except (RecursionError, ValueError) as e:
+        # json raises a plain ValueError for an integer of more than 4300 digits.
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise TokenizerError(f"{path}: not usable JSON ({why}); fix or delete it") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object; fix or delete it")
     return data
+
+
+def _flag(cfg: dict, key: str, where: str) -> bool:
+    # Python reads the string "false" as true; tokenizer_config.json writes JSON true/false.
+    value = cfg.get(key)
+    if value is None:  # absent or null: the release's default
+        return False
+    if not isinstance(value, bool):
+        raise TokenizerError(f"{where}: {key} is {value!r}; set it to true or false")
+    return value
+
+
+def _token_ids(table: object) -> dict[str, int]:
+    """The entries of an added-token table that are token ids (non-negative integers, not true/false)."""
+    if not isinstance(table, dict):
+        return {}
+    return {k: v for k, v in table.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
 
 
 def _class_names(cfg: dict) -> str:
@@ -52,12 +88,11 @@ def _added_tokens(folder: str, cfg: dict) -> dict[str, int]:
     dec = cfg.get("added_tokens_decoder")
     if isinstance(dec, dict):
         for idx, tok in dec.items():
-            if isinstance(tok, dict) and "content" in tok and str(idx).isdigit():
+            if isinstance(tok, dict) and isinstance(tok.get("content"), str) and idx.isdecimal():
                 table[tok["content"]] = int(idx)
-    extra = _read_json(os.path.join(folder, "added_tokens.json"))
-    table.update({k: v for k, v in extra.items() if isinstance(v, int)})
-    if cfg.get(FAMILY_KEY) and isinstance(cfg.get("special_tokens"), dict):
-        table.update({k: v for k, v in cfg["special_tokens"].items() if isinstance(v, int)})
+    table.update(_token_ids(_read_json(os.path.join(folder, "added_tokens.json"))))
+    if cfg.get(FAMILY_KEY):
+        table.update(_token_ids(cfg.get("special_tokens")))
     return table
 
 
@@ -70,9 +105,8 @@ def _configures_chatglm3(folder: str, cfg: dict) -> bool:
     if "chatglm3" in os.path.basename(os.path.normpath(folder)).lower():  # e.g. a folder named chatglm3-6b
         return True
     code = os.path.join(folder, "tokenization_chatglm.py")
-    if os.path.exists(code):
-        with open(code, encoding="utf-8", errors="replace") as f:
-            return "<|observation|>" in f.read()
+    if os.path.lexists(code):
+        return b"<|observation|>" in read_file(code)
     return False
 
 
@@ -124,20 +158,29 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
     if not os.path.exists(path):
         raise TokenizerError(f"{path} does not exist; pass a checkpoint folder or a tokenizer file "
                              f"({', '.join(MODEL_FILES)})")
-    folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
+    # Anything but a folder is taken as the tokenizer file itself, so a FIFO or device passed here is
+    # refused by name rather than searched as a folder.
+    is_file = not os.path.isdir(path)
+    folder = os.path.dirname(os.path.abspath(path)) if is_file else path
     cfg = _read_json(os.path.join(folder, CONFIG_NAME))
     origin = "family=" if family is not None else os.path.join(folder, CONFIG_NAME)
     family = family if family is not None else cfg.get(FAMILY_KEY)
     if family is not None:
         family = canonical_family(family, origin)
-    if os.path.isfile(path):
+    if is_file:
         file = path
     else:
         # a known family looks only for its own file, so family="chatglm2" never picks up an ice_text.model
         names = [CLASSES[family].model_file] if family is not None else list(MODEL_FILES)
-        if isinstance(cfg.get("model_file"), str):
-            names.insert(0, cfg["model_file"])
-        file = next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), "")
+        if cfg.get("model_file") is not None:
+            name = cfg["model_file"]
+            # save() writes the bare file name; a path would read a file from outside the folder.
+            if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+                raise TokenizerError(f"{os.path.join(folder, CONFIG_NAME)}: model_file is {name!r}; it must be the "
+                                     f"name of a file in the folder, such as {', '.join(MODEL_FILES)}")
+            names.insert(0, name)
+        # lexists, not isfile: a FIFO or a dangling link at a tokenizer file's name is refused by name below
+        file = next((os.path.join(folder, n) for n in names if os.path.lexists(os.path.join(folder, n))), "")
         if not file:
             extra = ""
             if os.path.exists(os.path.join(folder, "merges.txt")):
@@ -147,13 +190,13 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
                          "tiktoken tokenizer.model of THUDM/glm-4-9b-chat, the same vocabulary per GLM_SPEC §5.5)")
             raise TokenizerError(f"{folder}: no tokenizer file; looked for {', '.join(dict.fromkeys(names))}{extra}. "
                                  f"Copy the release's tokenizer file into the folder or pass its path")
-    with open(file, "rb") as f:
-        data = f.read()
+    data = read_file(file, MODEL_FILE_LIMIT)
     family = family or detect_family(file, data, cfg)
     if family == "chatglm":
         sp = load_sentencepiece(data, file)
         offset = chatglm_num_image_tokens(folder, cfg, sp.get_piece_size())
+        where = os.path.join(folder, CONFIG_NAME)
         return ChatGLM6BTokenizer(data, file, num_image_tokens=offset,
-                                  remove_space=bool(cfg.get("remove_space", False)),
-                                  do_lower_case=bool(cfg.get("do_lower_case", False)), sp=sp)
+                                  remove_space=_flag(cfg, "remove_space", where),
+                                  do_lower_case=_flag(cfg, "do_lower_case", where), sp=sp)
     return CLASSES[family](data, file, overrides=_added_tokens(folder, cfg))

@@ -7,7 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 import sentencepiece as spm
 
-from .base import Tokenizer, TokenizerError, rounds
+from .base import Tokenizer, TokenizerError, check_text, rounds
 
 
 def load_sentencepiece(data: bytes, source: str) -> spm.SentencePieceProcessor:
@@ -30,12 +30,12 @@ class _SentencePieceTokenizer(Tokenizer):
         return self._data
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.sp.encode(check_text(text))
 
     def encode_continuation(self, text: str) -> list[int]:
         # SentencePiece always adds its dummy-prefix "▁": drop a lone "▁" piece, or swap a "▁xyz" first
         # piece for "xyz" when that is a piece of its own, which is how the text tokenises mid-word.
-        ids = self.sp.encode(text)
+        ids = self.sp.encode(check_text(text))
         if not ids or text[:1].isspace():
             return ids
         first = self.sp.id_to_piece(ids[0])
@@ -138,6 +138,7 @@ class ChatGLM6BTokenizer(_SentencePieceTokenizer):
     def encode(self, text: str, add_dummy_prefix: bool = True) -> list[int]:
         """The release's HF ``tokenize``: optional space collapsing / lower-casing, whitespace pieces, then
         SentencePiece with its dummy prefix (``"你好"`` -> ``[5, 74874]`` in the release)."""
+        check_text(text)
         if self.remove_space:
             text = " ".join(text.strip().split())
         if self.do_lower_case:
@@ -235,7 +236,12 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         for m in messages:
             content = m["content"]
             if m["role"] == "system" and "tools" in m:
-                content = content + "\n" + json.dumps(m["tools"], indent=4, ensure_ascii=False)
+                try:
+                    tools = json.dumps(m["tools"], indent=4, ensure_ascii=False)
+                except (TypeError, ValueError) as e:
+                    raise TokenizerError(f"chat_ids: the system message's tools must be JSON data (lists, dicts, "
+                                         f"strings, numbers): {e}") from None
+                content = content + "\n" + tools
             ids.append(self.special_tokens[f"<|{m['role']}|>"])
             ids += self.encode(f"{m.get('metadata', '')}\n")
             ids += self.encode(content)

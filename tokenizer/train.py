@@ -14,9 +14,11 @@ from typing import Iterator, Sequence
 
 import sentencepiece as spm
 
-from .base import Tokenizer, TokenizerError, canonical_family
+from glm.files import FileKindError, ensure_regular
+
+from .base import CONFIG_NAME, Tokenizer, TokenizerError, canonical_family
 from .glm4 import GLM4_SPECIALS, CorpusTooSmall, GLM4Tokenizer, optional_import, format_ranks, train_ranks
-from .load import load
+from .load import MODEL_FILES, load
 from .sentencepiece_families import (CHATGLM2_SPECIALS, CHATGLM3_ROLES, CHATGLM_SPECIALS, GLM_COMMAND_TOKENS,
                                      ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer,
                                      chatglm_preprocess, chatglm_whitespace_pieces)
@@ -69,11 +71,51 @@ def _read_texts(files: Sequence[str]) -> Iterator[str]:
             yield f.read()
 
 
+# What Tokenizer.save writes into a folder: one of the model files, its config, and their temp files.
+SAVED_FILES = (*MODEL_FILES, CONFIG_NAME)
+
+
+def _saved_files(out_dir: str) -> list[str]:
+    """The entries of ``out_dir`` that a tokenizer save wrote (folders never count)."""
+    ours = []
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name.split(".tmp-", 1)[0] in SAVED_FILES and (os.path.islink(path) or not os.path.isdir(path)):
+            ours.append(name)
+    return sorted(ours)
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> list[str]:
+    """Refuse an ``out_dir`` that holds files, unless ``overwrite`` and every file is one a tokenizer save
+    writes; returns those files (replaced or removed once the new tokenizer is saved)."""
+    if not os.path.lexists(out_dir):
+        return []
+    if not os.path.isdir(out_dir):
+        raise TokenizerError(f"train: {out_dir} exists and is not a folder; pass a new folder for the tokenizer")
+    names = sorted(os.listdir(out_dir))
+    if not names:
+        return []
+    if not overwrite:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise TokenizerError(f"train: {out_dir} already holds files ({shown}); pass overwrite=True (--overwrite) to "
+                             f"replace a tokenizer saved there, or choose a new folder")
+    ours = _saved_files(out_dir)
+    other = [n for n in names if n not in ours]
+    if other:
+        raise TokenizerError(f"train: {out_dir} holds files a tokenizer save did not write ({', '.join(other)}); "
+                             f"--overwrite replaces only {', '.join(SAVED_FILES)}: move the others away or choose "
+                             f"a new folder")
+    return ours
+
+
 def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: str, *, model_type: str = "unigram",
-          input_sentence_size: int = 1_000_000, num_threads: int = 2) -> Tokenizer:
+          input_sentence_size: int = 1_000_000, num_threads: int = 2, overwrite: bool = False) -> Tokenizer:
     """Train a tokenizer on UTF-8 text files with ``family``'s special-token layout, save it to ``out_dir``
     (model file + tokenizer_config.json) and return it loaded from there. ``family`` may also be a model
-    family name (glm4-chatglm, glm-hf, glm4-hf: the GLM-4 tokenizer)."""
+    family name (glm4-chatglm, glm-hf, glm4-hf: the GLM-4 tokenizer).
+
+    ``out_dir`` must be new or empty; with ``overwrite`` it may hold a saved tokenizer (its model file,
+    tokenizer_config.json and their temp files, nothing else), which the new one replaces."""
     family = canonical_family(family, "train(family=...)")
     if isinstance(corpus_files, (str, os.PathLike)):
         corpus_files = [corpus_files]
@@ -81,8 +123,16 @@ def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: st
     if not files:
         raise TokenizerError("train: corpus_files is empty; pass at least one UTF-8 text file")
     for p in files:
-        if not os.path.isfile(p) or os.path.getsize(p) == 0:
-            raise TokenizerError(f"train: corpus file {p} is missing or empty")
+        try:
+            # a FIFO or device would block or never end; only regular files are read
+            if ensure_regular(p, "corpus").st_size == 0:
+                raise TokenizerError(f"train: corpus file {p} is missing or empty")
+        except FileNotFoundError:
+            raise TokenizerError(f"train: corpus file {p} is missing or empty") from None
+        except FileKindError as e:
+            raise TokenizerError(f"train: {e}") from None
+    out_dir = os.fspath(out_dir)
+    previous = check_out_dir(out_dir, overwrite)
     if family == "glm4":
         optional_import("tiktoken")  # fail before training, not after
     if not isinstance(vocab_size, int):
@@ -113,6 +163,11 @@ def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: st
                              f"finds only {e.available} tokens in this text, plus {specials} special ids, so use "
                              f"vocab_size <= {e.available + specials} or add text") from None
     tok.save(out_dir)
+    # Another family's model file or a crashed save's temp file from the tokenizer replaced here would
+    # otherwise stay beside the new one.
+    for name in previous:
+        if name not in (tok.model_file, CONFIG_NAME):
+            os.remove(os.path.join(out_dir, name))
     return load(out_dir)
 
 
