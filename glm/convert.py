@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .config import GLMConfig
+from .config import GLMConfig, check_glm_format_version
 from .tokenizer.load import MODEL_FILES
 
 
@@ -512,6 +512,7 @@ def open_source(src: str, verify: bool = True) -> tuple[Source, "object"]:
     raw = read_json(config_path)
     reader = CheckpointReader(src)
     if is_glm_format(src):
+        check_glm_format_version(raw.get("glm_format_version"), config_path)
         cfg = GLMConfig.from_dict(raw.get("config", {}), source=config_path)
         hf_cfg = raw.get("hf_config")
         if hf_cfg is not None and not isinstance(hf_cfg, dict):

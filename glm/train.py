@@ -725,7 +725,8 @@ def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 
             f.write("\n".join(t.replace("\n", " ") for t in texts) + "\n")
         os.replace(corpus_file + ".tmp", corpus_file)
         # BPE keeps most short answers (numbers, names) in one or two pieces on this little text.
-        train_tokenizer([corpus_file], tok_dir, cfg.vocab_size, wanted["family"], model_type=wanted["model_type"])
+        train_tokenizer([corpus_file], tok_dir, cfg.vocab_size, wanted["family"], model_type=wanted["model_type"],
+                        overwrite=True)
         atomic_write(os.path.join(tok_dir, TOKENIZER_RECORD), (json.dumps(wanted, indent=2) + "\n").encode())
     if world > 1:
         torch.distributed.barrier()
