@@ -1,6 +1,8 @@
 import json
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -56,3 +58,24 @@ def snapshot(folder) -> dict[str, bytes]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = f.read()
     return out
+
+
+class Hang(BaseException):
+    """Raised by `time_limit` (a BaseException, so no `except Exception` in the library swallows it)."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Fail with `Hang` if the block runs longer than ``seconds`` (SIGALRM): a reader that blocks (a FIFO
+    in open()) fails its test instead of hanging the suite, and the hypothesis deadline only judges
+    examples that return."""
+    def on_alarm(*_):
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

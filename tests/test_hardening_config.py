@@ -16,29 +16,12 @@ from glm import config as config_module
 from glm.config import ConfigError, GLMConfig, read_json
 from glm.tokenizer import TokenizerError, load, train
 
-from conftest import reference_dir
+from conftest import reference_dir, time_limit
 
 needs_tiktoken = pytest.mark.skipif(importlib.util.find_spec("tiktoken") is None,
                                     reason="the GLM-4 tokenizer needs the optional dependency tiktoken")
 
 
-class Hang(BaseException):
-    """Raised by `time_limit` (a BaseException, so no `except Exception` in the library swallows it)."""
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Fail with `Hang` instead of blocking the suite when a reader waits on a FIFO."""
-    def on_alarm(*_):
-        raise Hang(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def release_config(folder: str, **changes) -> dict:

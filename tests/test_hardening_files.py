@@ -26,7 +26,7 @@ from glm.checkpoint import CHECKSUMS_NAME, CheckpointError, CheckpointReader, _r
 from glm.cli import main
 from glm.convert import convert_checkpoint, save_pretrained
 
-from conftest import snapshot
+from conftest import snapshot, time_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "50KB"
@@ -35,19 +35,6 @@ SHARD = "50KB"
 # ---------------------------------------------------------------------------------------------
 # Helpers and fixtures
 
-@contextmanager
-def time_limit(seconds: float):
-    """Fail instead of hanging: a regression that blocks in open() raises here after ``seconds``."""
-    def on_alarm(*_):
-        raise TimeoutError(f"still running after {seconds} s (blocked?)")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def tiny_model(preset: str = "tiny-glm4-hf", seed: int = 0) -> glm.GLM:

@@ -38,7 +38,7 @@ from glm.convert import KeyMismatchError, convert_checkpoint, hf_config, save_pr
 from glm.corpus import DataError, read_documents
 from glm.train import TrainConfig, TrainingError, checkpoints, train
 
-from conftest import snapshot
+from conftest import snapshot, time_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB_ERRORS = (ConfigError, CheckpointError, KeyMismatchError)
@@ -50,24 +50,6 @@ SHARD = "50KB"  # the ~330 KB tiny checkpoints come out in 7 shards
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-class Hang(BaseException):
-    """Raised by `time_limit` (a BaseException, so no `except Exception` in the library swallows it)."""
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Fail with `Hang` if the block runs longer than ``seconds`` (SIGALRM; the hypothesis deadline
-    only judges examples that return)."""
-    def on_alarm(*_):
-        raise Hang(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def litter(parent, name: str) -> list[str]:
