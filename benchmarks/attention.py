@@ -31,7 +31,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-
 from common import LOCAL, device_times, matmul_peak, run_timed, summary_row, write_record
 
 
@@ -98,8 +97,9 @@ def bench_kernels(device: str, dtypes, seqs, B: int, H: int, D: int, repeats: in
 
 def bench_decode(device: str, prompt: int, new_tokens: int, batches, repeats: int) -> list[dict]:
     """Greedy decode tokens/s of one model with the fused vs the sdpa attention backend."""
-    import glm
     from decode import bench_config
+
+    import glm
     from glm.generate import generate
 
     cfg = bench_config().replace(max_positions=max(2048, prompt + new_tokens))

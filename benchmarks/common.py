@@ -137,7 +137,7 @@ def device_name(device: str) -> str:
 
 def write_record(out_dir: str, name: str, device: str, **fields) -> str:
     """``out_dir/name.json`` with the common provenance fields, written atomically."""
-    from glm.checkpoint import atomic_write
+    from glm.files import atomic_write
 
     os.makedirs(out_dir, exist_ok=True)
     record = {"device": device_name(device), "torch": torch.__version__, "git_sha": git_sha(),

@@ -20,7 +20,6 @@ import time
 from typing import Optional
 
 import torch
-
 from common import LOCAL, disk_write_bandwidth, summary_row, write_record
 
 

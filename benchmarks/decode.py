@@ -23,7 +23,6 @@ import os
 import time
 
 import torch
-
 from common import LOCAL, copy_bandwidth, run_timed, summary_row, write_record
 
 SHAPES = ("bench-120m", "glm4-9b")

@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import LOCAL, matmul_peak, summary_row, sync, write_record
 
 

@@ -1,14 +1,24 @@
 """glm: one clean PyTorch model for the GLM family (GLM, ChatGLM-6B/2/3, GLM-4, Glm, Glm4)."""
+from . import kernels  # noqa: E402,F401  registers the 'fused' attention backend when the kernels are built
 from .attention import BACKENDS, attention
 from .checkpoint import CheckpointError, CheckpointReader, from_pretrained
 from .config import FAMILIES, PRESETS, ConfigError, GLMConfig, preset
+
 # `glm.generate` is the function (the call used everywhere); the module's other entry points are
 # exported here too, since the name no longer reaches the module: `glm.stream`, or `from glm.generate import ...`.
-from .generate import (SamplingConfig, generate, infill, infill_ids, left_pad, release_cuda_graphs, stream,
-                       stream_infill, stream_text)
+from .generate import (
+                       SamplingConfig,
+                       generate,
+                       infill,
+                       infill_ids,
+                       left_pad,
+                       release_cuda_graphs,
+                       stream,
+                       stream_infill,
+                       stream_text,
+)
 from .kv_cache import KVCache
 from .model import GLM, InputError, lm_loss
-from . import kernels  # noqa: E402,F401  registers the 'fused' attention backend when the kernels are built
 
 __version__ = "0.1.0"
 __all__ = ["GLM", "GLMConfig", "KVCache", "from_pretrained", "preset", "PRESETS", "FAMILIES", "attention",

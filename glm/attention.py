@@ -142,11 +142,21 @@ SupportsFn = Callable[[Optional[str], Optional[torch.dtype], Optional[int]], Opt
 BACKEND_SUPPORTS: dict[str, SupportsFn] = {}
 
 
-def register_backend(name: str, fn: AttentionFn, devices: Optional[set[str]] = None,
-                     supports: Optional[SupportsFn] = None) -> None:
-    """Add a backend (the fused kernels register themselves here when they are built), optionally
-    limited to some device types (``{"cpu"}``, ``{"cpu", "cuda"}``) and by ``supports(device_type,
-    dtype, head_dim)``, which returns why those tensors cannot go there (None when they can)."""
+# Backends that exist in principle but could not be loaded here: name -> why (shown when one is asked for).
+MISSING_BACKENDS: dict[str, str] = {}
+
+
+def register_backend(name: str, fn: Optional[AttentionFn], devices: Optional[set[str]] = None,
+                     supports: Optional[SupportsFn] = None, why_missing: Optional[str] = None) -> None:
+    """Add a backend (the fused kernels register themselves here), optionally limited to some device
+    types (``{"cpu"}``, ``{"cpu", "cuda"}``) and by ``supports(device_type, dtype, head_dim)``, which
+    returns why those tensors cannot go there (None when they can). ``fn=None`` records a backend that
+    could not be loaded, with ``why_missing`` for the error of whoever asks for it."""
+    if fn is None:
+        BACKENDS.pop(name, None)
+        MISSING_BACKENDS[name] = why_missing or "it could not be loaded"
+        return
+    MISSING_BACKENDS.pop(name, None)
     BACKENDS[name] = fn
     for table, value in ((BACKEND_DEVICES, None if devices is None else set(devices)), (BACKEND_SUPPORTS, supports)):
         if value is None:
@@ -174,11 +184,7 @@ def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optiona
     try:
         fn = BACKENDS[name]
     except KeyError:
-        hint = ""
-        if name == "fused":
-            from glm import kernels
-
-            hint = f" ({kernels.load_error()})" if kernels.load_error() else ""
+        hint = f" ({MISSING_BACKENDS[name]})" if name in MISSING_BACKENDS else ""
         raise ValueError(f"unknown attention backend {name!r}{hint}; available: "
                          f"{', '.join(['auto', *BACKENDS])}") from None
     why = _unsupported(name, device_type, dtype, head_dim)

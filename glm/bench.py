@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
+from .errors import BenchError
+
 SUITES = ("attention", "decode", "train", "convert", "demo")
 
 # Arguments that make each suite a smoke run of a few seconds (tests, first try on a new machine).
@@ -33,10 +35,6 @@ QUICK = {
 JUDGES_GOALS = ("attention", "convert")
 SMOKE_NOTE = ("--quick is a smoke run at tiny sizes, not a measurement: goals are not judged and the record is not "
               "published")
-
-
-class BenchError(Exception):
-    """A benchmark could not be run; the message says why and what to do."""
 
 
 def benchmarks_dir() -> str:
@@ -106,7 +104,7 @@ def summary_table(record: dict) -> str:
 
 def markdown_table(record: dict) -> str:
     """The record's summary rows and ceiling as a Markdown table (for benchmarks/README.md)."""
-    lines = [f"| case | glm | peer | unit | ratio | peer |", "|---|---|---|---|---|---|"]
+    lines = ["| case | glm | peer | unit | ratio | peer |", "|---|---|---|---|---|---|"]
     for r in record.get("summary", []):
         lines.append(f"| {r['case']} | {r['ours']:.3g} | {r['peer']:.3g} | {r['unit']} | {r['ratio']:.2f}× | "
                      f"{r['peer_name']} |")
@@ -164,7 +162,7 @@ def write_report(results: Optional[str] = None) -> str:
                 parts.append(f"![{suite} on {device}]({rel}/{name}.png)\n")
         if not found:
             parts.append(f"No {title} records yet: run `glm bench SUITE --device {device}` on such a machine.\n")
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, "\n".join(parts).encode())
     return path

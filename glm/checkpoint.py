@@ -13,21 +13,25 @@ import os
 import re
 import shutil
 import socket
-import stat
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Collection, Iterator, Optional
+from typing import Collection, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .config import ConfigError
-from .files import JSON_LIMIT, FileKindError, ensure_regular, open_regular, read_bounded
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be read as it is; the message names the file and the fix."""
-
+from .devices import FLOAT_DTYPES, as_dtype, check_device
+from .errors import CheckpointError, ConfigError, FileKindError
+from .files import (
+    JSON_LIMIT,
+    atomic_write,
+    current_umask,
+    ensure_regular,
+    fsync_dir,
+    open_regular,
+    read_bounded,
+    write_failed,
+)
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -412,43 +416,6 @@ __all__ = ["CheckpointReader", "CheckpointError", "ConfigError"]
 # ---------------------------------------------------------------------------------------------
 # Loading a model
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _as_dtype(dtype: "torch.dtype | str | None") -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if not isinstance(dtype, str) or dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(names)}")
-    return names[dtype]
-
-
-def check_device(device: "torch.device | str") -> torch.device:
-    """``device`` as a torch.device that exists on this machine, or a ValueError saying what to pass."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cpu" or dev.type == "meta":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available on this machine "
-                             f"(torch {torch.__version__}); use device='cpu' (--device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} was requested but this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
-                             f"cuda:{torch.cuda.device_count() - 1}")
-        return dev
-    # mps, xpu, ...: checked where torch has an is_available for it; plugin devices pass through.
-    is_available = getattr(getattr(torch, dev.type, None), "is_available", None)
-    if is_available is not None and not is_available():
-        raise ValueError(f"device {str(device)!r} was requested but {dev.type} is not available on this machine; "
-                         f"use device='cpu'")
-    return dev
-
 
 def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
                     device: "torch.device | str" = "cpu", backend: str = "auto", verify: bool = True,
@@ -476,8 +443,8 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     if unknown:
         raise ValueError(f"from_pretrained: {unknown} are not GLMConfig fields; keyword arguments besides dtype, "
                          f"device and backend override config fields (e.g. rope_inv_freq_dtype=None)")
-    dtype = None if dtype == "auto" else _as_dtype(dtype)
-    if dtype is not None and dtype not in _FLOAT_DTYPES:
+    dtype = None if dtype == "auto" else as_dtype(dtype)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     device = check_device(device)
     source, reader = open_source(folder, verify=verify)
@@ -495,7 +462,7 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
         state: dict[str, Tensor] = {}  # shapes were checked against the config by open_source
         for mp in sorted(source.mappings, key=source.first_file):
             for name, t in zip(mp.glm, mp.to_glm(*[reader.get(n) for n in mp.hf])):
-                if t.dtype not in _FLOAT_DTYPES:
+                if t.dtype not in FLOAT_DTYPES:
                     raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has dtype {t.dtype}; only float32/"
                                           f"float16/bfloat16 weights load (quantised checkpoints are not supported)")
                 state[name] = t.to(device=device, dtype=dtype or t.dtype)
@@ -544,8 +511,8 @@ def _read_checksums(folder: str) -> Optional[dict[str, dict]]:
     path = os.path.join(folder, CHECKSUMS_NAME)
     if not os.path.lexists(path):
         return None
-    fix = (f"delete it to load the folder unchecked (or pass verify=False / --no-verify), or re-convert the "
-           f"checkpoint")
+    fix = ("delete it to load the folder unchecked (or pass verify=False / --no-verify), or re-convert the "
+           "checkpoint")
     try:
         record = json.loads(read_bounded(path, JSON_LIMIT, "checksum record").decode("utf-8"))
         files = record["files"]
@@ -590,29 +557,6 @@ def verify_checksums(folder: str, names: "list[str]") -> None:
                                   f"re-download or re-convert it, {skip}")
 
 
-def parse_size(text: "str | int") -> int:
-    """'2GB', '500MB', '1.5GiB', or a byte count, as a positive whole number of bytes; anything else
-    (inf, nan, 0, negative, not a size) is a ValueError naming the value."""
-    bad = ValueError(f"shard size {text!r} is not a size; write e.g. 2GB, 500MB or a byte count")
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise bad
-    value, mult = text, 1
-    if isinstance(text, str):
-        t = text.strip().upper().replace("IB", "B")
-        units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
-        number = next(((t[: -len(u)], m) for u, m in units.items() if t.endswith(u)), (t, 1))
-        try:
-            value, mult = float(number[0]), number[1]
-        except ValueError:
-            raise bad from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"shard size {text!r} is not a finite size; write e.g. 2GB, 500MB or a byte count")
-    size = int(value * mult)
-    if size <= 0:
-        raise ValueError(f"shard size must be positive, got {text!r}")
-    return size
-
-
 def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list[tuple[str, Tensor]]]:
     """Cut the ordered entries into consecutive shards of at most ``shard_size`` bytes (a tensor
     larger than that gets a shard of its own)."""
@@ -626,67 +570,6 @@ def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list
         shards[-1].append((name, t))
         size += n
     return shards if shards[0] else []
-
-
-def write_failed(e: OSError, dest: str, what_now: str) -> OSError:
-    """``e`` (disk full, I/O error, ...) as one OSError of the same kind whose message names ``dest``
-    and what to do; ``str()`` keeps the system's reason ("No space left on device") first."""
-    reason = e.strerror or str(e) or type(e).__name__
-    msg = f"{reason}: writing {dest} failed; {what_now}"
-    return OSError(e.errno, msg) if e.errno is not None else OSError(msg)
-
-
-def fsync_dir(folder: str) -> None:
-    """Make a rename or new file in ``folder`` durable (POSIX only; Windows cannot open folders)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def current_umask() -> int:
-    """The process's umask. Linux reports it in /proc (no side effect); elsewhere it is read by setting
-    and restoring it, which is process-wide: a file another thread creates in that instant gets the
-    stricter 077 mask."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, data: "bytes | Callable[[BinaryIO], None]") -> None:
-    """Write ``data`` (bytes, or a function that writes to the open file) to a temp file beside
-    ``path``, fsync it and rename it over ``path``: readers see the old file or the new one, never half.
-    The file gets the mode of the file it replaces, or 0666 less the umask (as ``open`` would give it;
-    the temp file is created 0600)."""
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        mode = 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            data(f) if callable(data) else f.write(data)
-            f.flush()
-            os.chmod(tmp, mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],

@@ -47,7 +47,7 @@ def _runnable_device(device: str) -> str:
     their backend)."""
     import torch
 
-    from .checkpoint import check_device
+    from .devices import check_device
 
     dev = check_device(device)
     if dev.type == "meta":

@@ -13,12 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .errors import ConfigError
 from .files import FileKindError, read_bounded
-
-
-class ConfigError(ValueError):
-    """A config.json or a GLMConfig that `glm` cannot use; the message says what to change."""
-
 
 # family -> what it is. The first four are THUDM remote-code formats, the last two transformers'.
 FAMILIES: dict[str, str] = {

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import GLMConfig, check_glm_format_version
+from .errors import FormatError, KeyMismatchError
 from .tokenizer.load import MODEL_FILES
 
 
@@ -290,10 +291,6 @@ def hf_format(cfg: GLMConfig, dtype: torch.dtype = torch.float32,
 # ---------------------------------------------------------------------------------------------
 # Applying a format
 
-class KeyMismatchError(ValueError):
-    pass
-
-
 def check_keys(mappings: Sequence[Mapping], available: Iterable[str], side: str, source: str) -> None:
     """Raise one error listing every missing and unexpected tensor name on ``side`` ('hf' or 'glm')."""
     want = [n for mp in mappings for n in getattr(mp, side)]
@@ -320,10 +317,6 @@ _CHATGLM_AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
                      "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
                      "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
                      "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
-
-
-class FormatError(ValueError):
-    """A model that the requested release format cannot express."""
 
 
 def _require(cfg: GLMConfig, family: str, **fields) -> None:
@@ -597,7 +590,9 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     """Write ``source`` to ``dst`` in glm's format (``to="glm"``) or a release format (``to="hf"``,
     ``family`` defaults to the source's). Streams one mapping at a time; atomic. ``extra_files``
     (name -> bytes, e.g. the tokenizer) are written into the folder with the weights."""
-    from .checkpoint import _as_dtype, check_destination, clear_stale_temps, parse_size, write_checkpoint
+    from .checkpoint import check_destination, clear_stale_temps, write_checkpoint
+    from .devices import as_dtype
+    from .files import parse_size
 
     t0 = time.time()
     if to not in ("glm", "hf"):
@@ -605,7 +600,7 @@ def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[st
     if to == "glm" and family is not None and family != source.cfg.family:
         raise ValueError(f"family {family!r} picks the release format of an hf output (to='hf', --to hf); glm's format "
                          f"keeps the source's family ({source.cfg.family})")
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     shard_bytes = parse_size(shard_size)
@@ -717,7 +712,7 @@ def convert_checkpoint(src: str, dst: str, *, verify: bool = True, **kwargs) -> 
     """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`.
     The tokenizer and generation_config.json come along (`CARRIED_FILES`). ``verify``: check a
     glm-written source against its checksum record first (see `glm.from_pretrained`)."""
-    from .checkpoint import parse_size
+    from .files import parse_size
 
     src = os.fspath(src)
     if os.path.exists(dst) and _is_or_holds(os.fspath(dst), src):

@@ -17,16 +17,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, TypeVar, Union
 
+from .errors import DataError
+from .files import atomic_write, fsync_dir
+
 MASK = "[MASK]"
 LANGUAGES = ("en", "zh")
 # The order held-out examples are interleaved in (round robin over kind, then language).
 KINDS = ("fact", "fact-paraphrase", "record", "arithmetic", "sequence")
 
 T = TypeVar("T")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as it is; the message names the file (and line) and the fix."""
 
 
 @dataclass(frozen=True)
@@ -487,7 +486,6 @@ def write_corpus(corpus: Corpus, folder: str) -> tuple[str, str]:
     """Write ``folder/train.txt`` (one document per line) and ``folder/heldout.jsonl`` (one
     ``{"text", "answer", "kind", "lang", "evidence"}`` object per line), each atomically; returns both paths.
     Documents must be one line each: a document with a line break is refused before anything is written."""
-    from .checkpoint import atomic_write, fsync_dir  # lazy: this module also loads standalone (tests)
 
     for i, doc in enumerate(corpus.train):
         if not isinstance(doc, str) or not doc.strip():

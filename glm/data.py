@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import DataError
 from .model import lm_loss
 
 Mode = Literal["token", "sentence", "document", "causal", "prefix"]
@@ -37,10 +38,6 @@ BLANK_MODES = ("token", "sentence", "document")
 SENTENCE_END_CHARS = ".?!;:\n"
 RngLike = Union[np.random.Generator, int]
 SentenceEnd = Union[Callable[[int], bool], Collection[int]]
-
-
-class DataError(ValueError):
-    """A document, objective setting or batch field that cannot be used; the message names it and the fix."""
 
 
 def as_rng(rng: RngLike) -> np.random.Generator:

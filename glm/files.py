@@ -7,18 +7,16 @@ resolving links, and reads metadata files such as config.json only up to a size 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
-from typing import BinaryIO
+from typing import BinaryIO, Callable
+
+from .errors import ArgumentError, FileKindError
 
 # config.json, tokenizer_config.json, index and cases files of real releases are a few hundred KB at most
 # (an index of a 1T-parameter model lists ~10^5 names); anything past this is not such a file.
 JSON_LIMIT = 64 * 1024 * 1024
-
-
-class FileKindError(ValueError):
-    """A path that exists but is not a regular file (FIFO, socket, device, folder), or a metadata file
-    larger than any real one."""
 
 
 def _kind(mode: int) -> str:
@@ -85,3 +83,87 @@ def read_bounded(path: "str | os.PathLike[str]", limit: int = JSON_LIMIT, what: 
         raise FileKindError(f"{os.fspath(path)}: more than {limit} bytes, more than any real {what}; restore the "
                             f"file from its release")
     return data
+
+
+def parse_size(text: "str | int") -> int:
+    """'2GB', '500MB', '1.5GiB', or a byte count, as a positive whole number of bytes; anything else
+    (inf, nan, 0, negative, not a size) is an ArgumentError naming the value."""
+    bad = ArgumentError(f"shard size {text!r} is not a size; write e.g. 2GB, 500MB or a byte count")
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise bad
+    value, mult = text, 1
+    if isinstance(text, str):
+        t = text.strip().upper().replace("IB", "B")
+        units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
+        number = next(((t[: -len(u)], m) for u, m in units.items() if t.endswith(u)), (t, 1))
+        try:
+            value, mult = float(number[0]), number[1]
+        except ValueError:
+            raise bad from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ArgumentError(f"shard size {text!r} is not a finite size; write e.g. 2GB, 500MB or a byte count")
+    size = int(value * mult)
+    if size <= 0:
+        raise ArgumentError(f"shard size must be positive, got {text!r}")
+    return size
+
+
+def write_failed(e: OSError, dest: str, what_now: str) -> OSError:
+    """``e`` (disk full, I/O error, ...) as one OSError of the same kind whose message names ``dest``
+    and what to do; ``str()`` keeps the system's reason ("No space left on device") first."""
+    reason = e.strerror or str(e) or type(e).__name__
+    msg = f"{reason}: writing {dest} failed; {what_now}"
+    return OSError(e.errno, msg) if e.errno is not None else OSError(msg)
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename or new file in ``folder`` durable (POSIX only; Windows cannot open folders)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    """The process's umask. Linux reports it in /proc (no side effect); elsewhere it is read by setting
+    and restoring it, which is process-wide: a file another thread creates in that instant gets the
+    stricter 077 mask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, data: "bytes | Callable[[BinaryIO], None]") -> None:
+    """Write ``data`` (bytes, or a function that writes to the open file) to a temp file beside
+    ``path``, fsync it and rename it over ``path``: readers see the old file or the new one, never half.
+    The file gets the mode of the file it replaces, or 0666 less the umask (as ``open`` would give it;
+    the temp file is created 0600)."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~current_umask()
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.chmod(tmp, mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

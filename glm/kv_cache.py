@@ -17,9 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-class CacheFullError(ValueError):
-    pass
+from .errors import CacheFullError
 
 
 class KVCache:

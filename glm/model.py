@@ -17,12 +17,8 @@ from torch import Tensor, nn
 from . import kernels
 from .attention import attention
 from .config import GLMConfig
+from .errors import InputError
 from .kv_cache import KVCache
-
-
-class InputError(ValueError):
-    """Tokens, positions or masks that the model cannot take; the message says what is wrong."""
-
 
 # Embedding and gather take int64 or int32 indices; other integer dtypes fail deep inside torch, and
 # float or bool ids would be silently truncated or read as 0/1.

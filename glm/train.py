@@ -39,15 +39,13 @@ except ImportError:  # Windows: runs are not locked there
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write, check_device, foreign_files, write_failed, written_by_glm
+from .checkpoint import foreign_files, written_by_glm
 from .config import GLMConfig, preset
-from .files import FileKindError, ensure_regular, read_bounded
+from .devices import check_device
+from .errors import TrainingError
+from .files import FileKindError, atomic_write, ensure_regular, read_bounded, write_failed
 from .model import GLM
 from .tokenizer.load import MODEL_FILES
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. a non-finite loss); the message says what to change."""
 
 
 @dataclass
@@ -703,8 +701,9 @@ def _chunk(ids: list[int], limit: int) -> list[list[int]]:
 
 def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 1) -> Prepared:
     from .corpus import baseline_accuracy, generate_corpus, read_documents
-    from .data import Collator, Objective, SpecialIds, sentence_end_ids
-    from .tokenizer import load, train as train_tokenizer
+    from .data import Collator, Objective, sentence_end_ids
+    from .tokenizer import load
+    from .tokenizer import train as train_tokenizer
 
     examples, baseline = [], None
     if cfg.data is None:

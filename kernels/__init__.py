@@ -5,9 +5,22 @@
 # it; imported under that name it must stay inert (no ops loaded, no backend registered, and no
 # __version__, so transformers sees no usable package).
 if __name__ == "glm.kernels":
-    from glm.kernels.ops import (CUDA_DTYPES, CUDA_MAX_HEAD_DIM, DECODE_MAX_Q, DTYPES, SMALL_LINEAR_MAX_ROWS,
-                                 attention_with_lse, available, cuda_load_error, devices, fused_attention, linear,
-                                 load_error, structure, supports)
+    from glm.kernels.ops import (
+        CUDA_DTYPES,
+        CUDA_MAX_HEAD_DIM,
+        DECODE_MAX_Q,
+        DTYPES,
+        SMALL_LINEAR_MAX_ROWS,
+        attention_with_lse,
+        available,
+        cuda_load_error,
+        devices,
+        fused_attention,
+        linear,
+        load_error,
+        structure,
+        supports,
+    )
 
     __all__ = ["available", "load_error", "cuda_load_error", "devices", "supports", "structure", "attention_with_lse",
                "fused_attention", "linear", "DTYPES", "CUDA_DTYPES", "CUDA_MAX_HEAD_DIM", "DECODE_MAX_Q",

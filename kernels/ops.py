@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from glm.attention import register_backend
+
 _load_error: Optional[str] = None
 _cuda_load_error: Optional[str] = None
 try:
@@ -227,7 +229,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 
 if available():
-    from glm.attention import register_backend
-
     # The kernels compute in fp32: float64 (a numerics-checking dtype) stays with sdpa / reference.
     register_backend("fused", fused_attention, devices=devices(), supports=supports)
+else:
+    register_backend("fused", None, why_missing=_load_error)

@@ -1,8 +1,8 @@
 """The user-facing commands end to end on tiny models with tiny trained tokenizers."""
 import importlib
 import io
-import os
 import json
+import os
 import random
 import sys
 

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURE_FAMILIES, reference_dir
 
 import glm
 from glm.config import FAMILIES, ConfigError, GLMConfig, detect_family
-
-from conftest import FIXTURE_FAMILIES, reference_dir
 
 # Published sizes (GLM_SPEC section 1): parameters in billions, with the tolerance of the quoted figure.
 RELEASED = {"glm-large-chinese": 0.36, "glm-10b": 9.9, "chatglm-6b": 6.17, "chatglm2-6b": 6.24,

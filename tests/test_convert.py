@@ -15,6 +15,7 @@ import tempfile
 
 import pytest
 import torch
+from conftest import FIXTURE_FAMILIES, copy_fixture, edit_json, reference_dir, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +25,6 @@ from glm.checkpoint import CheckpointError, CheckpointReader, is_glm_format
 from glm.cli import main
 from glm.convert import CARRIED_FILES, FormatError, KeyMismatchError, convert_checkpoint, save_pretrained
 from glm.parity import load_cases, run_parity
-
-from conftest import FIXTURE_FAMILIES, copy_fixture, edit_json, reference_dir, snapshot
 
 SHARD = "50KB"  # every tiny fixture (~100-500 KB) comes out in several shards
 EXPECTED_FAMILY = {"glm": "glm", "chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3",

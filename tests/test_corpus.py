@@ -9,9 +9,25 @@ import sys
 import pytest
 
 import glm.corpus as corpus_mod
-from glm.corpus import (KINDS, MASK, SIZES, Corpus, DataError, InfillExample, accuracy, baseline_accuracy,
-                        baseline_by_kind, exact_match, first_word, generate_corpus, min_train_docs, normalize_answer,
-                        read_corpus, read_documents, write_corpus)
+from glm.corpus import (
+    KINDS,
+    MASK,
+    SIZES,
+    Corpus,
+    DataError,
+    InfillExample,
+    accuracy,
+    baseline_accuracy,
+    baseline_by_kind,
+    exact_match,
+    first_word,
+    generate_corpus,
+    min_train_docs,
+    normalize_answer,
+    read_corpus,
+    read_documents,
+    write_corpus,
+)
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -58,18 +74,15 @@ def test_same_seed_same_corpus_and_seeds_differ():
 
 
 def test_independent_of_hash_randomisation():
-    # a fresh interpreter with another PYTHONHASHSEED must build the same corpus (no set/hash ordering);
-    # corpus.py is loaded on its own (it imports nothing from glm) so the child skips importing torch
-    code = ("import hashlib, importlib.util as u, sys\n"
-            "s = u.spec_from_file_location('corpus', sys.argv[1])\n"
-            "m = sys.modules['corpus'] = u.module_from_spec(s)\n"
-            "s.loader.exec_module(m)\n"
-            "c = m.generate_corpus(seed=1, size='tiny')\n"
+    # a fresh interpreter with another PYTHONHASHSEED must build the same corpus (no set/hash ordering)
+    code = ("import hashlib\n"
+            "from glm.corpus import generate_corpus\n"
+            "c = generate_corpus(seed=1, size='tiny')\n"
             "print(hashlib.sha256(repr((c.train, c.heldout)).encode()).hexdigest())\n")
     outs = set()
     for hash_seed in ("1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        run = subprocess.run([sys.executable, "-c", code, corpus_mod.__file__], env=env, check=True,
+        run = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                              capture_output=True, text=True)
         outs.add(run.stdout.strip())
     c = generate_corpus(seed=1, size="tiny")

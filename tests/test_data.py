@@ -19,9 +19,26 @@ from hypothesis import strategies as st
 
 import glm
 from glm.attention import visible_mask
-from glm.data import (Batch, Collator, DataError, Objective, Sample, SpecialIds, batch_rng, blank_sample,
-                      causal_sample, document_span, end_of_text_id, infill_layout, make_batch, make_sample,
-                      pack_rows, prefix_sample, sentence_end_ids, span_length_weights)
+from glm.data import (
+    Batch,
+    Collator,
+    DataError,
+    Objective,
+    Sample,
+    SpecialIds,
+    batch_rng,
+    blank_sample,
+    causal_sample,
+    document_span,
+    end_of_text_id,
+    infill_layout,
+    make_batch,
+    make_sample,
+    pack_rows,
+    prefix_sample,
+    sentence_end_ids,
+    span_length_weights,
+)
 
 SP = SpecialIds(mask=1, smask=2, gmask=3, sop=4, eop=5, eos=7, pad=0, cls=6)
 MASKS = {"token": SP.mask, "sentence": SP.smask, "document": SP.gmask}

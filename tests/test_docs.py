@@ -29,9 +29,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import REFERENCE_DIR
 
 import glm
-from conftest import REFERENCE_DIR
 from glm.attention import visible_mask
 from glm.cli import _train_config, build_parser, main
 from glm.data import SpecialIds, infill_layout

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from conftest import copy_fixture, edit_json, reference_dir
 
 import glm
 from glm.checkpoint import CheckpointError
@@ -11,8 +12,6 @@ from glm.cli import main
 from glm.config import ConfigError
 from glm.convert import KeyMismatchError
 from glm.model import InputError
-
-from conftest import copy_fixture, edit_json, reference_dir
 
 
 def test_unknown_family_lists_supported(tmp_path):

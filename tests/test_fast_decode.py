@@ -8,10 +8,9 @@ import torch
 
 import glm
 from glm import kernels
-from glm.generate import StaticDecoder, _DECODERS, generate, infill_ids, left_pad, release_cuda_graphs
+from glm.generate import _DECODERS, StaticDecoder, generate, infill_ids, left_pad, release_cuda_graphs
 from glm.kv_cache import CacheFullError
 from glm.model import InputError
-
 
 BACKENDS = ["sdpa", pytest.param("fused", marks=pytest.mark.skipif(
     not kernels.available(), reason=f"glm.kernels not built: {kernels.load_error()}"))]

@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURE_FAMILIES, reference_dir
 
 import glm
 from glm.cli import main
 from glm.parity import load_cases, run_parity
-
-from conftest import FIXTURE_FAMILIES, reference_dir
 
 EXPECTED_FAMILY = {"glm": "glm", "chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3",
                    "glm-4-9b-chatglm": "glm4-chatglm", "glm-4-9b-chat-hf": "glm-hf", "glm-4-9b-0414": "glm4-hf"}

@@ -4,13 +4,12 @@ import sys
 
 import pytest
 import torch
+from conftest import FIXTURE_FAMILIES, reference_dir
 
 import glm
 from glm.generate import SamplingConfig, generate, left_pad, next_token, stream
 from glm.model import InputError
 from glm.parity import load_cases
-
-from conftest import FIXTURE_FAMILIES, reference_dir
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])

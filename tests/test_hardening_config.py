@@ -5,18 +5,15 @@ import importlib.util
 import json
 import os
 import random
-import signal
-from contextlib import contextmanager
 
 import pytest
+from conftest import reference_dir, time_limit
 
 import glm
-from glm.cli import main
 from glm import config as config_module
+from glm.cli import main
 from glm.config import ConfigError, GLMConfig, read_json
 from glm.tokenizer import TokenizerError, load, train
-
-from conftest import reference_dir, time_limit
 
 needs_tiktoken = pytest.mark.skipif(importlib.util.find_spec("tiktoken") is None,
                                     reason="the GLM-4 tokenizer needs the optional dependency tiktoken")

@@ -14,19 +14,18 @@ import stat
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
+from conftest import snapshot, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import glm
 import glm.checkpoint
-from glm.checkpoint import CHECKSUMS_NAME, CheckpointError, CheckpointReader, _read_safetensors_header, atomic_write
+from glm.checkpoint import CHECKSUMS_NAME, CheckpointError, CheckpointReader, _read_safetensors_header
 from glm.cli import main
 from glm.convert import convert_checkpoint, save_pretrained
-
-from conftest import snapshot, time_limit
+from glm.files import atomic_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "50KB"

@@ -9,14 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import reference_dir
 
 import glm
 from glm.cli import main
-from glm.generate import StaticDecoder, SamplingConfig, generate, infill_ids, left_pad, stream_text
+from glm.generate import SamplingConfig, StaticDecoder, generate, infill_ids, left_pad, stream_text
 from glm.model import InputError
 from glm.parity import run_parity
-
-from conftest import reference_dir
 
 MISSING = "/nonexistent/glm-checkpoint"  # options are checked before the model is loaded
 

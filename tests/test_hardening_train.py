@@ -13,15 +13,30 @@ import sys
 
 import pytest
 import torch
+from conftest import snapshot
 
 from glm.cli import main
 from glm.corpus import generate_corpus
 from glm.tokenizer import train as train_tokenizer
-from glm.train import (DEMO, FREE_FIELDS, RESOLVED_FIELDS, OPTIMIZER_FIELDS, RUN_FIELDS, TrainConfig, TrainingError,
-                       _earlier_run_of, _progress_every, check_memory, checkpoints, demo, load_checkpoint,
-                       model_config_for, run_lock, save_checkpoint, train)
-
-from conftest import snapshot
+from glm.train import (
+    DEMO,
+    FREE_FIELDS,
+    OPTIMIZER_FIELDS,
+    RESOLVED_FIELDS,
+    RUN_FIELDS,
+    TrainConfig,
+    TrainingError,
+    _earlier_run_of,
+    _progress_every,
+    check_memory,
+    checkpoints,
+    demo,
+    load_checkpoint,
+    model_config_for,
+    run_lock,
+    save_checkpoint,
+    train,
+)
 
 TINY = dict(model="tiny-glm", vocab_size=500, batch_size=4, seq_len=64, corpus_size="tiny", eval_every=0,
             eval_examples=0, progress=False, lr=3e-3, warmup=1, steps=2, ckpt_every=1, keep_last=3, device="cpu")

@@ -1,13 +1,12 @@
 """Blank-infilling generation: Part A bidirectional, each blank generated after <sop> at its mask's position."""
 import pytest
 import torch
+from conftest import reference_dir
 
 import glm
 from glm.generate import infill_ids, stream_infill, stream_text
 from glm.model import InputError
 from glm.parity import load_cases
-
-from conftest import reference_dir
 
 # The GLM fixture's special ids (cases.json special_token_ids).
 MASK, SMASK, GMASK, SOP, EOP, CLS = 153, 154, 155, 156, 157, 158

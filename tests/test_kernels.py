@@ -34,6 +34,7 @@ from typing import Optional
 
 import pytest
 import torch
+from conftest import FIXTURE_FAMILIES, reference_dir
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,8 +44,6 @@ from glm import kernels
 from glm.attention import BACKENDS, reference_attention, resolve_backend, visible_mask
 from glm.generate import generate, left_pad
 from glm.parity import run_parity
-
-from conftest import FIXTURE_FAMILIES, reference_dir
 
 # `glm.attention` is the function (re-exported by glm/__init__), which shadows the module of that name.
 attention_module = importlib.import_module("glm.attention")

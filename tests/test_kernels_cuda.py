@@ -12,17 +12,29 @@ import math
 
 import pytest
 import torch
+from conftest import FIXTURE_FAMILIES, reference_dir
 from hypothesis import example, given, settings
+from test_kernels import (
+    EDGES,
+    LARGE_LOGITS,
+    SETTINGS,
+    _check_grads,
+    assert_within_oracle_tolerance,
+    check_forward,
+    dense_attention,
+    fused_ops_args,
+    make_qkv,
+    problem,
+    problems,
+    scores_mask,
+    truth,
+)
 
 import glm
 from glm import kernels
 from glm.attention import BACKENDS, resolve_backend
 from glm.generate import generate, left_pad
 from glm.parity import run_parity
-
-from conftest import FIXTURE_FAMILIES, reference_dir
-from test_kernels import (EDGES, LARGE_LOGITS, SETTINGS, _check_grads, assert_within_oracle_tolerance, check_forward,
-                          dense_attention, fused_ops_args, make_qkv, problem, problems, scores_mask, truth)
 
 pytestmark = [
     pytest.mark.cuda,

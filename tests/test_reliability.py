@@ -23,22 +23,21 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import snapshot, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import glm
 import glm.checkpoint
-from glm.checkpoint import CheckpointError, CheckpointReader, check_device
+from glm.checkpoint import CheckpointError, CheckpointReader
 from glm.config import ConfigError
 from glm.convert import KeyMismatchError, convert_checkpoint, hf_config, save_pretrained
 from glm.corpus import DataError, read_documents
+from glm.devices import check_device
 from glm.train import TrainConfig, TrainingError, checkpoints, train
-
-from conftest import snapshot, time_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB_ERRORS = (ConfigError, CheckpointError, KeyMismatchError)

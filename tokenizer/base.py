@@ -12,7 +12,8 @@ import os
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
-from glm.checkpoint import atomic_write
+from glm.errors import TokenizerError
+from glm.files import atomic_write
 
 FAMILIES = ("glm", "chatglm", "chatglm2", "chatglm3", "glm4")
 # The model family names (glm/config.py, `glm convert --family`) that are not tokenizer family names:
@@ -21,10 +22,6 @@ FAMILY_ALIASES = {"glm4-chatglm": "glm4", "glm-hf": "glm4", "glm4-hf": "glm4"}
 FAMILY_NAMES = FAMILIES + tuple(FAMILY_ALIASES)  # every name `family=` accepts
 CONFIG_NAME = "tokenizer_config.json"
 FAMILY_KEY = "glm_tokenizer_family"
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file, folder, name or argument that cannot be used as it is; the message names it and the fix."""
 
 
 def canonical_family(name: object, where: str) -> str:

@@ -8,6 +8,8 @@ import binascii
 from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from glm.errors import CorpusTooSmall
+
 from .base import Tokenizer, TokenizerError, check_text
 
 # The cl100k-style pre-tokenisation regex of the release.
@@ -121,15 +123,6 @@ class GLM4Tokenizer(Tokenizer):
             ids += self.encode(f"{m.get('metadata', '')}\n{m['content']}")
         ids.append(self.special_tokens["<|assistant|>"])
         return ids
-
-
-class CorpusTooSmall(TokenizerError):
-    """The corpus has fewer distinct BPE tokens than the ranks asked for; ``available`` is how many it has."""
-
-    def __init__(self, available: int, asked: int):
-        super().__init__(f"the corpus yields only {available} distinct tokens, fewer than the {asked} ranks asked "
-                         f"for; ask for at most {available} or add text")
-        self.available = available
 
 
 def train_ranks(texts: Iterable[str], n_ranks: int) -> dict[bytes, int]:

@@ -16,8 +16,14 @@ from glm.files import JSON_LIMIT, FileKindError, read_bounded
 
 from .base import CONFIG_NAME, FAMILY_KEY, Tokenizer, TokenizerError, canonical_family
 from .glm4 import GLM4Tokenizer, is_rank_file
-from .sentencepiece_families import (CHATGLM3_ROLES, ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer,
-                                     GLMTokenizer, load_sentencepiece)
+from .sentencepiece_families import (
+    CHATGLM3_ROLES,
+    ChatGLM2Tokenizer,
+    ChatGLM3Tokenizer,
+    ChatGLM6BTokenizer,
+    GLMTokenizer,
+    load_sentencepiece,
+)
 
 # Files looked for in a folder, in this order.
 MODEL_FILES = ("ice_text.model", "cog-pretrain.model", "tokenizer.model")

@@ -17,11 +17,20 @@ import sentencepiece as spm
 from glm.files import FileKindError, ensure_regular
 
 from .base import CONFIG_NAME, Tokenizer, TokenizerError, canonical_family
-from .glm4 import GLM4_SPECIALS, CorpusTooSmall, GLM4Tokenizer, optional_import, format_ranks, train_ranks
+from .glm4 import GLM4_SPECIALS, CorpusTooSmall, GLM4Tokenizer, format_ranks, optional_import, train_ranks
 from .load import MODEL_FILES, load
-from .sentencepiece_families import (CHATGLM2_SPECIALS, CHATGLM3_ROLES, CHATGLM_SPECIALS, GLM_COMMAND_TOKENS,
-                                     ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer,
-                                     chatglm_preprocess, chatglm_whitespace_pieces)
+from .sentencepiece_families import (
+    CHATGLM2_SPECIALS,
+    CHATGLM3_ROLES,
+    CHATGLM_SPECIALS,
+    GLM_COMMAND_TOKENS,
+    ChatGLM2Tokenizer,
+    ChatGLM3Tokenizer,
+    ChatGLM6BTokenizer,
+    GLMTokenizer,
+    chatglm_preprocess,
+    chatglm_whitespace_pieces,
+)
 
 # ids each family adds on top of what the tokenizer model learns
 APPENDED = {"glm": len(GLM_COMMAND_TOKENS), "chatglm": len(CHATGLM_SPECIALS), "chatglm2": len(CHATGLM2_SPECIALS),
