@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The venv is not activated by make, so `glm` is not on PATH afterwards; install and demo say how.
 GLM_ON_PATH := glm is installed in $(VENV)/bin, not on your PATH: run ". $(VENV)/bin/activate" to use the glm command (or call $(VENV)/bin/glm)
 
-.PHONY: venv install test test-all demo kernels gpu-check clean
+.PHONY: venv install lint test test-all demo kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ venv: $(VENV)/.installed
 install: $(VENV)/.installed
 	@echo '$(GLM_ON_PATH)'
 
-# pytest exits 5 when it collected no tests; that is a broken suite here, so it fails loudly.
-test: $(VENV)/.installed
+# The linter first (config in pyproject.toml), then the suite. pytest exits 5 when it collected no tests;
+# that is a broken suite here, so it fails loudly.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check glm kernels tokenizer tests benchmarks
+
+test: lint
 	$(PY) -m pytest -m "not slow and not cuda" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing"; exit 1; fi; exit $$rc
 

@@ -1,4 +1,5 @@
-"""Builds the optional C++ attention kernels (glm.kernels._C); everything else lives in setup.cfg.
+"""Builds the optional C++ kernels (glm.kernels._C: attention and the small-batch linear); everything
+else lives in setup.cfg.
 
 The extension is compiled ahead, at `pip install`, never at import. If it cannot be built the
 install still succeeds: `glm.kernels.available()` is then False, `glm.kernels.load_error()` says why,
@@ -18,8 +19,8 @@ from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 try:
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # torch missing at build time (an isolated build): pure-Python install
     print(f"glm: not building the C++ kernels, torch is not importable at build time ({exc}); "
           "install with --no-build-isolation to build them", file=sys.stderr)
@@ -27,7 +28,7 @@ else:
     march = os.environ.get("GLM_KERNELS_MARCH", "native")
     ext_modules.append(CppExtension(
         "glm.kernels._C",
-        ["kernels/csrc/attention_cpu.cpp"],
+        ["kernels/csrc/attention_cpu.cpp", "kernels/csrc/small_linear.cpp"],
         # -fopenmp: at::parallel_for's OpenMP loop is inlined from the header. No -ffast-math: the
         # kernels rely on -inf for masked scores.
         extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",

@@ -113,8 +113,11 @@ def bench_decode(device: str, prompt: int, new_tokens: int, batches, repeats: in
         times, tokens = {}, {}
         for backend in ("fused", "sdpa"):
             model.backend = backend
-            times[backend] = median_time(lambda: tokens.__setitem__(backend, generate(model, ids, max_new_tokens=new_tokens, eos_token_ids=())),
-                                         device, repeats)
+
+            def run(backend=backend):
+                tokens[backend] = generate(model, ids, max_new_tokens=new_tokens, eos_token_ids=())
+
+            times[backend] = median_time(run, device, repeats)
         rows.append({"batch": B, "prompt": prompt, "new_tokens": new_tokens,
                      "fused_tokens_per_s": B * new_tokens / times["fused"],
                      "sdpa_tokens_per_s": B * new_tokens / times["sdpa"], "speedup": times["sdpa"] / times["fused"],
@@ -159,7 +162,8 @@ def plot(rows: list[dict], path: str, device: str) -> None:
             sel = [r for r in rows if r["mask"] == m and r["pass"] == p and r["dtype"] == dtype]
             xs = [r["T"] for r in sel]
             line, = ax.plot(xs, [r["ours_GFLOPs"] for r in sel], "o-", label=f"glm fused {dtype}")
-            ax.plot(xs, [r["peer_GFLOPs"] for r in sel], "x--", color=line.get_color(), label=f"{sel[0]['peer']} {dtype}")
+            ax.plot(xs, [r["peer_GFLOPs"] for r in sel], "x--", color=line.get_color(),
+                    label=f"{sel[0]['peer']} {dtype}")
 
     made = panel_figure("GFLOP/s (visible pairs only)", draw)
     if made:

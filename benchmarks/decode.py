@@ -2,7 +2,7 @@
 graphs, plain and torch.compile'd) vs transformers' GlmForCausalLM, against the bandwidth roofline.
 
 Both models get the same random weights: glm's model is built on the device, and its state dict is
-converted in memory to transformers' Glm layout by glm.convert's mappings (nothing goes to disk, so
+converted in memory to transformers' Glm layout by glm.formats' mappings (nothing goes to disk, so
 the 9.4B GLM-4-9B shape needs no 19 GB checkpoint). Each side generates greedily from the same prompts
 (batch 1 and 8) in the same process, and the tokens of every row are compared across the rows.
 
@@ -70,9 +70,9 @@ def build_models(cfg, device: str, dtype: torch.dtype, seed: int = 0):
     import transformers
 
     import glm
-    from glm.convert import hf_config, hf_format
+    from glm import formats
 
-    hf_cfg = transformers.GlmConfig.from_dict(hf_config(cfg, dtype))
+    hf_cfg = transformers.GlmConfig.from_dict(formats.config_to_hf(cfg, dtype))
     with torch.device(device):
         ref = transformers.GlmForCausalLM._from_config(hf_cfg, dtype=dtype).eval()
     # transformers keeps the rotary frequencies in whatever dtype its buffer has; glm rounds its own
@@ -86,7 +86,7 @@ def build_models(cfg, device: str, dtype: torch.dtype, seed: int = 0):
     random_weights(ours, seed)
     sd = ours.state_dict()
     converted = {}
-    for mp in hf_format(cfg, dtype):
+    for mp in formats.mappings(cfg, dtype):
         converted.update(zip(mp.hf, mp.to_hf(*(sd[n] for n in mp.glm))))
     ref.load_state_dict(converted, strict=True)
     del converted, sd
@@ -125,7 +125,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="bench-120m", choices=SHAPES,
                     help="model dims: a 122M GLM-4-shaped model, or GLM-4-9B (9.4B, a GPU with ~40 GB free)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32; 128 for glm4-9b)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens per row (default 64; 128 for glm4-9b)")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="generated tokens per row (default 64; 128 for glm4-9b)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="a 2M-parameter model (smoke runs)")
@@ -168,16 +169,16 @@ def main(argv=None) -> None:
         # Mean context over the generated tokens: what the attention reads besides the weights.
         roofline = B * ceiling * 1e9 / step_bytes(cfg, B, prompt + n // 2, elem)
 
-        def run_glm():
+        def run_glm(ids=ids):
             return generate(ours, ids, max_new_tokens=n, cuda_graphs=False, eos_token_ids=())
 
-        def run_graphs():
+        def run_graphs(ids=ids):
             return generate(ours, ids, max_new_tokens=n, cuda_graphs=True, eos_token_ids=())
 
-        def run_compiled():
+        def run_compiled(ids=ids):
             return generate(ours, ids, max_new_tokens=n, cuda_graphs=True, compile=True, eos_token_ids=())
 
-        def run_hf():
+        def run_hf(ids=ids):
             with torch.no_grad():
                 out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)

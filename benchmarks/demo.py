@@ -1,6 +1,6 @@
-"""The `make demo` run as a record: held-out blank-infilling exact match, baseline and loss of glm.train.DEMO.
+"""The `make demo` run as a record: held-out blank-infilling exact match, baseline and loss of glm.demo.DEMO.
 
-Runs ``glm.train.demo`` with its default config (the same 2.0M-parameter GLM, corpus, steps and seed
+Runs ``glm.demo.demo`` with its default config (the same 2.0M-parameter GLM, corpus, steps and seed
 as `make demo`) in a temporary folder and writes ``demo_<device>.json``: exact match on the fill's
 first word and on the whole fill, the most-frequent-answer baseline (the peer: what a model that
 always answers the commonest answer scores), held-out loss and perplexity, steps, seconds, CPU
@@ -35,11 +35,12 @@ def cpu_model() -> str:
 
 
 def main(argv=None) -> None:
-    from glm.train import DEMO, demo
+    from glm.demo import DEMO, demo
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--steps", type=int, default=DEMO.steps, help=f"training steps (default {DEMO.steps}, as make demo)")
+    ap.add_argument("--steps", type=int, default=DEMO.steps,
+                    help=f"training steps (default {DEMO.steps}, as make demo)")
     ap.add_argument("--eval-examples", type=int, default=DEMO.eval_examples,
                     help=f"held-out blanks scored (default {DEMO.eval_examples}, as make demo)")
     ap.add_argument("--out", default=LOCAL, help="folder for JSON + PNG")
@@ -57,8 +58,9 @@ def main(argv=None) -> None:
         config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
         path = write_record(args.out, name, args.device, benchmark="demo", cpu_model=cpu_model(), config=config,
                             results=results,
-                            summary=[summary_row("held-out exact match, fill's first word", 100 * s["exact_match_first_word"],
-                                                 100 * s["baseline"], "%", "most-frequent-answer baseline"),
+                            summary=[summary_row("held-out exact match, fill's first word",
+                                                 100 * s["exact_match_first_word"], 100 * s["baseline"], "%",
+                                                 "most-frequent-answer baseline"),
                                      summary_row("held-out exact match, whole fill", 100 * s["exact_match"],
                                                  100 * s["baseline"], "%", "most-frequent-answer baseline")])
         if s.get("plot"):

@@ -17,7 +17,8 @@ head) per token, plus the attention term 12 x layers x hidden x T, plus 6 x LM h
 with a target (all of them for causal LM). (Records before 2026-11-25 13:40 counted 6 x all
 parameters, the embedding table included, which overstated MFU: ~90% on CPU was ~65%.)
 
-    python benchmarks/train.py [--device cpu|cuda] [--steps 5] [--objective causal|glm|both] [--out benchmarks/results/local]
+    python benchmarks/train.py [--device cpu|cuda] [--steps 5] [--objective causal|glm|both]
+                               [--out benchmarks/results/local]
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def causal_batches(cfg, batch: int, seq: int, device: str) -> list[dict]:
 
 def glm_batches(cfg, batch: int, seq: int, device: str, count: int) -> list[dict]:
     """``count`` blank-infilling batches (glm.data, one mode per batch, the modes in the published mix's
-    proportions) of random documents, as glm's model and as transformers take them (a 4D prefix-LM mask, [B, T] positions)."""
+    proportions) of random documents, as glm's model and as transformers take them (a 4D prefix-LM mask, [B, T]
+    positions)."""
     import numpy as np
 
     from glm.attention import visible_mask
@@ -143,7 +145,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src.save_pretrained(os.path.join(tmp, "hf"), format="hf")
         ours = glm.from_pretrained(os.path.join(tmp, "hf"), device=device).train()
-        ref = transformers.GlmForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=torch.float32).to(device).train()
+        ref = transformers.GlmForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=torch.float32)
+        ref = ref.to(device).train()
 
     peak = matmul_peak(device, dtype)
     tokens = args.batch * args.seq

@@ -1,8 +1,9 @@
 """glm: one clean PyTorch model for the GLM family (GLM, ChatGLM-6B/2/3, GLM-4, Glm, Glm4)."""
 from . import kernels  # noqa: E402,F401  registers the 'fused' attention backend when the kernels are built
 from .attention import BACKENDS, attention
-from .checkpoint import CheckpointError, CheckpointReader, from_pretrained
-from .config import FAMILIES, PRESETS, ConfigError, GLMConfig, preset
+from .checkpoint import CheckpointError, CheckpointReader
+from .config import FAMILIES, ConfigError, GLMConfig
+from .errors import InputError
 
 # `glm.generate` is the function (the call used everywhere); the module's other entry points are
 # exported here too, since the name no longer reaches the module: `glm.stream`, or `from glm.generate import ...`.
@@ -17,10 +18,13 @@ from .generate import (
                        stream_infill,
                        stream_text,
 )
+from .hub import from_pretrained
 from .kv_cache import KVCache
-from .model import GLM, InputError, lm_loss
+from .model import GLM, lm_loss
+from .presets import PRESETS, preset
 
 __version__ = "0.1.0"
 __all__ = ["GLM", "GLMConfig", "KVCache", "from_pretrained", "preset", "PRESETS", "FAMILIES", "attention",
            "BACKENDS", "lm_loss", "generate", "infill", "infill_ids", "stream", "stream_infill", "stream_text",
-           "release_cuda_graphs", "left_pad", "SamplingConfig", "ConfigError", "CheckpointError", "CheckpointReader", "InputError"]
+           "release_cuda_graphs", "left_pad", "SamplingConfig", "ConfigError", "CheckpointError", "CheckpointReader",
+           "InputError"]

@@ -1,6 +1,6 @@
 """Attention with the GLM mask expressed as structure, and named backends.
 
-The mask is never an argument. It is derived from four small pieces of structure:
+A dense mask is never an argument. The mask is derived from small pieces of structure:
 
 - ``causal``: query ``i`` sees keys ``j <= i``;
 - ``prefix_len[b]``: keys ``j < prefix_len[b]`` are visible to every query of sample ``b``
@@ -23,15 +23,32 @@ Backends take identical arguments. ``reference`` is the fp32 oracle that builds 
 ``sdpa`` calls ``scaled_dot_product_attention`` (using ``is_causal`` when the mask is plain causal);
 ``fused`` (registered by :mod:`glm.kernels` when the compiled kernels load) runs the flash-style
 kernels that read this structure directly and skip the key tiles nobody sees.
+
+`Mask` bundles the five pieces of structure, as the model hands them from layer to layer.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import ArgumentError, InputError
+
+
+@dataclass(frozen=True, eq=False)
+class Mask:
+    """The attention mask as structure (the rule in the module docstring); no dense mask is built from it
+    outside the reference oracle."""
+
+    causal: bool = True
+    prefix_len: Optional[Tensor] = None  # [B] or [B, Tq]
+    kv_start: Optional[Tensor] = None  # [B] or [B, Tq]
+    kv_len: Optional[Tensor] = None  # [B]
+    q_offset: int = 0
 
 
 def _per_query(t: Tensor, device) -> Tensor:
@@ -180,42 +197,50 @@ def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optiona
     """The backend called ``name``; ``auto`` = ``fused`` where it has a kernel for this device type,
     dtype and head dim, else ``sdpa``."""
     if name == "auto":
-        name = "fused" if "fused" in BACKENDS and _unsupported("fused", device_type, dtype, head_dim) is None else "sdpa"
+        fused_ok = "fused" in BACKENDS and _unsupported("fused", device_type, dtype, head_dim) is None
+        name = "fused" if fused_ok else "sdpa"
     try:
         fn = BACKENDS[name]
     except KeyError:
         hint = f" ({MISSING_BACKENDS[name]})" if name in MISSING_BACKENDS else ""
-        raise ValueError(f"unknown attention backend {name!r}{hint}; available: "
+        raise ArgumentError(f"unknown attention backend {name!r}{hint}; available: "
                          f"{', '.join(['auto', *BACKENDS])}") from None
     why = _unsupported(name, device_type, dtype, head_dim)
     if why is not None:
-        raise ValueError(f"attention backend {name!r} {why}; use backend 'auto' or 'sdpa'")
+        raise ArgumentError(f"attention backend {name!r} {why}; use backend 'auto' or 'sdpa'")
     return fn
 
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, prefix_len: Optional[Tensor] = None,
     kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None, q_offset: int = 0,
-    scale: Optional[float] = None, backend: str = "auto",
+    scale: Optional[float] = None, backend: str = "auto", mask: Optional[Mask] = None,
 ) -> Tensor:
-    """q ``[B, n, Tq, d]``, k/v ``[B, g, Tk, d]`` (``g`` divides ``n``) -> ``[B, n, Tq, d]``."""
+    """q ``[B, n, Tq, d]``, k/v ``[B, g, Tk, d]`` (``g`` divides ``n``) -> ``[B, n, Tq, d]``.
+
+    The mask is ``mask`` when given (the five structure keywords are then ignored), else the one those
+    keywords describe. Checks read shapes and dtypes only, so a captured decode step may run them."""
+    if mask is not None:
+        causal, prefix_len, kv_start, kv_len, q_offset = (mask.causal, mask.prefix_len, mask.kv_start,
+                                                          mask.kv_len, mask.q_offset)
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"attention expects q [B,n,Tq,d] and k, v [B,g,Tk,d]; got q {tuple(q.shape)}, "
+        raise InputError(f"attention expects q [B,n,Tq,d] and k, v [B,g,Tk,d]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or "
+        raise InputError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or "
                          f"head dim, or KV heads do not divide query heads")
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     for name, t in (("prefix_len", prefix_len), ("kv_start", kv_start), ("kv_len", kv_len)):
         per_query_ok = name != "kv_len" and t is not None and tuple(t.shape) == (B, Tq)
         if t is not None and tuple(t.shape) != (B,) and not per_query_ok:
-            raise ValueError(f"attention: {name} must have shape [B] = ({B},)"
+            raise InputError(f"attention: {name} must have shape [B] = ({B},)"
                              f"{'' if name == 'kv_len' else f' or [B, Tq] = ({B}, {Tq})'}, got {tuple(t.shape)}")
         if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
             # A count of key slots: 2.5 would mean something different to each backend.
-            raise ValueError(f"attention: {name} must be an integer tensor (it counts key slots), got {t.dtype}")
+            raise InputError(f"attention: {name} must be an integer tensor (it counts key slots), got {t.dtype}")
     if q_offset < 0 or q_offset + Tq > Tk:
-        raise ValueError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
+        raise InputError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
                          f"{Tk} keys; q_offset must be in [0, Tk - Tq]")
-    return resolve_backend(backend, q.device.type, q.dtype, q.shape[-1])(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start,
-                                    kv_len=kv_len, q_offset=q_offset, scale=scale)
+    fn = resolve_backend(backend, q.device.type, q.dtype, q.shape[-1])
+    return fn(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start, kv_len=kv_len, q_offset=q_offset,
+              scale=scale)

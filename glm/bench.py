@@ -20,6 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import BenchError
+from .files import atomic_write
 
 SUITES = ("attention", "decode", "train", "convert", "demo")
 
@@ -28,7 +29,7 @@ QUICK = {
     "attention": ["--seqs", "128,256", "--dtypes", "float32", "--repeats", "1", "--no-decode"],
     "decode": ["--small", "--prompt", "8", "--new-tokens", "2", "--batches", "1", "--repeats", "1"],
     "train": ["--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2", "--steps", "1"],
-    "convert": ["--gb", "0.02", "--shard-size", "8MB"],
+    "convert": ["--gb", "0.02", "--shard-size", "8MB", "--repeats", "1"],
     "demo": ["--steps", "20", "--eval-examples", "8"],
 }
 # Suites whose scripts judge goals; a smoke run tells them not to (tiny sizes say nothing about a goal).
@@ -129,12 +130,22 @@ records). This page is regenerated from them by `glm bench report`.
 
 | suite | what | peer |
 |---|---|---|
-| attention | fused prefix-LM / causal attention, fwd and fwd+bwd, FLOP/s over visible pairs (CPU: also decode with the fused vs sdpa backend) | `scaled_dot_product_attention` (dense mask / `is_causal`); on GPU also FlexAttention (compiled, prefix-LM `BlockMask`) |
-| decode | greedy decode tokens/s, batch 1 and 8: a 122M GLM-4-shaped model on CPU; GLM-4-9B-shaped (random bf16 weights) on GPU, eager / CUDA graphs / graphs + `torch.compile`, against the bandwidth roofline | transformers `GlmForCausalLM`, same weights |
-| train | training step tokens/s and MFU, small GLM-4-shaped model | transformers `GlmForCausalLM`, same config and batch |
-| convert | peak RSS and GB/s of streaming checkpoint conversion (2.2 GB, 3 shards) | loading everything, converting, saving |
-| demo | `make demo`'s run (`glm.train.DEMO`): held-out blank-infilling exact match on the fill's first word and on the whole fill; the record also has the held-out loss, steps and seconds | the most-frequent-answer baseline |
-"""
+""" + "".join(f"| {suite} | {what} | {peer} |\n" for suite, what, peer in (
+    ("attention", "fused prefix-LM / causal attention, fwd and fwd+bwd, FLOP/s over visible pairs (CPU: also decode "
+                  "with the fused vs sdpa backend)",
+     "`scaled_dot_product_attention` (dense mask / `is_causal`); on GPU also FlexAttention (compiled, prefix-LM "
+     "`BlockMask`)"),
+    ("decode", "greedy decode tokens/s, batch 1 and 8: a 122M GLM-4-shaped model on CPU; GLM-4-9B-shaped (random "
+               "bf16 weights) on GPU, eager / CUDA graphs / graphs + `torch.compile`, against the bandwidth roofline",
+     "transformers `GlmForCausalLM`, same weights"),
+    ("train", "training step tokens/s and MFU, small GLM-4-shaped model",
+     "transformers `GlmForCausalLM`, same config and batch"),
+    ("convert", "peak RSS and GB/s of streaming checkpoint conversion (2.2 GB, 3 shards)",
+     "loading everything, converting, saving"),
+    ("demo", "`make demo`'s run (`glm.demo.DEMO`): held-out blank-infilling exact match on the fill's first word "
+             "and on the whole fill; the record also has the held-out loss, steps and seconds",
+     "the most-frequent-answer baseline"),
+))
 
 
 def write_report(results: Optional[str] = None) -> str:
@@ -162,8 +173,6 @@ def write_report(results: Optional[str] = None) -> str:
                 parts.append(f"![{suite} on {device}]({rel}/{name}.png)\n")
         if not found:
             parts.append(f"No {title} records yet: run `glm bench SUITE --device {device}` on such a machine.\n")
-    from .files import atomic_write
-
     atomic_write(path, "\n".join(parts).encode())
     return path
 

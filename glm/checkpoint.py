@@ -3,25 +3,34 @@
 `CheckpointReader` maps tensor names to the file holding them and reads a tensor only when it is
 asked for (safetensors: a positioned read of its byte range, after validating the header; ``.bin``:
 ``torch.load(mmap=True, weights_only=True)``), so converting or loading holds one tensor at a time.
+
+`write_checkpoint` writes safetensors shards from a stream of tensors (or of `FileSlice`s, the byte
+ranges of tensors a conversion copies as they are), atomically, with a sha256 record of every file.
+This module knows files, names, shapes and dtypes only: nothing of models, configs or formats.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import mmap
 import os
+import queue
 import re
 import shutil
+import signal
 import socket
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Collection, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .devices import FLOAT_DTYPES, as_dtype, check_device
-from .errors import CheckpointError, ConfigError, FileKindError
+from .errors import CheckpointError, FileKindError
 from .files import (
     JSON_LIMIT,
     atomic_write,
@@ -30,6 +39,7 @@ from .files import (
     fsync_dir,
     open_regular,
     read_bounded,
+    read_json,
     write_failed,
 )
 
@@ -231,6 +241,17 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
     return header, n
 
 
+@dataclass(frozen=True)
+class FileSlice:
+    """A tensor's bytes as a weight file stores them, for the writer to copy into its output as they are
+    (a tensor a conversion only renames) without loading the tensor: through a few reused buffers."""
+    path: str
+    offset: int  # from the start of the file
+    nbytes: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
 class CheckpointReader:
     """Tensor names -> lazily loaded tensors, over the weight files of one checkpoint folder."""
 
@@ -355,6 +376,21 @@ class CheckpointReader:
                 raise CheckpointError(f"{path}: truncated while reading {name!r}; re-download or re-convert it")
         return t
 
+    def slice(self, name: str) -> "Optional[FileSlice]":
+        """Where ``name``'s bytes lie in its safetensors file, for copying them unread; None for a tensor
+        in a ``.bin`` file or of a dtype glm does not load (`get` then reads it, or says why not)."""
+        file = self.weight_map.get(name)
+        if file is None or not file.endswith(".safetensors"):
+            return None
+        header = self._header(file)
+        info = header.get(name)
+        dtype = _ST_DTYPES.get(info["dtype"]) if info is not None else None
+        if dtype is None:
+            return None
+        begin, end = info["data_offsets"]
+        return FileSlice(os.path.join(self.folder, file), 8 + self._data_start[file] + begin, end - begin,
+                         torch.Size(info["shape"]), dtype)
+
     def get(self, name: str) -> Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
@@ -410,72 +446,8 @@ class CheckpointReader:
         self.close()
 
 
-__all__ = ["CheckpointReader", "CheckpointError", "ConfigError"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a model
-
-
-def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
-                    device: "torch.device | str" = "cpu", backend: str = "auto", verify: bool = True,
-                    **config_overrides):
-    """Load a checkpoint folder — a release's Hugging Face format or glm's own — as a `glm.GLM`.
-
-    The family is recognised from config.json; foreign layouts (per-head or separate QKV,
-    interleaved RoPE) are converted to glm's one layout as the tensors stream in, one shard at a
-    time. ``dtype=None`` (or ``"auto"``) keeps each tensor's stored dtype; the default upcasts to
-    float32, the precision the parity fixtures were made in. ``config_overrides`` replace `GLMConfig`
-    fields that do not change shapes, e.g. ``rope_inv_freq_dtype=None`` to keep RoPE frequencies exact.
-    A folder glm wrote has its weight files checked against the sha256 record written with them
-    (``glm_checksums.json``); ``verify=False`` skips that pass over the bytes.
-    """
-    import dataclasses
-
-    from .config import GLMConfig
-    from .convert import _meta_shapes, open_source
-    from .model import GLM
-
-    folder = os.fspath(folder)
-    if "torch_dtype" in config_overrides:
-        raise ValueError("from_pretrained takes dtype=, not transformers' torch_dtype=")
-    unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(GLMConfig)})
-    if unknown:
-        raise ValueError(f"from_pretrained: {unknown} are not GLMConfig fields; keyword arguments besides dtype, "
-                         f"device and backend override config fields (e.g. rope_inv_freq_dtype=None)")
-    dtype = None if dtype == "auto" else as_dtype(dtype)
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
-    device = check_device(device)
-    source, reader = open_source(folder, verify=verify)
-    if config_overrides:
-        new = source.cfg.replace(**config_overrides)
-        changed = [k for k in config_overrides if getattr(new, k) != getattr(source.cfg, k)]
-        if _meta_shapes(new, folder) != _meta_shapes(source.cfg, folder):
-            raise ValueError(f"{folder}: overriding {changed} changes the model's tensor shapes, so the stored "
-                             f"weights no longer fit; only overrides that keep shapes are allowed (change "
-                             f"config.json, or build glm.GLM(config) and train it)")
-        source.cfg = new
-    with reader:
-        with torch.device("meta"):
-            model = GLM(source.cfg)
-        state: dict[str, Tensor] = {}  # shapes were checked against the config by open_source
-        for mp in sorted(source.mappings, key=source.first_file):
-            for name, t in zip(mp.glm, mp.to_glm(*[reader.get(n) for n in mp.hf])):
-                if t.dtype not in FLOAT_DTYPES:
-                    raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has dtype {t.dtype}; only float32/"
-                                          f"float16/bfloat16 weights load (quantised checkpoints are not supported)")
-                state[name] = t.to(device=device, dtype=dtype or t.dtype)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.reset_buffers(device)
-    model.backend = backend
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing checkpoints: streamed safetensors shards, committed atomically
-
-GLM_FORMAT_VERSION = 1
 
 # Written by glm's writer beside the weights (both formats): the size and sha256 of every weight file
 # and of the index, checked on load, so bytes damaged after the write (a bad disk, a copy cut short
@@ -488,8 +460,7 @@ _WRITER_FILES = ("config.json", "model.safetensors.index.json", CHECKSUMS_NAME)
 
 
 def is_glm_format(folder: str) -> bool:
-    from .config import read_json
-
+    """Whether ``folder``'s config.json is glm's own format (it carries ``glm_format_version``)."""
     path = os.path.join(folder, "config.json")
     return os.path.exists(path) and isinstance(cfg := read_json(path), dict) and "glm_format_version" in cfg
 
@@ -536,25 +507,53 @@ def verify_checksums(folder: str, names: "list[str]") -> None:
         return
     record = os.path.join(folder, CHECKSUMS_NAME)
     skip = "or pass verify=False (--no-verify) to load it unchecked"
+
+    def sized(path: str, size: int, want: dict) -> None:
+        if size != want["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, but glm wrote {want['size']} ({record}); the file was "
+                                  f"cut short or changed: re-download or re-convert it, {skip}")
+
+    def hashed(path: str) -> tuple[int, str]:
+        try:
+            return file_sha256(path)
+        except FileKindError as e:
+            raise CheckpointError(str(e)) from None
+
+    # The cheap checks first, in order, up to the first failure; then the files before it are hashed
+    # at once (sha256 releases the GIL), and reported in order, so the first bad file is the one named.
+    jobs: list[tuple[str, dict]] = []
+    problem: Optional[CheckpointError] = None
     for name in names:
         path = os.path.join(folder, name)
         want = files.get(name)
         if want is None:
-            raise CheckpointError(f"{path}: not among the files glm wrote into this folder ({record} does not list "
-                                  f"it); it was added or renamed later. Re-convert the folder, delete {CHECKSUMS_NAME}, "
-                                  f"{skip}")
+            problem = CheckpointError(f"{path}: not among the files glm wrote into this folder ({record} does not "
+                                      f"list it); it was added or renamed later. Re-convert the folder, delete "
+                                      f"{CHECKSUMS_NAME}, {skip}")
+            break
         try:
-            st = ensure_regular(path, "weight file")
-            size, digest = (st.st_size, None) if st.st_size != want["size"] else file_sha256(path)
+            sized(path, ensure_regular(path, "weight file").st_size, want)
         except FileKindError as e:
-            raise CheckpointError(str(e)) from None
-        if size != want["size"]:
-            raise CheckpointError(f"{path}: {size} bytes, but glm wrote {want['size']} ({record}); the file was "
-                                  f"cut short or changed: re-download or re-convert it, {skip}")
-        if digest != want["sha256"]:
-            raise CheckpointError(f"{path}: its bytes differ from those glm wrote (sha256 {digest[:16]}..., recorded "
-                                  f"{want['sha256'][:16]}... in {record}); the file is damaged or was changed: "
-                                  f"re-download or re-convert it, {skip}")
+            problem = CheckpointError(str(e))
+            break
+        except CheckpointError as e:
+            problem = e
+            break
+        jobs.append((path, want))
+    if jobs:
+        pool = ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), thread_name_prefix="glm-verify")
+        try:
+            for (path, want), future in [(job, pool.submit(hashed, job[0])) for job in jobs]:
+                size, digest = future.result()
+                sized(path, size, want)
+                if digest != want["sha256"]:
+                    raise CheckpointError(f"{path}: its bytes differ from those glm wrote (sha256 {digest[:16]}..., "
+                                          f"recorded {want['sha256'][:16]}... in {record}); the file is damaged or "
+                                          f"was changed: re-download or re-convert it, {skip}")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if problem is not None:
+        raise problem.with_traceback(None) from None
 
 
 def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list[tuple[str, Tensor]]]:
@@ -572,11 +571,149 @@ def plan_shards(entries: list[tuple[str, Tensor]], shard_size: int) -> list[list
     return shards if shards[0] else []
 
 
-def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],
-                              on_tensor=None) -> tuple[int, str]:
+class _Fanout:
+    """Hands each buffer to several consumers (writing it, hashing it), each on a thread of its own, so
+    that they run at once and overlap the caller producing the next buffer: file writes and sha256
+    release the GIL. Buffers handed over and not yet done with by every consumer hold at most
+    ``budget`` bytes (or one buffer, if larger), which bounds the memory held (small buffers may run
+    ahead of a slow one); each consumer sees the buffers in order. The first
+    error a consumer raises is raised to the caller at its next `put` or at `finish`, and the
+    consumers skip what is left."""
+
+    def __init__(self, consumers: "list[Callable[[memoryview], None]]", budget: int):
+        self._budget = budget
+        self._held = [0, 0]  # buffers, bytes handed over and not yet done with
+        self._cond = threading.Condition()
+        self._queues: "list[queue.SimpleQueue]" = [queue.SimpleQueue() for _ in consumers]
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._threads = [threading.Thread(target=self._run, args=(fn, q), daemon=True, name="glm-writer")
+                         for fn, q in zip(consumers, self._queues)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, fn: "Callable[[memoryview], None]", q: "queue.SimpleQueue") -> None:
+        while (item := q.get()) is not None:
+            if self._error is None and not self._stop:
+                try:
+                    fn(item[0])
+                except BaseException as e:  # raised to the caller's thread
+                    with self._cond:
+                        self._error = self._error or e
+            with self._cond:
+                item[1] -= 1
+                if item[1] == 0:
+                    item[0] = None  # the last reference to the buffer goes with it
+                    self._held[0] -= 1
+                    self._held[1] -= item[2]
+                    self._cond.notify_all()
+
+    def put(self, buf: memoryview) -> None:
+        n = buf.nbytes
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or not self._held[0]
+                                or self._held[1] + n <= self._budget)
+            if self._error is not None:
+                raise self._error
+            self._held[0] += 1
+            self._held[1] += n
+        item = [buf, len(self._queues), n]
+        for q in self._queues:
+            q.put(item)
+
+    def finish(self) -> None:
+        """Wait until every consumer is done with every buffer; raise the first error."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held[0])
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        """Stop the consumers (what is still queued is skipped) and wait for them."""
+        self._stop = True
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+
+
+class _Writeback:
+    """Asks the kernel, from a thread of its own, to start writing a file's pages to disk every
+    `EVERY` bytes written, so the disk works while the file is still being produced and the fsync at
+    its end waits for the last stretch only. Advice only: where it is not available, or fails, the
+    fsync does all the work as before."""
+
+    EVERY = 64 << 20
+
+    def __init__(self, fd: int):
+        self._fd, self._upto, self._done, self._closed = fd, 0, 0, False
+        self._cond = threading.Condition()
+        self._thread = None
+        if hasattr(os, "posix_fadvise"):
+            self._thread = threading.Thread(target=self._run, daemon=True, name="glm-writeback")
+            self._thread.start()
+
+    def wrote(self, upto: int) -> None:
+        with self._cond:
+            self._upto = upto
+            if upto - self._done >= self.EVERY:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._upto - self._done >= self.EVERY)
+                if self._closed:
+                    return
+                start, end = self._done, self._upto
+            try:
+                # DONTNEED starts writeback of the dirty range (and drops the pages already on disk).
+                os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            with self._cond:
+                self._done = end
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# A `FileSlice` is handed to the writer in windows of this size, each mapped from its file on its own;
+# one window is written and hashed while the next is mapped.
+_COPY_WINDOW = 32 << 20
+
+
+def _copy_slice(piece: FileSlice, out: _Fanout) -> None:
+    """Hand ``piece``'s bytes to ``out`` as read-only memory maps of its file, window by window: the
+    writer and the hasher read the page cache directly (copying through a buffer of this process
+    measured 2-4x slower), and a window is unmapped once both are done with it."""
+    try:
+        f = open_regular(piece.path, "safetensors file")
+    except FileKindError as e:
+        raise CheckpointError(str(e)) from None
+    with f:
+        for start in range(0, piece.nbytes, _COPY_WINDOW):
+            pos, n = piece.offset + start, min(_COPY_WINDOW, piece.nbytes - start)
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            # Mapped pages cannot be read past the file's end (SIGBUS): a file cut short is refused first.
+            if os.fstat(f.fileno()).st_size < pos + n:
+                raise CheckpointError(f"{piece.path}: truncated while reading; re-download or re-convert it")
+            # Not MAP_POPULATE: write() from a prefaulted window measured 2-4x slower than from one it faults in.
+            window = mmap.mmap(f.fileno(), pos + n - base, access=mmap.ACCESS_READ, offset=base)
+            out.put(memoryview(window)[pos - base:])
+            del window  # the view handed over keeps the mapping until the writer is done with it
+
+
+def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]],
+                              tensors: "Iterator[tuple[str, Tensor | FileSlice]]", on_tensor=None) -> tuple[int, str]:
     """Write a safetensors file whose header is known up front (from meta tensors), then stream the
-    data one tensor at a time, so at most one tensor is held in memory. Returns the file's (size,
-    sha256), hashed as it is written (no second read)."""
+    data one tensor at a time (a `FileSlice` is copied from its file, window by window), so at most two
+    tensors are held in memory: the one being written and hashed, on threads of their own, and the next
+    one being produced. Returns the file's (size, sha256), hashed as it is written (no second read)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, m in entries:
@@ -587,30 +724,43 @@ def _write_safetensors_stream(path: str, entries: list[tuple[str, Tensor]], tens
         offset += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned
-    digest, size = hashlib.sha256(), 0
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        def put(b) -> None:
-            nonlocal size
-            f.write(b)
-            digest.update(b)
-            size += memoryview(b).nbytes
+        written = 0
+        writeback = _Writeback(f.fileno())
 
-        put(len(hb).to_bytes(8, "little"))
-        put(hb)
-        for name, m in entries:
-            got_name, t = next(tensors)
-            if got_name != name or t.shape != m.shape or t.dtype != m.dtype:
-                raise RuntimeError(f"internal: planned {name} {tuple(m.shape)} {m.dtype}, got {got_name} "
-                                   f"{tuple(t.shape)} {t.dtype}")
-            t = t.detach().contiguous().cpu()
-            if t.numel():
-                put(memoryview(t.view(-1).view(torch.uint8).numpy()))
-            if on_tensor is not None:
-                on_tensor(name, t.numel() * t.element_size())
-            del t
+        def write(b: memoryview) -> None:
+            nonlocal written
+            f.write(b)
+            written += b.nbytes
+            writeback.wrote(written)
+
+        out = _Fanout([write, digest.update], budget=_COPY_WINDOW)
+        try:
+            out.put(memoryview(len(hb).to_bytes(8, "little") + hb))
+            for name, m in entries:
+                got_name, t = next(tensors)
+                if got_name != name or t.shape != m.shape or t.dtype != m.dtype:
+                    raise RuntimeError(f"internal: planned {name} {tuple(m.shape)} {m.dtype}, got {got_name} "
+                                       f"{tuple(t.shape)} {t.dtype}")
+                if isinstance(t, FileSlice):
+                    nbytes = t.nbytes
+                    _copy_slice(t, out)
+                else:
+                    t = t.detach().contiguous().cpu()
+                    nbytes = t.numel() * t.element_size()
+                    if nbytes:
+                        out.put(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                if on_tensor is not None:
+                    on_tensor(name, nbytes)
+                del t
+            out.finish()
+        finally:
+            out.close()
+            writeback.close()
         f.flush()
         os.fsync(f.fileno())
-    return size, digest.hexdigest()
+    return written, digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,9 +777,6 @@ def _sigterm_cleans_up():
     so the writer's cleanup runs as on Ctrl-C instead of the process dying with DST.tmp-* left behind.
     Only where SIGTERM has its default action (a program's own handler, or ignoring it, stays in charge)
     and only in the main thread (Python runs handlers there); the previous handler is restored after."""
-    import signal
-    import threading
-
     if (not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
@@ -763,11 +910,14 @@ def clear_stale_temps(folder: str, carried: Collection[str] = ()) -> list[str]:
     return removed
 
 
-def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]], tensors: Iterator[tuple[str, Tensor]],
-                     files: dict[str, bytes], *, shard_size: int, overwrite: bool = False, on_tensor=None,
+def write_checkpoint(folder: str, entries: list[tuple[str, Tensor]],
+                     tensors: "Iterator[tuple[str, Tensor | FileSlice]]", files: dict[str, bytes], *,
+                     shard_size: int, overwrite: bool = False, on_tensor=None,
                      carried: Collection[str] = ()) -> list[str]:
-    """Write ``tensors`` (yielded in the order of the planned ``entries``) as safetensors shards plus
-    the small ``files`` (config.json, ...) and the checksum record into ``folder``, atomically.
+    """Write ``tensors`` (yielded in the order of the planned ``entries``; a `FileSlice` is copied from
+    its file) as safetensors shards plus the small ``files`` (config.json, ...) and the checksum record
+    into ``folder``, atomically. Each shard is written and hashed on threads of their own while the
+    next tensor is produced, and its pages are handed to the disk as they are written.
 
     Everything goes to ``folder.tmp-*`` beside it, each file fsynced, and the folder is renamed into
     place only at the end: an error, Ctrl-C or SIGTERM leaves no half-written ``folder`` and no temp

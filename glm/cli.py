@@ -5,13 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .bench import BenchError
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .convert import FormatError, KeyMismatchError
-from .model import InputError
-from .tokenizer import TokenizerError
-from .train import TrainingError
+from .errors import ArgumentError, GLMError, InputError, TokenizerError
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -27,7 +21,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import Terminated
-    from .convert import convert_checkpoint
+    from .hub import convert_checkpoint
 
     try:
         summary = convert_checkpoint(args.src, args.dst, to=args.to, family=args.family, dtype=args.dtype,
@@ -86,7 +80,7 @@ def _check_generation_args(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .checkpoint import from_pretrained
+    from .hub import from_pretrained
     from .tokenizer import load
 
     _check_generation_args(args)
@@ -240,7 +234,7 @@ def _train_config(args: argparse.Namespace):
     try:
         overrides = _json.loads(args.model_overrides) if args.model_overrides else {}
     except ValueError as e:
-        raise ValueError(f"--model-overrides is not valid JSON ({e}); pass an object such as "
+        raise ArgumentError(f"--model-overrides is not valid JSON ({e}); pass an object such as "
                          f"'{{\"hidden_size\": 256}}'") from None
     return TrainConfig(out_dir=args.out, model=args.model, model_overrides=overrides, data=args.data,
                        tokenizer=args.tokenizer, vocab_size=args.vocab_size, objective=args.objective,
@@ -267,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import dataclasses as _dc
 
-    from .train import DEMO, demo
+    from .demo import DEMO, demo
 
     cfg = _dc.replace(DEMO, out_dir=args.out, **({"steps": args.steps} if args.steps is not None else {}))
     demo(cfg)
@@ -306,7 +300,8 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--warmup", type=int, default=d.get("warmup", 50),
                    help="linear warmup steps before the cosine decay (default %(default)s)")
     s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, > 0; inf = no clipping (default 1.0)")
+    s.add_argument("--grad-clip", type=float, default=1.0,
+                   help="max gradient norm, > 0; inf = no clipping (default 1.0)")
     s.add_argument("--eval-every", type=int, default=d["eval_every"],
                    help=f"held-out loss every N steps (default {d['eval_every']})")
     s.add_argument("--ckpt-every", type=int, default=d["ckpt_every"],
@@ -405,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="pretrain a tiny GLM on the embedded corpus and show it filling blanks")
-    s.add_argument("--out", default="runs/demo", help="run folder (default runs/demo; an earlier demo there is replaced)")
+    s.add_argument("--out", default="runs/demo",
+                   help="run folder (default runs/demo; an earlier demo there is replaced)")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     s.set_defaults(func=cmd_demo)
 
@@ -428,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .tokenizer import FAMILY_NAMES as TOKENIZER_FAMILIES
 
-    s = sub.add_parser("train-tokenizer", help="train a SentencePiece (or GLM-4 BPE) tokenizer with a family's specials")
+    s = sub.add_parser("train-tokenizer",
+                       help="train a SentencePiece (or GLM-4 BPE) tokenizer with a family's specials")
     s.add_argument("corpus", nargs="+", help="text files or globs")
     s.add_argument("out", help="output folder")
     s.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
@@ -440,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (BenchError, ConfigError, CheckpointError, KeyMismatchError, FormatError, InputError, TokenizerError, TrainingError,
-               FileNotFoundError,
-               FileExistsError, ValueError, OSError)
+# A GLMError is a user's mistake the message explains, an OSError one the system explains; anything else is
+# a bug in glm and keeps its traceback.
+USER_ERRORS = (GLMError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

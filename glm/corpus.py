@@ -15,9 +15,9 @@ import random
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, TypeVar, Union
+from typing import Iterable, Literal, Optional, Sequence, TypeVar, Union, get_args
 
-from .errors import DataError
+from .errors import ArgumentError, DataError
 from .files import atomic_write, fsync_dir
 
 MASK = "[MASK]"
@@ -60,7 +60,10 @@ class CorpusSize:
     n_heldout: int     # held-out examples, interleaved over kinds and languages
 
 
-SIZES: dict[str, CorpusSize] = {
+# The named sizes (what `glm train --corpus-size` offers).
+CorpusSizeName = Literal["tiny", "small", "base"]
+
+SIZES: dict[CorpusSizeName, CorpusSize] = {
     "tiny": CorpusSize(n_people=16, n_records=16, max_operand=9, max_start=15, max_step=4, n_train=1500, n_heldout=160),
     "small": CorpusSize(n_people=32, n_records=32, max_operand=12, max_start=20, max_step=4, n_train=4000,
                         n_heldout=200),
@@ -166,7 +169,7 @@ def _lang_index(lang: str) -> int:
 def _make_people(rng: _Rng, n: int) -> list[_Person]:
     names = [(o[0] + c[0], o[1] + c[1]) for o in _ONSETS for c in _CODAS]
     if n > len(names):
-        raise ValueError(f"generate_corpus: n_people={n} but only {len(names)} distinct made-up names exist; "
+        raise ArgumentError(f"generate_corpus: n_people={n} but only {len(names)} distinct made-up names exist; "
                          f"use n_people <= {len(names)}")
     people = []
     for en, zh in rng.sample(names, n):
@@ -178,7 +181,7 @@ def _make_people(rng: _Rng, n: int) -> list[_Person]:
 def _make_records(rng: _Rng, n: int) -> list[_Record]:
     # three-digit ids: never confused with the small numbers of the arithmetic and sequence lines
     if n > 900:
-        raise ValueError(f"generate_corpus: n_records={n} exceeds the 900 three-digit ids; use n_records <= 900")
+        raise ArgumentError(f"generate_corpus: n_records={n} exceeds the 900 three-digit ids; use n_records <= 900")
     ids = sorted(rng.sample(range(100, 1000), n))
     return [_Record(i, {"colour": rng.choice(_COLOURS), "shape": rng.choice(_SHAPES)}) for i in ids]
 
@@ -234,7 +237,8 @@ def _resolve_size(size: Union[str, CorpusSize]) -> CorpusSize:
     if isinstance(size, CorpusSize):
         return size
     if size not in SIZES:
-        raise ValueError(f"generate_corpus: unknown size {size!r}; use one of {', '.join(SIZES)} or a CorpusSize(...)")
+        raise ArgumentError(f"generate_corpus: unknown size {size!r}; use one of {', '.join(SIZES)} or a "
+                            f"CorpusSize(...)")
     return SIZES[size]
 
 
@@ -249,23 +253,23 @@ def generate_corpus(seed: int = 0, size: Union[str, CorpusSize] = "small", n_tra
     corpus on every platform and Python version."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         # random.Random(-s) seeds like random.Random(s); refusing negatives keeps seeds distinct
-        raise ValueError(f"generate_corpus: seed must be a non-negative int, got {seed!r}")
+        raise ArgumentError(f"generate_corpus: seed must be a non-negative int, got {seed!r}")
     if isinstance(languages, str):
         languages = (languages,)
     languages = tuple(languages)
     if not languages or len(set(languages)) != len(languages) or any(lang not in LANGUAGES for lang in languages):
-        raise ValueError(f"generate_corpus: languages={languages!r}; pass distinct entries from {LANGUAGES}")
+        raise ArgumentError(f"generate_corpus: languages={languages!r}; pass distinct entries from {LANGUAGES}")
     sz = _resolve_size(size)
     if min(sz.n_people, sz.n_records, sz.max_operand, sz.max_start, sz.max_step) < 1:
-        raise ValueError(f"generate_corpus: every count in {sz} must be at least 1")
+        raise ArgumentError(f"generate_corpus: every count in {sz} must be at least 1")
     n_train = sz.n_train if n_train is None else n_train
     n_heldout = sz.n_heldout if n_heldout is None else n_heldout
     floor = min_train_docs(sz, languages)
     if n_train < floor:
-        raise ValueError(f"generate_corpus: n_train={n_train} is too few to state every fact of size {sz} in "
+        raise ArgumentError(f"generate_corpus: n_train={n_train} is too few to state every fact of size {sz} in "
                          f"{len(languages)} language(s); use n_train >= {floor} or a smaller size")
     if n_heldout < 1:
-        raise ValueError(f"generate_corpus: n_heldout={n_heldout}; ask for at least 1 held-out example")
+        raise ArgumentError(f"generate_corpus: n_heldout={n_heldout}; ask for at least 1 held-out example")
 
     rng = _Rng(seed)
     people = _make_people(rng, sz.n_people)
@@ -398,7 +402,7 @@ def generate_corpus(seed: int = 0, size: Union[str, CorpusSize] = "small", n_tra
                 cursors[g] += 1
                 progressed = True
         if not progressed:
-            raise ValueError(f"generate_corpus: n_heldout={n_heldout} but size {sz} yields only {len(heldout)} "
+            raise ArgumentError(f"generate_corpus: n_heldout={n_heldout} but size {sz} yields only {len(heldout)} "
                              f"distinct held-out examples; lower n_heldout or use a larger size")
     return Corpus(train=docs, heldout=heldout)
 
@@ -445,9 +449,10 @@ def first_word(prediction: str) -> str:
 def accuracy(predictions: Sequence[str], examples: Sequence[InfillExample]) -> float:
     """Exact-match accuracy of ``predictions[i]`` against ``examples[i].answer``."""
     if len(predictions) != len(examples):
-        raise ValueError(f"accuracy: {len(predictions)} predictions for {len(examples)} examples; pass one per example")
+        raise ArgumentError(f"accuracy: {len(predictions)} predictions for {len(examples)} examples; pass one per "
+                            f"example")
     if not examples:
-        raise ValueError("accuracy: no examples to score")
+        raise ArgumentError("accuracy: no examples to score")
     return sum(exact_match(p, e.answer) for p, e in zip(predictions, examples)) / len(examples)
 
 
@@ -464,7 +469,7 @@ def baseline_accuracy(corpus: Corpus) -> float:
     most frequent held-out answer. The answer is picked on the held-out set itself, so this is an upper
     bound on every constant-answer strategy that knows the question's kind and language."""
     if not corpus.heldout:
-        raise ValueError("baseline_accuracy: the corpus has no held-out examples")
+        raise ArgumentError("baseline_accuracy: the corpus has no held-out examples")
     hits, total = _majority_hits(corpus.heldout)
     return hits / total
 
@@ -524,7 +529,8 @@ def read_corpus(folder: str) -> Corpus:
 
 # --- user data
 
-READ_MODES = ("lines", "file")
+ReadMode = Literal["lines", "file"]  # one document per non-blank line, or per file
+READ_MODES = get_args(ReadMode)
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -595,7 +601,8 @@ def _jsonl_documents(path: str) -> list[str]:
     return docs
 
 
-def read_documents(specs: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], mode: str = "lines") -> list[str]:
+def read_documents(specs: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+                   mode: ReadMode = "lines") -> list[str]:
     """Documents from files, in the order given. Each spec is a path or a glob (``*``, ``?``, ``[...]``,
     ``**`` recursive; matches sorted by name, folders skipped); a file matched twice is read once.
 
@@ -633,6 +640,7 @@ def read_documents(specs: Union[str, os.PathLike, Sequence[Union[str, os.PathLik
     return docs
 
 
-__all__ = ["MASK", "LANGUAGES", "KINDS", "ATTRIBUTES", "SIZES", "CorpusSize", "Corpus", "InfillExample", "DataError",
-           "generate_corpus", "min_train_docs", "normalize_answer", "exact_match", "first_word", "accuracy",
-           "baseline_accuracy", "baseline_by_kind", "write_corpus", "read_corpus", "read_documents"]
+__all__ = ["MASK", "LANGUAGES", "KINDS", "ATTRIBUTES", "SIZES", "CorpusSize", "CorpusSizeName", "Corpus",
+           "InfillExample", "DataError", "generate_corpus", "min_train_docs", "normalize_answer", "exact_match",
+           "first_word", "accuracy", "baseline_accuracy", "baseline_by_kind", "write_corpus", "read_corpus",
+           "read_documents"]

@@ -24,17 +24,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Collection, Literal, Optional, Sequence, Union
+from typing import Callable, Collection, Literal, Optional, Sequence, Union, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import positions
 from .errors import DataError
 from .model import lm_loss
 
-Mode = Literal["token", "sentence", "document", "causal", "prefix"]
-BLANK_MODES = ("token", "sentence", "document")
+Kind = Literal["glm", "causal", "prefix"]
+BlankMode = Literal["token", "sentence", "document"]
+LMMode = Literal["causal", "prefix"]
+Mode = Literal[BlankMode, LMMode]
+BatchMode = Literal[Mode, "mixed"]  # "mixed": samples made in different modes, batched together
+KINDS: tuple[Kind, ...] = get_args(Kind)
+BLANK_MODES: tuple[BlankMode, ...] = get_args(BlankMode)
 SENTENCE_END_CHARS = ".?!;:\n"
 RngLike = Union[np.random.Generator, int]
 SentenceEnd = Union[Callable[[int], bool], Collection[int]]
@@ -164,7 +170,7 @@ class Objective:
     bidirectional prefix).
     """
 
-    kind: Literal["glm", "causal", "prefix"] = "glm"
+    kind: Kind = "glm"
     bert_prob: float = 0.4
     gap_sentence_prob: float = 0.3
     mask_ratio: float = 0.15  # token mode: spans until this fraction of the document is masked
@@ -188,7 +194,7 @@ class Objective:
         return max(0.0, 1.0 - self.bert_prob - self.gap_sentence_prob)
 
     def validate(self) -> None:
-        if self.kind not in ("glm", "causal", "prefix"):
+        if self.kind not in KINDS:
             raise DataError(f"Objective.kind is {self.kind!r}; use 'glm', 'causal' or 'prefix'")
         for name in ("bert_prob", "gap_sentence_prob", "gpt_min_ratio", "gpt_infill_prob"):
             v = getattr(self, name)
@@ -208,7 +214,7 @@ class Objective:
             raise DataError(f"Objective.max_block_length is {self.max_block_length}; spans are 1 .. "
                             f"max_block_length-1 tokens long, so it must be >= 2")
 
-    def modes(self) -> tuple[str, ...]:
+    def modes(self) -> tuple[Mode, ...]:
         """The modes a batch of this objective can be drawn in."""
         if self.kind != "glm":
             return (self.kind,)
@@ -227,7 +233,7 @@ class Objective:
             return "sentence"
         return "document"
 
-    def max_sample_len(self, doc_len: int, modes: Optional[Sequence[str]] = None, cls: bool = True) -> int:
+    def max_sample_len(self, doc_len: int, modes: Optional[Sequence[Mode]] = None, cls: bool = True) -> int:
         """The longest a sample of a ``doc_len``-token document can become, over ``modes`` (default: every
         mode this objective can draw). A blank-infilling sample is ``text + 2 × spans`` long; each span
         has at least one token and the last one is drawn while fewer than ``ratio × n`` tokens are
@@ -243,7 +249,7 @@ class Objective:
                 worst = max(worst, n_text + 2)
         return worst
 
-    def max_doc_len(self, max_len: int, cls: bool = True, modes: Optional[Sequence[str]] = None) -> int:
+    def max_doc_len(self, max_len: int, cls: bool = True, modes: Optional[Sequence[Mode]] = None) -> int:
         """The longest document that always fits ``max_len`` slots (split longer ones before batching)."""
         n = max_len
         while n > 0 and self.max_sample_len(n, modes, cls=cls) > max_len:
@@ -274,7 +280,7 @@ class Sample:
     position: np.ndarray  # [L] int64: the position stream
     block_position: np.ndarray  # [L] int64: the block-position stream (0 outside Part B)
     prefix_len: int  # slots 0..prefix_len-1 are attended bidirectionally (|Part A|; 0 = causal)
-    mode: str
+    mode: Mode
     text: np.ndarray  # the text this sample was made from ([CLS]? + document + [eos]?)
     spans: tuple[tuple[int, int], ...] = ()
     order: tuple[int, ...] = ()
@@ -411,7 +417,7 @@ def document_span(n: int, rng: np.random.Generator, objective: Objective) -> tup
 
 
 def infill_layout(text: Sequence[int], spans: Sequence[tuple[int, int]], mask_id: int, special: SpecialIds,
-                  order: Optional[Sequence[int]] = None, mode: str = "token") -> Sample:
+                  order: Optional[Sequence[int]] = None, mode: BlankMode = "token") -> Sample:
     """The Part A / Part B sample of ``text`` with ``spans`` (``[start, end)``, text order) blanked out.
 
     ``order`` is the Part B order as indices into ``spans`` (default: text order). This is the layout
@@ -439,19 +445,18 @@ def infill_layout(text: Sequence[int], spans: Sequence[tuple[int, int]], mask_id
     part_a = np.concatenate(a_parts)
     A = len(part_a)
 
-    toks, tgts, pos, blk = [part_a], [part_a], [np.arange(A)], [np.zeros(A, np.int64)]
+    toks, tgts = [part_a], [part_a]
     for i in order:
         s, e = spans[i]
         span = text[s:e]
         toks.append(np.concatenate(([special.sop], span)))
         tgts.append(np.concatenate((span, [special.eop])))
-        pos.append(np.full(e - s + 1, mask_slot[i]))
-        blk.append(np.arange(1, e - s + 2))
+    pos, blk = positions.blank_layout(A, [mask_slot[i] for i in order], [spans[i][1] - spans[i][0] for i in order])
     tokens = np.concatenate(toks).astype(np.int64)
     loss = np.zeros(len(tokens), dtype=bool)
     loss[A:] = True
     return Sample(tokens=tokens, targets=np.concatenate(tgts).astype(np.int64), loss_mask=loss,
-                  position=np.concatenate(pos).astype(np.int64), block_position=np.concatenate(blk).astype(np.int64),
+                  position=np.asarray(pos, np.int64), block_position=np.asarray(blk, np.int64),
                   prefix_len=A, mode=mode, text=text, spans=tuple(spans), order=tuple(order))
 
 
@@ -512,7 +517,7 @@ def _lm_text(doc, special: SpecialIds, objective: Objective, index: int) -> np.n
     return text
 
 
-def _lm_sample(text: np.ndarray, prefix: int, special: SpecialIds, mode: str) -> Sample:
+def _lm_sample(text: np.ndarray, prefix: int, special: SpecialIds, mode: LMMode) -> Sample:
     L = len(text)
     targets = np.concatenate((text[1:], [special.pad])).astype(np.int64)
     loss = np.zeros(L, dtype=bool)
@@ -556,7 +561,7 @@ class Batch:
     prefix_len: Tensor
     lengths: Tensor
     doc_start: Optional[Tensor] = None
-    mode: Optional[str] = None
+    mode: Optional[BatchMode] = None
     placement: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
@@ -630,7 +635,7 @@ def pack_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def make_batch(samples: Sequence[Sample], *, pad_id: int, position_streams: int = 2, pack: bool = False,
+def make_batch(samples: Sequence[Sample], *, pad_id: int, position_streams: Literal[1, 2] = 2, pack: bool = False,
                max_len: Optional[int] = None) -> Batch:
     """Right-pad ``samples`` into a `Batch` (one row each), or with ``pack=True`` put several samples in a
     row of at most ``max_len`` slots. ``position_streams=1`` gives 1D positions ``0 .. L-1`` per sample."""
@@ -698,7 +703,7 @@ class Collator:
     special: SpecialIds
     max_len: int
     objective: Objective = field(default_factory=Objective)
-    position_streams: int = 2
+    position_streams: Literal[1, 2] = 2
     pack: bool = False
     is_sentence_end: Optional[SentenceEnd] = None
 
@@ -713,7 +718,7 @@ class Collator:
             raise DataError(f"Collator.position_streams is {self.position_streams}; use model.config.position_streams")
         self._max_doc = self.objective.max_doc_len(self.max_len, cls=self.special.cls is not None)
 
-    def samples(self, documents: Sequence, rng: RngLike, mode: Optional[str] = None) -> list[Sample]:
+    def samples(self, documents: Sequence, rng: RngLike, mode: Optional[Mode] = None) -> list[Sample]:
         """Each document as a `Sample` in ``mode`` (default: drawn for this batch)."""
         rng = as_rng(rng)
         if len(documents) == 0:
@@ -733,6 +738,6 @@ class Collator:
         return [make_sample(d, mode, rng, self.special, self.objective, is_sentence_end=self.is_sentence_end, index=i)
                 for i, d in enumerate(documents)]
 
-    def __call__(self, documents: Sequence, rng: RngLike, mode: Optional[str] = None) -> Batch:
+    def __call__(self, documents: Sequence, rng: RngLike, mode: Optional[Mode] = None) -> Batch:
         return make_batch(self.samples(documents, rng, mode), pad_id=self.special.pad,
                           position_streams=self.position_streams, pack=self.pack, max_len=self.max_len)

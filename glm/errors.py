@@ -70,5 +70,10 @@ class TrainingError(GLMError, RuntimeError):
     says what to change."""
 
 
+class KernelUnavailable(GLMError, RuntimeError):
+    """A compiled kernel was asked for but did not load (not built, or built for another torch); the message
+    says how to build it."""
+
+
 class BenchError(GLMError):
     """A benchmark could not be run; the message says why and what to do."""

@@ -7,12 +7,13 @@ resolving links, and reads metadata files such as config.json only up to a size 
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import stat
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
-from .errors import ArgumentError, FileKindError
+from .errors import ArgumentError, ConfigError, FileKindError
 
 # config.json, tokenizer_config.json, index and cases files of real releases are a few hundred KB at most
 # (an index of a 1T-parameter model lists ~10^5 names); anything past this is not such a file.
@@ -83,6 +84,27 @@ def read_bounded(path: "str | os.PathLike[str]", limit: int = JSON_LIMIT, what: 
         raise FileKindError(f"{os.fspath(path)}: more than {limit} bytes, more than any real {what}; restore the "
                             f"file from its release")
     return data
+
+
+def read_json(path: str) -> Any:
+    """A JSON file a user hands to glm (config.json and its kin): a regular file of bounded size, so a
+    FIFO, a device or a link to /dev/zero is refused instead of blocking or filling memory. Every failure
+    is a ConfigError naming the file."""
+    try:
+        data = read_bounded(path, what=os.path.basename(path) or "JSON file")
+        return json.loads(data.decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; a checkpoint folder needs its config.json") from None
+    except FileKindError as e:
+        raise ConfigError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); restore the file from the release") from None
+    except (RecursionError, ValueError) as e:
+        # json raises a plain ValueError for an integer of more than 4300 digits.
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise ConfigError(f"{path}: not usable JSON ({why}); restore the file from the release") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def parse_size(text: "str | int") -> int:

@@ -26,8 +26,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import positions
+from .errors import InputError
 from .kv_cache import KVCache
-from .model import GLM, ID_DTYPES, InputError
+from .model import GLM, ID_DTYPES
 
 
 def _int_arg(name: str, value: Any, low: int, high: Optional[int] = None, hint: str = "",
@@ -225,7 +227,7 @@ class StaticDecoder:
     def model(self) -> GLM:
         model = self._model()
         if model is None:
-            raise RuntimeError("the model of this StaticDecoder no longer exists")
+            raise InputError("the model of this StaticDecoder no longer exists; make a new decoder for a live model")
         return model
 
     def _forward(self) -> Tensor:
@@ -370,7 +372,7 @@ def _check_positions(model: GLM, prompt_len: int, max_new_tokens: int, position_
     # the prompt's last one; the last token chosen is never fed, so it reaches last + max_new_tokens - 1.
     last = 0
     if position_ids is None and input_ids is not None:
-        derived = model.chatglm_structure(input_ids, pad_left)  # ChatGLM-6B reads its own positions
+        derived = positions.derive(model.config, input_ids, pad_left)  # e.g. ChatGLM-6B reads its own positions
         position_ids = derived[0] if derived is not None else None
     if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[1] == 2 and position_ids.numel():
         last = int(position_ids[:, 1, -1].max())
@@ -443,7 +445,7 @@ def stream(model: GLM, input_ids: Tensor, *, position_ids: Optional[Tensor] = No
             if decoder is None:
                 logits = model(tok[:, None], cache=cache, last_only=True, check_inputs=False)[:, -1]
             else:
-                logits = decoder.step(tok, model.next_position_ids(cache.last_position_ids))
+                logits = decoder.step(tok, positions.next_after(cache.last_position_ids))
     finally:
         if decoder is not None:
             decoder.in_use = False
@@ -481,8 +483,8 @@ def _infill_layout(tokens: Sequence[int], masks: set[int], cls_id: Optional[int]
             part_a.pop()
         part_a.append(gmask_id)
     if gmask_first and gmask_id in part_a:
-        # ChatGLM-6B generates at one mask: the first [gMASK] if there is one, else the first [MASK]
-        # (its get_position_ids); [MASK]s before that [gMASK] are plain Part A tokens.
+        # A family that generates at one mask (ChatGLM-6B's get_position_ids) takes the first [gMASK] if
+        # there is one, else the first [MASK]; [MASK]s before that [gMASK] are plain Part A tokens.
         return part_a, [part_a.index(gmask_id)]
     return part_a, [i for i, t in enumerate(part_a) if t in masks or t == gmask_id]
 
@@ -528,7 +530,7 @@ def _plan_infill(model: GLM, tokens: Sequence[int], mask_ids: Sequence[int], sop
     cfg = _sampling_config(sampling, overrides)
     eos = _eos_ids(model, cfg)
     part_a, blanks = _infill_layout(tokens, set(int(m) for m in mask_ids), cls_id, gmask_id, eos,
-                                    gmask_first=model.config.family == "chatglm")
+                                    gmask_first=positions.convention(model.config).infill_at_first_gmask)
     if len(part_a) > limit:
         raise InputError(f"the text is {len(part_a)} tokens; the model has {limit} positions")
     return _InfillPlan(part_a, blanks, cfg, frozenset((int(eop_id), *eos)))
@@ -551,17 +553,17 @@ def _run_infill(model: GLM, plan: _InfillPlan, sop_id: int, max_span_tokens: int
         ids = torch.tensor([[tok]], device=device)
         if decoder is None:
             return model(ids, pos, cache=cache, last_only=True, check_inputs=pos is not None)[:, -1]
-        pos = model.next_position_ids(cache.last_position_ids) if pos is None else pos[..., 0]
+        pos = positions.next_after(cache.last_position_ids) if pos is None else pos[..., 0]
         return decoder.step(ids[:, 0], pos)
 
     if decoder is not None:
         decoder.in_use = True
     try:
-        pos = torch.stack((torch.arange(A), torch.zeros(A, dtype=torch.long)))[None].to(device)
+        pos = torch.tensor([positions.blank_layout(A)], device=device)
         model(torch.tensor([part_a], device=device), pos, prefix_len=torch.tensor([A], device=device),
               cache=cache, last_only=True)
         for b, m in enumerate(blanks):
-            logits = step(sop_id, torch.tensor([[[m], [1]]], device=device))
+            logits = step(sop_id, torch.tensor([positions.span_layout(m, 0)], device=device))
             for n in range(max_span_tokens + 1):
                 tok = int(next_token(logits, cfg, gen))
                 if tok in plan.ends or n == max_span_tokens:
@@ -602,8 +604,9 @@ def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], so
     stay in the cache, as earlier spans of Part B are visible in training.
 
     Without any mask token, ``[gMASK]`` is appended (generation), replacing a trailing eos:
-    ``[CLS] text [gMASK]``. For ChatGLM-6B (family ``chatglm``) a ``[gMASK]`` is the only blank
-    generated, as its reference picks the first ``[gMASK]``, else the first ``[MASK]``.
+    ``[CLS] text [gMASK]``. Where the family's prompt convention says ``infill_at_first_gmask``
+    (ChatGLM-6B, whose reference picks the first ``[gMASK]``, else the first ``[MASK]``), that one
+    blank is the only one generated (`glm.positions`).
     ``max_span_tokens`` caps each span (``max_new_tokens`` is refused: it would read as a total);
     other keyword arguments are `SamplingConfig` fields.
     """
@@ -627,7 +630,8 @@ def infill_ids(model: GLM, tokens: Sequence[int], *, mask_ids: Sequence[int], so
     return InfillResult(out, spans, complete)
 
 
-def _tokenizer_infill_args(tokenizer) -> dict:
+def tokenizer_infill_args(tokenizer) -> dict:
+    """The special-token arguments of `infill_ids` / `stream_infill` for ``tokenizer``'s vocabulary."""
     masks = tokenizer.mask_ids
     return dict(mask_ids=[v for k, v in masks.items() if k != "gMASK"], gmask_id=masks.get("gMASK"),
                 sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id, cls_id=tokenizer.cls_id,
@@ -662,16 +666,8 @@ def encode_blank_text(tokenizer, text: str) -> list[int]:
 
 def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
     """``"Paris is the [MASK] of France."`` -> the text with every blank filled (see `infill_ids`)."""
-    ids = encode_blank_text(tokenizer, text)
-    if tokenizer.family == "glm":
-        # Original GLM's Part A is [CLS] text <|endoftext|>, as its tokenizer builds generation inputs
-        # and as glm.data lays out training samples; THUDM's generate_samples.py leaves the eos off a
-        # text that ends in a mask (the blank runs to the end of the document).
-        ends_in_mask = bool(ids) and ids[-1] in tokenizer.mask_ids.values()
-        ids = tokenizer.build_inputs(ids)
-        if ends_in_mask:
-            ids = ids[:-1]
-    res = infill_ids(model, ids, **{**_tokenizer_infill_args(tokenizer), **kwargs})
+    ids = tokenizer.infill_prompt(encode_blank_text(tokenizer, text))
+    res = infill_ids(model, ids, **{**tokenizer_infill_args(tokenizer), **kwargs})
     return tokenizer.decode(res.tokens, skip_special_tokens=True)
 
 
@@ -701,7 +697,7 @@ def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tok
     if model.config.position_streams == 2:
         if ids and ids[-1] == tokenizer.sop_id:
             ids = ids[:-1]  # stream_infill feeds <sop> itself, at the blank's position
-        args = {**_tokenizer_infill_args(tokenizer), "eos_token_ids": eos}
+        args = {**tokenizer_infill_args(tokenizer), "eos_token_ids": eos}
         tokens = (t for _, t in stream_infill(model, ids, **args, max_span_tokens=max_new_tokens,
                                              cuda_graphs=cuda_graphs, **sampling))
     else:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .errors import CacheFullError
+from .errors import CacheFullError, InputError
 
 
 class KVCache:
@@ -78,7 +78,7 @@ class KVCache:
         """Point the device-side step state at slot ``length`` (host values written into device
         tensors: no synchronisation). Call before each static step, outside any CUDA graph."""
         if self.length == 0:
-            raise ValueError("the static decode step continues a prefilled cache; run the prompt through "
+            raise InputError("the static decode step continues a prefilled cache; run the prompt through "
                              "the model with this cache first")
         self.check_room(1)
         self.slot.fill_(self.length)
@@ -94,3 +94,13 @@ class KVCache:
     def advance(self, new_tokens: int, last_position_ids: Tensor) -> None:
         self.length += new_tokens
         self.last_position_ids = last_position_ids
+
+    def record_call(self, position_ids: Tensor, pad_left: Optional[Tensor], prefix_len: Optional[Tensor]) -> None:
+        """After a forward (not a static step) wrote the keys of tokens at ``position_ids`` ``[B, S, T]``:
+        the structure of the keys (on the first call, the prefill) and the new length. A call of no
+        tokens leaves the cache as it was."""
+        if position_ids.shape[-1] == 0:
+            return
+        if self.length == 0:
+            self.set_structure(pad_left, prefix_len)
+        self.advance(position_ids.shape[-1], position_ids[:, :, -1])

@@ -8,14 +8,14 @@ Internal layout (the converter maps every release onto it at load time):
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
-from .attention import attention
+from . import kernels, positions
+from .attention import Mask, attention
 from .config import GLMConfig
 from .errors import InputError
 from .kv_cache import KVCache
@@ -63,6 +63,9 @@ class Rotary(nn.Module):
 
     def _inv_freq(self, device: "torch.device | str | None" = None) -> Tensor:
         r = self.seg_dim
+        if torch.empty(0, device=device).is_meta:
+            # Shape-only model: meta arange is a Python decomposition that imports torch._dynamo (~2 s).
+            return torch.empty(r // 2 + r % 2, dtype=torch.float32, device=device)
         inv = 1.0 / (self.base ** (torch.arange(0, r, 2, dtype=torch.float32, device=device) / r))
         if self.round_dtype is not None:
             # ChatGLM-6B stores inv_freq as fp16; a transformers Glm cast to bf16 rounds it to bf16.
@@ -108,6 +111,13 @@ class Linear(nn.Linear):
         return kernels.linear(x, self.weight, self.bias)
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding without torch's own random init: `GLM.init_weights` sets every weight anyway, and
+    on the meta device (shape-only models of the converter) torch's normal_ is a Python decomposition
+    whose first call imports torch._dynamo, about 2 s."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GLMConfig):
         super().__init__()
@@ -115,8 +125,10 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.hidden_size, (self.n + 2 * self.g) * self.d, bias=cfg.qkv_bias)
         self.out = Linear(self.n * self.d, cfg.hidden_size, bias=cfg.out_bias)
 
-    def forward(self, x: Tensor, rotary: Optional[Rotary], cos_sin: Optional[tuple[Tensor, Tensor]],
-                layer: int, cache: Optional[KVCache], mask: dict, backend: str, static: bool = False) -> Tensor:
+    def forward(self, x: Tensor, rotary: Optional[Rotary], cos_sin: Optional[tuple[Tensor, Tensor]], layer: int,
+                cache: Optional[KVCache], mask: Mask, backend: str, static: bool = False) -> Tensor:
+        """x ``[B, T, hidden]``; keys and values of the ``T`` tokens go into ``cache`` (layer ``layer``)
+        first: after the cached ones, or at ``cache.slot`` for a ``static`` step."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split((self.n * self.d, self.g * self.d, self.g * self.d), dim=-1)
         q = q.view(B, T, self.n, self.d).transpose(1, 2)
@@ -126,7 +138,7 @@ class Attention(nn.Module):
             q, k = rotary.apply(q, *cos_sin), rotary.apply(k, *cos_sin)
         if cache is not None:
             k, v = cache.update_static(layer, k, v) if static else cache.update(layer, k, v)
-        o = attention(q, k, v, backend=backend, **mask)
+        o = attention(q, k, v, backend=backend, mask=mask)
         return self.out(o.transpose(1, 2).reshape(B, T, self.n * self.d))
 
 
@@ -167,7 +179,16 @@ class Block(nn.Module):
         else:
             self.attn_out_norm = self.mlp_out_norm = None
 
-    def forward(self, x: Tensor, rotary, cos_sin, layer, cache, mask, backend, static=False) -> Tensor:
+    def forward(self, x: Tensor, rotary: Optional[Rotary], cos_sin: Optional[tuple[Tensor, Tensor]], layer: int,
+                cache: Optional[KVCache], mask: Mask, backend: str, static: bool = False) -> Tensor:
+        """Pre-norm residual block; ``r`` is the residual stream, or the normalised input times
+        ``residual_alpha`` where set (ChatGLM-6B)::
+
+            x ─┬─ attn_norm ─ h ─ attn ─ [attn_out_norm] ─ a ─┐
+               └──────────── r = x | alpha·h ────────────── + ─ x'
+            x' ─┬─ mlp_norm ─ h' ─ mlp ─ [mlp_out_norm] ─ m ─┐
+                └──────────── r' = x' | alpha·h' ────────── + ─ out
+        """
         h = self.attn_norm(x)
         a = self.attn(h, rotary, cos_sin, layer, cache, mask, backend, static)
         if self.attn_out_norm is not None:
@@ -182,16 +203,45 @@ class Block(nn.Module):
 
 
 class GLM(nn.Module):
-    """Every GLM family. ``forward`` returns logits ``[B, T, V]`` (or ``[B, 1, V]`` with ``last_only``)."""
+    """Every GLM family. ``forward`` returns logits ``[B, T, V]`` (or ``[B, 1, V]`` with ``last_only``).
+
+    Forward inputs:
+
+    position_ids: ``[B, T]`` (1D families) or ``[B, 2, T]`` (GLM, ChatGLM-6B); default counts from 0 at
+      each row's first real token, or continues the cache's last positions. A family with a prompt
+      convention (ChatGLM-6B) derives them, and ``prefix_len``, from the prompt's tokens as its
+      reference does (see `glm.positions`).
+    prefix_len: ``[B]``, keys before it are visible to every query (bidirectional prefix); or ``[B, T]``
+      per query, for packed documents (each document's Part A end).
+    pad_left: ``[B]`` left pads per row; their keys are hidden.
+    doc_start: ``[B, T]`` first key slot each query may see: documents packed in one row do not attend
+      across each other (training; replaces pad_left).
+    cache: a `KVCache`; the first call fills it (prefill), later calls append one or more tokens.
+    backend: the attention backend (default ``self.backend``, "auto").
+    last_only: logits of the last position only, ``[B, 1, V]``.
+    logits_at: ``[B, T]`` bool: return logits ``[N, V]`` for the N selected positions only (in row-major
+      order, as ``x[logits_at]``). Training with loss on a few positions (GLM's Part B) then skips the
+      vocabulary projection everywhere else.
+    return_hidden: the final-normed hidden states instead of logits.
+    check_inputs: validate the inputs first (reads their values, which synchronises with the device).
+    static: one decode step in device tensors only, so a CUDA graph can capture it: one token per row at
+      ``position_ids`` (required) is written at ``cache.slot`` and attends over the whole cache buffer,
+      masked by ``cache.kv_start`` / ``cache.kv_len``. The caller brackets it with
+      ``cache.begin_static_step()`` and ``cache.advance(1, position_ids)`` (host bookkeeping a graph
+      would not replay); `glm.generate.StaticDecoder` does. Its checks read host metadata only.
+    """
+
+    # glm.hub's save_pretrained, which registers itself when imported (the model layer cannot import it).
+    saver: ClassVar[Optional[Callable[..., Any]]] = None
 
     def __init__(self, config: GLMConfig):
         super().__init__()
         config.validate()
         self.config = cfg = config
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = _embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.position_encoding == "learned_2d":
-            self.pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden_size)
-            self.block_pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+            self.pos_embed = _embedding(cfg.max_positions, cfg.hidden_size)
+            self.block_pos_embed = _embedding(cfg.max_positions, cfg.hidden_size)
             self.rotary = None
         else:
             self.pos_embed = self.block_pos_embed = None
@@ -212,7 +262,8 @@ class GLM(nn.Module):
             with torch.no_grad():
                 if p.dim() >= 2:
                     # Output projections are scaled down with depth (GPT-2 / nanoGPT practice).
-                    s = std / (2 * self.config.num_layers) ** 0.5 if name.endswith(("out.weight", "w_out.weight")) else std
+                    deep = name.endswith(("out.weight", "w_out.weight"))
+                    s = std / (2 * self.config.num_layers) ** 0.5 if deep else std
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
                 elif name.endswith("norm.weight"):
                     p.fill_(1.0)
@@ -229,59 +280,6 @@ class GLM(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     # ------------------------------------------------------------------------------------------
-    def default_position_ids(self, batch: int, length: int, pad_left: Optional[Tensor], start: int,
-                             device: torch.device) -> Tensor:
-        """``[B, S, T]`` position ids counting from 0 at each row's first real token (pads get 0)."""
-        pos = torch.arange(start, start + length, device=device).expand(batch, length)
-        if pad_left is not None:
-            pos = (pos - pad_left.view(-1, 1).to(device)).clamp_min(0)
-        ids = pos.unsqueeze(1)
-        if self.config.position_streams == 2:
-            ids = torch.cat((ids, torch.zeros_like(ids)), dim=1)
-        return ids
-
-    def chatglm_structure(self, input_ids: Tensor, pad_left: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor]]:
-        """ChatGLM-6B's own reading of a prompt, for calls without position ids (GLM_SPEC §2.6):
-        the context ends at the first bos (``<sop>``); from there on every token takes the position
-        of the first ``[gMASK]`` (else the first ``[MASK]``) and block positions 1, 2, ...; the context
-        is bidirectional (``prefix_len`` = the bos slot). Returns ``(position_ids [B, 2, T],
-        prefix_len [B])``; rows without a bos or a mask keep the plain default (count from 0,
-        causal). None when the config names no bos or mask tokens. Derived on the first call into a
-        cache only: prefill a ChatGLM-6B prompt in one call (or pass positions), since a first chunk
-        that ends before the bos would be read as all context-free causal text."""
-        cfg = self.config
-        masks = [cfg.special_tokens.get(k) for k in ("[gMASK]", "[MASK]")]
-        if cfg.family != "chatglm" or cfg.bos_token_id is None or all(m is None for m in masks):
-            return None
-        B, T = input_ids.shape
-        if T == 0:
-            return None
-        slots = torch.arange(T, device=input_ids.device)
-
-        def first(token: Optional[int]) -> Tensor:  # first slot of token per row, T when absent
-            hit = input_ids == token if token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-            return torch.where(hit.any(1), hit.int().argmax(1), T)
-
-        ctx, gmask, mask = first(cfg.bos_token_id), first(masks[0]), first(masks[1])
-        mask_pos = torch.where(gmask < T, gmask, mask)
-        ok = (ctx < T) & (mask_pos < T)
-        pad = pad_left.to(input_ids.device) if pad_left is not None else torch.zeros(B, dtype=torch.long,
-                                                                                     device=input_ids.device)
-        after = (slots >= ctx[:, None]) & ok[:, None]
-        pos = torch.where(after, (mask_pos - pad)[:, None], (slots - pad[:, None]).clamp_min(0))
-        block = torch.where(after, slots - ctx[:, None] + 1, 0)
-        return torch.stack((pos, block), dim=1), torch.where(ok, ctx, 0)
-
-    def next_position_ids(self, last: Tensor) -> Tensor:
-        """The position ids ``[B, S]`` of the token after one with ids ``last`` ``[B, S]``.
-
-        1D families count up. 2D families (GLM, ChatGLM-6B) generate inside a blank: the position
-        stays the mask's and the block position counts up, as the references' generation does.
-        """
-        if last.shape[1] == 2:
-            return torch.stack((last[:, 0], last[:, 1] + 1), dim=1)
-        return last + 1
-
     def check_runnable(self) -> None:
         """Refuse a model whose weights have no values (built or loaded on the meta device)."""
         if self.embed.weight.is_meta:
@@ -338,9 +336,12 @@ class GLM(nn.Module):
             raise InputError(f"the KV cache is on {cache.k.device} but the input on {device}; make it with "
                              f"model.new_cache(batch, max_len) after moving the model")
 
-    def _check_inputs(self, input_ids: Tensor, position_ids: Tensor, cache: Optional[KVCache],
+    def _check_values(self, input_ids: Tensor, position_ids: Tensor, cache: Optional[KVCache],
                       prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
                       doc_start: Optional[Tensor] = None) -> None:
+        """The values and shapes of a (non-static) call's inputs, position ids already in ``[B, S, T]``
+        form: token and position ids inside the model's tables, structure counts inside the keys, a
+        cache with room, batch and dtype for them. Reads values, so it synchronises with the device."""
         cfg = self.config
         if input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
@@ -387,9 +388,10 @@ class GLM(nn.Module):
                                  f"with model.new_cache(batch, max_len) after casting the model (its dtype follows "
                                  f"the model's)")
 
-    def _check_static(self, input_ids: Tensor, position_ids: Optional[Tensor], cache: Optional[KVCache]) -> Tensor:
-        """Shape checks of a static step (host metadata only: reading values would synchronise);
-        returns position_ids as ``[B, S, 1]``."""
+    def _static_step_inputs(self, input_ids: Tensor, position_ids: Optional[Tensor],
+                            cache: Optional[KVCache]) -> tuple[Tensor, Mask]:
+        """Position ids ``[B, S, 1]`` and mask of a static step. Its checks read host metadata only
+        (reading values would synchronise)."""
         S = self.config.position_streams
         if cache is None:
             raise InputError("static=True decodes one token against a KV cache; pass cache=")
@@ -401,129 +403,90 @@ class GLM(nn.Module):
             raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
         if position_ids is None:
             raise InputError("static=True needs position_ids on the device (e.g. "
-                             "model.next_position_ids(cache.last_position_ids)); it never derives them on the host")
-        if position_ids.dim() == 2 and S == 1:
-            position_ids = position_ids.unsqueeze(1)
+                             "positions.next_after(cache.last_position_ids)); it never derives them on the host")
+        position_ids = positions.as_streams(self.config, position_ids)
         if tuple(position_ids.shape) != (B, S, 1):
             want = "[B, 2, 1]" if S == 2 else "[B, 1]"
             raise InputError(f"position_ids has shape {tuple(position_ids.shape)}; a static step of family "
                              f"{self.config.family} takes {want}")
-        return position_ids
+        # The query sits at the last key index, max_len - 1, and is not causal: with kv_len masking it
+        # sees exactly the filled slots from kv_start on, its own included, as the causal step at
+        # q_offset = length does. (Attention's "own key" exemption, j == i, only fires on the last slot,
+        # i.e. when this token fills the cache and is that key; the prefix length cannot widen what the
+        # last query sees.)
+        return position_ids, Mask(causal=False, kv_start=cache.kv_start, kv_len=cache.kv_len,
+                                  q_offset=cache.max_len - 1)
+
+    def _call_inputs(self, input_ids: Tensor, position_ids: Optional[Tensor], prefix_len: Optional[Tensor],
+                     pad_left: Optional[Tensor], doc_start: Optional[Tensor], cache: Optional[KVCache],
+                     check: bool) -> tuple[Tensor, Mask, Optional[Tensor], Optional[Tensor]]:
+        """Position ids ``[B, S, T]``, mask, left padding and prefix length of a call that is not a static
+        step: those given, else (decoding) the cache's, else the rules of `glm.positions`."""
+        start = cache.length if cache is not None else 0
+        if start > 0:  # decoding: the structure of the cached keys was fixed at prefill
+            pad_left = cache.pad_left if pad_left is None else pad_left
+            prefix_len = cache.prefix_len if prefix_len is None else prefix_len
+        last = cache.last_position_ids if cache is not None else None
+        position_ids, prefix_len = positions.for_call(self.config, input_ids, position_ids, prefix_len, pad_left,
+                                                      start, last)
+        if check:
+            self._check_values(input_ids, position_ids, cache, prefix_len, pad_left, doc_start)
+        mask = Mask(causal=True, prefix_len=prefix_len, kv_start=pad_left if doc_start is None else doc_start,
+                    q_offset=start)
+        return position_ids, mask, pad_left, prefix_len
 
     # ------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: Tensor,
-        position_ids: Optional[Tensor] = None,
-        *,
-        prefix_len: Optional[Tensor] = None,
-        pad_left: Optional[Tensor] = None,
-        doc_start: Optional[Tensor] = None,
-        cache: Optional[KVCache] = None,
-        backend: Optional[str] = None,
-        last_only: bool = False,
-        logits_at: Optional[Tensor] = None,
-        return_hidden: bool = False,
-        check_inputs: bool = True,
-        static: bool = False,
-    ) -> Tensor:
-        """Logits for ``input_ids`` ``[B, T]``.
-
-        position_ids: ``[B, T]`` (1D families) or ``[B, 2, T]`` (GLM, ChatGLM-6B); default counts
-          from 0 at each row's first real token, or continues the cache's last positions. ChatGLM-6B
-          derives them (and ``prefix_len``) from its bos / mask tokens as its reference does
-          (`chatglm_structure`).
-        prefix_len: ``[B]``, keys before it are visible to every query (bidirectional prefix); or
-          ``[B, T]`` per query, for packed documents (each document's Part A end).
-        pad_left: ``[B]`` left pads per row; their keys are hidden.
-        doc_start: ``[B, T]`` first key slot each query may see: documents packed in one row do not
-          attend across each other (training; replaces pad_left).
-        cache: a `KVCache`; the first call fills it (prefill), later calls append one or more tokens.
-        logits_at: ``[B, T]`` bool: return logits ``[N, V]`` for the N selected positions only (in
-          row-major order, as ``x[logits_at]``). Training with loss on a few positions (GLM's Part B)
-          then skips the vocabulary projection everywhere else.
-        static: one decode step in device tensors only, so a CUDA graph can capture it: one token per
-          row at ``position_ids`` (required) is written at ``cache.slot`` and attends over the whole
-          cache buffer, masked by ``cache.kv_start`` / ``cache.kv_len``. The caller brackets it with
-          ``cache.begin_static_step()`` and ``cache.advance(1, position_ids)`` (host bookkeeping a
-          graph would not replay); `glm.generate.StaticDecoder` does.
-        """
-        if check_inputs and not torch.compiler.is_compiling():
-            # Before anything below reads them: a list, a bool or a float tensor would otherwise fail deep in torch.
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None, *,
+                prefix_len: Optional[Tensor] = None, pad_left: Optional[Tensor] = None,
+                doc_start: Optional[Tensor] = None, cache: Optional[KVCache] = None, backend: Optional[str] = None,
+                last_only: bool = False, logits_at: Optional[Tensor] = None, return_hidden: bool = False,
+                check_inputs: bool = True, static: bool = False) -> Tensor:
+        """Logits for ``input_ids`` ``[B, T]``; the class docstring describes every input."""
+        check = check_inputs and not torch.compiler.is_compiling()
+        if check:  # before anything reads them: a list or a float tensor would otherwise fail deep in torch
             self.check_input_types(input_ids, position_ids, prefix_len=prefix_len, pad_left=pad_left,
                                    doc_start=doc_start, cache=cache)
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
         if static:
-            position_ids = self._check_static(input_ids, position_ids, cache)
+            position_ids, mask = self._static_step_inputs(input_ids, position_ids, cache)
         else:
-            if cache is not None and start > 0:
-                # Decoding: the structure of the cached keys was fixed at prefill.
-                pad_left = cache.pad_left if pad_left is None else pad_left
-                prefix_len = cache.prefix_len if prefix_len is None else prefix_len
-            if position_ids is None:
-                if cache is not None and cache.last_position_ids is not None:
-                    nxt = self.next_position_ids(cache.last_position_ids)
-                    step = torch.arange(T, device=input_ids.device)
-                    position_ids = nxt.unsqueeze(-1) + (step if nxt.shape[1] == 1 else
-                                                        torch.stack((torch.zeros_like(step), step)))
-                else:
-                    derived = self.chatglm_structure(input_ids, pad_left) if start == 0 else None
-                    if derived is not None:
-                        position_ids = derived[0]
-                        prefix_len = derived[1] if prefix_len is None else prefix_len
-                    else:
-                        position_ids = self.default_position_ids(B, T, pad_left, start, input_ids.device)
-            elif position_ids.dim() == 2 and self.config.position_streams == 1:
-                position_ids = position_ids.unsqueeze(1)
-            if check_inputs and not torch.compiler.is_compiling():
-                self._check_inputs(input_ids, position_ids, cache, prefix_len, pad_left, doc_start)
+            position_ids, mask, pad_left, prefix_len = self._call_inputs(
+                input_ids, position_ids, prefix_len, pad_left, doc_start, cache, check)
 
         x = self.embed(input_ids)
         cos_sin = None
         if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids[:, 0])
-            x = x + self.block_pos_embed(position_ids[:, 1])
+            x = x + self.pos_embed(position_ids[:, 0]) + self.block_pos_embed(position_ids[:, 1])
         else:
             cos_sin = self.rotary.cos_sin(position_ids, x.dtype)
-        if static:
-            # The query sits at the last key index, max_len - 1, and is not causal: with kv_len
-            # masking it sees exactly the filled slots from kv_start on, its own included, as the
-            # causal step at q_offset = length does. (Attention's "own key" exemption, j == i, only
-            # fires on the last slot, i.e. when this token fills the cache and is that key; the
-            # prefix length cannot widen what the last query sees.)
-            mask = dict(causal=False, kv_start=cache.kv_start, kv_len=cache.kv_len, q_offset=cache.max_len - 1)
-        else:
-            mask = dict(causal=True, prefix_len=prefix_len,
-                        kv_start=doc_start if doc_start is not None else pad_left, q_offset=start)
-        backend = backend or self.backend
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rotary, cos_sin, i, cache, mask, backend, static)
-        if cache is not None and not static and T > 0:  # an empty call leaves the cache as it was
-            if start == 0:
-                cache.set_structure(pad_left, prefix_len)
-            cache.advance(T, position_ids[:, :, -1])
+            x = layer(x, self.rotary, cos_sin, i, cache, mask, backend or self.backend, static)
+        if cache is not None and not static:
+            cache.record_call(position_ids, pad_left, prefix_len)
+        return self._head(x, last_only, logits_at, return_hidden)
+
+    def _head(self, x: Tensor, last_only: bool, logits_at: Optional[Tensor], return_hidden: bool) -> Tensor:
+        """The final norm and the vocabulary projection, at the positions asked for."""
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
+            B, T = x.shape[:2]
             if logits_at.shape != (B, T) or logits_at.dtype != torch.bool:
                 raise InputError(f"logits_at must be a bool [batch, seq] = [{B}, {T}] mask, got "
                                  f"{logits_at.dtype} {tuple(logits_at.shape)}")
             x = x[logits_at]
         x = self.final_norm(x)
-        if return_hidden:
-            return x
-        return kernels.linear(x, self.output_weight)
+        return x if return_hidden else kernels.linear(x, self.output_weight)
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
         return KVCache.for_model(self, batch, max_len, dtype)
 
     def save_pretrained(self, folder: str, *, format: str = "glm", family: Optional[str] = None, **kwargs):
         """Write this model as a checkpoint folder (glm's format, or ``format="hf"`` for the release
-        format the reference code and transformers load); see `glm.convert.write_from`."""
-        from .convert import save_pretrained
-
-        return save_pretrained(self, folder, format=format, family=family, **kwargs)
+        format the reference code and transformers load); see `glm.hub.save_pretrained`."""
+        if GLM.saver is None:
+            raise RuntimeError("no checkpoint writer is registered: glm.hub registers it when imported "
+                               "(import glm loads it)")
+        return GLM.saver(self, folder, format=format, family=family, **kwargs)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

@@ -17,8 +17,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, from_pretrained
+from . import formats
+from .checkpoint import CheckpointError
+from .errors import ArgumentError
 from .files import ensure_regular, read_bounded
+from .hub import from_pretrained
 from .model import GLM, lm_loss
 
 
@@ -65,7 +68,8 @@ def load_cases(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
             raise TypeError
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
-        raise CheckpointError(f"{json_path}: not a cases file (needs a JSON object with a 'cases' list of objects)") from None
+        raise CheckpointError(f"{json_path}: not a cases file (needs a JSON object with a 'cases' list of "
+                              f"objects)") from None
     if not cases:
         # An empty list would "pass" having checked nothing.
         raise CheckpointError(f"{json_path}: the 'cases' list is empty; a parity check needs at least one case")
@@ -98,13 +102,14 @@ def _pad_left(inputs: dict[str, Any]) -> Optional[Tensor]:
 
 def reference_loss(model: GLM, logits: Tensor, labels: Tensor) -> Tensor:
     """The reference's own loss convention: GLM's labels are already next tokens (no shift); every
-    ChatGLM/HF family shifts by one."""
-    if model.config.family == "glm":
+    ChatGLM/HF family shifts by one. The release format says which (`Format.labels_are_next_tokens`)."""
+    if formats.get(model.config.family).labels_are_next_tokens:
         return lm_loss(logits, labels)
     return lm_loss(logits[:, :-1], labels[:, 1:])
 
 
-def _forward_case(model: GLM, name: str, inputs: dict, outputs: dict, atol: float, backend: Optional[str]) -> CaseResult:
+def _forward_case(model: GLM, name: str, inputs: dict, outputs: dict, atol: float,
+                  backend: Optional[str]) -> CaseResult:
     ids = inputs["input_ids"]
     with torch.no_grad():
         logits = model(ids, inputs.get("position_ids"), prefix_len=inputs.get("prefix_len"),
@@ -158,7 +163,7 @@ def run_parity(model_or_dir: "GLM | str", cases: Optional[str] = None, atol: Opt
     if isinstance(model_or_dir, GLM):
         model = model_or_dir
         if cases is None:
-            raise ValueError("run_parity: pass cases= when giving a model instead of a folder")
+            raise ArgumentError("run_parity: pass cases= when giving a model instead of a folder")
     else:
         model = from_pretrained(model_or_dir, dtype=torch.float32, device=device)
         cases = cases or model_or_dir
@@ -166,7 +171,7 @@ def run_parity(model_or_dir: "GLM | str", cases: Optional[str] = None, atol: Opt
     raw = atol if atol is not None else meta.get("atol", 1e-4)
     # inf would pass every case whatever the logits, NaN none; a string or list is no tolerance at all.
     if isinstance(raw, bool) or not isinstance(raw, numbers.Real) or not math.isfinite(raw) or raw <= 0:
-        raise ValueError(f"atol must be a finite number > 0, got {raw!r} (--atol, or the cases file's 'atol')")
+        raise ArgumentError(f"atol must be a finite number > 0, got {raw!r} (--atol, or the cases file's 'atol')")
     tol = float(raw)
     dev = next(model.parameters()).device
     results = []

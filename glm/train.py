@@ -5,11 +5,9 @@ Reproducibility is structural: the batch of step ``s`` is drawn from an RNG seed
 the schedule, the step and torch's RNG. Resuming on CPU therefore reproduces the uninterrupted
 run's losses bit for bit.
 
-A checkpoint is plain data (tensors, numbers, strings, lists, dicts), read back with
-``weights_only=True`` so a planted pickle cannot run code, and ends with the sha256 of the bytes
-before it (``CHECKSUM_TAG``), checked before loading. It also records the run's settings: a resume
-compares them field by field (``RUN_FIELDS`` ... ``FREE_FIELDS``). One run at a time holds the run
-folder (``run_lock``).
+The run folder's housekeeping (the lock, claiming and clearing a folder, checksummed checkpoints,
+the metrics log) is `glm.run_folder`. A checkpoint also records the run's settings: a resume
+compares them field by field (``RUN_FIELDS`` ... ``FREE_FIELDS``).
 
 Multi-process (``torchrun --nproc_per_node N -m glm train ...``): every rank builds the same global
 batch and takes its own rows; each rank's loss is its token-loss *sum* over the global token count
@@ -20,32 +18,53 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked there
-    fcntl = None  # type: ignore[assignment]
+from typing import Any, Callable, Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import foreign_files, written_by_glm
-from .config import GLMConfig, preset
+from .config import GLMConfig
+from .corpus import (
+    CorpusSizeName,
+    InfillExample,
+    baseline_accuracy,
+    exact_match,
+    first_word,
+    generate_corpus,
+    read_documents,
+)
+from .data import Collator, Objective, SpecialIds, batch_rng, end_of_text_id, sentence_end_ids
 from .devices import check_device
-from .errors import TrainingError
-from .files import FileKindError, atomic_write, ensure_regular, read_bounded, write_failed
+from .errors import ArgumentError, DataError, TrainingError
+from .files import atomic_write, ensure_regular, read_bounded
+from .generate import encode_blank_text, infill_ids, tokenizer_infill_args
 from .model import GLM
+from .presets import preset
+from .run_folder import (
+    TOKENIZER_RECORD,
+    append_record,
+    checkpoints,
+    claim_run_folder,
+    keep_records_until,
+    load_checkpoint,
+    plot_metrics,
+    refuse_strangers,
+    remove_stale_temp_files,
+    run_lock,
+    save_checkpoint,
+)
+from .tokenizer import Tokenizer, load
+from .tokenizer import train as train_tokenizer
 from .tokenizer.load import MODEL_FILES
+
+ObjectiveKind = Literal["glm", "causal", "prefix"]
 
 
 @dataclass
@@ -56,10 +75,10 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     # Data: None = the embedded synthetic corpus; else text files / globs / JSONL (`text` field).
     data: Optional[list[str]] = None
-    corpus_size: str = "small"  # embedded corpus: tiny | small | base
+    corpus_size: CorpusSizeName = "small"  # the embedded corpus's size
     tokenizer: Optional[str] = None  # a tokenizer folder; None = train one on the training text
     vocab_size: int = 1000
-    objective: str = "glm"  # glm (blank infilling) | causal | prefix
+    objective: ObjectiveKind = "glm"  # glm = blank infilling, causal = left-to-right LM, prefix = prefix LM
     mix: Optional[tuple[float, float]] = None  # (bert_prob, gap_sentence_prob); None = the data default
     seq_len: int = 128
     batch_size: int = 16  # global batch (rows), split across ranks
@@ -88,9 +107,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Every field's type and range, before anything is read or written: a value outside them would
         not fail but train wrongly (a negative grad_clip reverses the update, 0 freezes it)."""
-        def bad(name: str, why: str) -> ValueError:
+        def bad(name: str, why: str) -> ArgumentError:
             flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-            return ValueError(f"TrainConfig.{name}{f' ({flag})' if flag else ''} {why}")
+            return ArgumentError(f"TrainConfig.{name}{f' ({flag})' if flag else ''} {why}")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -136,31 +155,31 @@ class TrainConfig:
                                           and all(isinstance(p, str) and p for p in self.data)):
             raise bad("data", f"must be None (the embedded corpus) or a non-empty list of file names or globs, such "
                               f"as ['books/*.txt'], got {self.data!r}")
-        if self.corpus_size not in ("tiny", "small", "base"):
+        if self.corpus_size not in get_args(CorpusSizeName):
             raise bad("corpus_size", f"must be tiny, small or base, got {self.corpus_size!r}")
         if self.resume and self.overwrite:
-            raise ValueError("TrainConfig: resume continues the run in out_dir and overwrite deletes it; pass one "
+            raise ArgumentError("TrainConfig: resume continues the run in out_dir and overwrite deletes it; pass one "
                              "of them (--resume or --overwrite), not both")
         if not isinstance(self.model_overrides, dict):
-            raise ValueError(f"TrainConfig.model_overrides must be a dict of GLMConfig fields (--model-overrides "
+            raise ArgumentError(f"TrainConfig.model_overrides must be a dict of GLMConfig fields (--model-overrides "
                              f"takes a JSON object such as '{{\"num_layers\": 4}}'), got "
                              f"{type(self.model_overrides).__name__}")
         if "vocab_size" in self.model_overrides:
-            raise ValueError("TrainConfig.model_overrides sets vocab_size, but the model's vocabulary is the "
+            raise ArgumentError("TrainConfig.model_overrides sets vocab_size, but the model's vocabulary is the "
                              "tokenizer's: set vocab_size (--vocab-size) to size the tokenizer trained for the "
                              "run, or tokenizer (--tokenizer) to use an existing one")
         known = {f.name for f in dataclasses.fields(GLMConfig)}
         unknown = sorted(set(self.model_overrides) - known)
         if unknown:
-            raise ValueError(f"TrainConfig.model_overrides has unknown GLMConfig fields {unknown}; known fields: "
+            raise ArgumentError(f"TrainConfig.model_overrides has unknown GLMConfig fields {unknown}; known fields: "
                              f"{sorted(known)}")
         max_pos = self.model_overrides.get("max_positions", self.seq_len + 1)
         if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos < self.seq_len + 1:
-            raise ValueError(f"TrainConfig.model_overrides sets max_positions {max_pos!r}, but rows of seq_len "
+            raise ArgumentError(f"TrainConfig.model_overrides sets max_positions {max_pos!r}, but rows of seq_len "
                              f"{self.seq_len} need an int of at least {self.seq_len + 1}; raise it or lower seq_len "
                              f"(--seq-len)")
-        if self.objective not in ("glm", "causal", "prefix"):
-            raise ValueError(f"TrainConfig.objective must be glm, causal or prefix, got {self.objective!r}")
+        if self.objective not in get_args(ObjectiveKind):
+            raise ArgumentError(f"TrainConfig.objective must be glm, causal or prefix, got {self.objective!r}")
 
 
 # The command-line flag of each TrainConfig field where it is not --field-name ("" = none).
@@ -204,300 +223,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, checksummed, keep-last-K, read back as plain data only
-
-# The last bytes of every trainer checkpoint: this tag, the sha256 of all bytes before it (64 hex
-# digits) and "\n". It goes into the temp file before the rename, so the digest is as atomic as the
-# checkpoint; torch.load reads the zip archive in front of it and ignores what follows.
-CHECKSUM_TAG = b"\nglm-sha256:"
-CHECKSUM_TRAILER = len(CHECKSUM_TAG) + 64 + 1
-
-
-def checkpoints(out_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))
-
-
-class _HashingWriter:
-    """The file object torch.save writes to: hashes each byte on its way into ``f`` and keeps the first
-    OSError the disk raised. torch's zip writer reports a failed write as a RuntimeError ("unexpected
-    pos ...") when it then tries to close the archive; the kept OSError says what really happened."""
-
-    def __init__(self, f) -> None:
-        self.f, self.sha, self.error = f, hashlib.sha256(), None
-
-    def write(self, data) -> int:
-        try:
-            n = self.f.write(data)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-        self.sha.update(data)
-        return n
-
-    def flush(self) -> None:
-        try:
-            self.f.flush()
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-
-def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str:
-    """Write ``ckpt-{step}.pt`` atomically (temp file + fsync + rename) with its sha256 at the end, then
-    drop all but the last ``keep_last``. A failure (disk full, ...) leaves the earlier checkpoints as
-    they were and is an OSError naming the file, whatever layer of torch.save met it."""
-    path = os.path.join(out_dir, f"ckpt-{step:07d}.pt")
-
-    def write(f) -> None:
-        out = _HashingWriter(f)
-        try:
-            torch.save(state, out)
-        except RuntimeError:
-            if out.error is None:
-                raise
-            raise out.error from None
-        f.write(CHECKSUM_TAG + out.sha.hexdigest().encode() + b"\n")
-
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise write_failed(e, path, f"the earlier checkpoints in {out_dir} are intact; free space (or lower "
-                                    f"--keep-last), then rerun with --resume") from e
-    for old in checkpoints(out_dir)[:-keep_last]:
-        os.remove(old)
-    return path
-
-
-def verify_checkpoint(path: str) -> None:
-    """Compare a trainer checkpoint's bytes with the sha256 recorded at its end; a TrainingError naming
-    the file when the record is missing (cut short, not glm's) or does not match (flipped bytes)."""
-    size = os.path.getsize(path)
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        tail = b""
-        if size >= CHECKSUM_TRAILER:
-            f.seek(size - CHECKSUM_TRAILER)
-            tail = f.read(CHECKSUM_TRAILER)
-        fix = "delete it to resume from the previous one, or pass verify=False (--no-verify) to load it anyway"
-        if not (tail.startswith(CHECKSUM_TAG) and tail.endswith(b"\n")):
-            raise TrainingError(f"{path}: cannot read this checkpoint (its sha256 record is missing: the file was "
-                                f"cut short, or not written by glm's trainer); {fix}")
-        f.seek(0)
-        left = size - CHECKSUM_TRAILER
-        while left > 0:
-            chunk = f.read(min(left, 1 << 24))
-            if not chunk:
-                break
-            sha.update(chunk)
-            left -= len(chunk)
-    if sha.hexdigest().encode() != tail[len(CHECKSUM_TAG):-1]:
-        raise TrainingError(f"{path}: cannot read this checkpoint (its bytes differ from the sha256 recorded when "
-                            f"glm wrote it: changed on disk or in a copy); {fix}")
-
-
-# What a trainer checkpoint holds, with the type of each entry.
-_STATE = {"model": dict, "optimizer": dict, "step": int, "torch_rng": torch.Tensor, "config": dict,
-          "model_config": dict}
-
-
-def load_checkpoint(path: str, device: torch.device, verify: bool = True) -> dict:
-    """A trainer checkpoint, or a TrainingError naming the file and what to do.
-
-    Only tensors and plain containers load (``weights_only=True``): a pickle that would build other
-    objects, i.e. run code, is refused, as a file glm's trainer never writes."""
-    try:
-        ensure_regular(path, "trainer checkpoint")
-    except FileKindError as e:
-        raise TrainingError(f"{e}; or move it out of the run folder") from None
-    if verify:
-        verify_checkpoint(path)
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise TrainingError(f"{path}: cannot read this checkpoint (UnpicklingError: {str(e)[:200]}); delete it "
-                                f"to resume from the previous one, or start over without --resume") from None
-        raise TrainingError(f"{path}: refused: this file holds pickled objects other than tensors and plain data, "
-                            f"which glm never loads because unpickling them can run code; glm's trainer did not "
-                            f"write it, so move it out of the run folder") from None
-    except Exception as e:  # truncated / corrupted: zip and EOF errors of many kinds
-        raise TrainingError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); delete it to resume "
-                            f"from the previous one, or start over without --resume") from None
-    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) and not isinstance(state.get(k), bool)
-                                              for k, t in _STATE.items()):
-        raise TrainingError(f"{path}: not a glm trainer checkpoint (needs {', '.join(_STATE)}); move it out of the "
-                            f"run folder")
-    return state
-
-
-# ------------------------------------------------------------------------------------------------
-# The run folder: one run at a time, and --overwrite deletes only what the trainer wrote
-
-# What `train` writes at the top of out_dir, with the temp names it writes them under first.
-RUN_FILES = ("metrics.jsonl", "metrics.jsonl.tmp", "loss.png", "loss.png.tmp.png", "train_text.txt",
-             "train_text.txt.tmp")
-TOKENIZER_RECORD = "glm_train_settings.json"  # beside a tokenizer the trainer trained: what it was trained with
-LOCK_FILE = ".lock"
-
-
-@contextlib.contextmanager
-def run_lock(out_dir: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``out_dir/.lock`` (holding this process's id) for the block, so a
-    second run into the same folder, from any process, fails at once instead of interleaving its
-    checkpoints, pruning and metrics with this one. The file is removed on the way out, while still
-    locked; a run that opened it just before then sees it is gone and locks the new one instead."""
-    if fcntl is None:  # no flock on this platform
-        yield
-        return
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TrainingError(f"{out_dir} exists and is not a folder; pass a folder for the run (--out)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"{out_dir}: cannot create the run folder ({e.strerror or e}); pass a writable folder "
-                            f"(--out)") from None
-    path = os.path.join(out_dir, LOCK_FILE)
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as e:
-            raise TrainingError(f"{path}: cannot open the run folder's lock file ({e.strerror or e}); remove it "
-                                f"if it is not glm's, then rerun") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise TrainingError(f"{out_dir} is in use by another glm train run (process {holder or 'unknown'} holds "
-                                f"{path}); wait for it to finish, or use another out_dir (--out)") from None
-        try:
-            current = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(current, os.fstat(fd)):
-            break
-        os.close(fd)  # locked a file the previous holder had just removed
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _json_or_none(path: str) -> Any:
-    try:
-        return json.loads(read_bounded(path, what=os.path.basename(path)))
-    except (OSError, ValueError):
-        return None
-
-
-# The tokenizer files the final save adds to OUT/model beside glm's checkpoint writer's files.
-_TOKENIZER_FILES = ("tokenizer_config.json", *MODEL_FILES)
-
-
-def model_folder_strangers(model_dir: str) -> list[str]:
-    """The entries of ``model_dir`` (OUT/model) that the run's final save did not write, sorted; folders
-    end in "/". Ours are what glm's checkpoint writer writes (config.json, weights, index, checksum
-    record) and the tokenizer's files, in a folder that writer wrote; in any other folder nothing is
-    ours. Empty when the folder is absent (or a link, which clear_run never follows)."""
-    if not os.path.isdir(model_dir) or os.path.islink(model_dir):
-        return []
-    if not written_by_glm(model_dir):
-        return [name + ("/" if os.path.isdir(os.path.join(model_dir, name)) else "")
-                for name in sorted(os.listdir(model_dir))]
-    return foreign_files(model_dir, carried=_TOKENIZER_FILES)
-
-
-def _refuse_strangers(model_dir: str) -> None:
-    strangers = model_folder_strangers(model_dir)
-    if strangers:
-        shown = ", ".join(strangers[:10]) + (f" and {len(strangers) - 10} more" if len(strangers) > 10 else "")
-        raise TrainingError(f"{model_dir} holds files glm's trainer did not write ({shown}); the run's final save "
-                            f"replaces that folder, so move them elsewhere first, or use another out_dir (--out)")
-
-
-def claim_run_folder(cfg: TrainConfig, is_main: bool = True) -> None:
-    """Make sure ``cfg.out_dir`` holds no other run this one would mix with: without ``resume``, a folder
-    with checkpoints is refused (keep-newest-K pruning goes by step number, so the old run's later
-    checkpoints would outlive the new run's, and a later resume would continue the old run), unless
-    ``overwrite`` asks to delete that run first (done by rank 0). OUT/model holding files the trainer
-    did not write is refused up front, since the final save replaces that folder."""
-    ckpts = checkpoints(cfg.out_dir)
-    if ckpts and not cfg.resume and not cfg.overwrite:
-        raise TrainingError(f"{cfg.out_dir} already holds a run (checkpoints up to {os.path.basename(ckpts[-1])}); "
-                            f"pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to delete its "
-                            f"checkpoints, metrics, tokenizer and model and start over, or use a new out_dir (--out)")
-    _refuse_strangers(os.path.join(cfg.out_dir, "model"))
-    if cfg.overwrite and is_main:
-        clear_run(cfg.out_dir, keep=cfg.tokenizer)
-
-
-def clear_run(out_dir: str, keep: Optional[str] = None) -> list[str]:
-    """Delete what `train` writes into ``out_dir`` (checkpoints and their temp files, metrics, plot,
-    tokenizer training text, the trainer's files in ``tokenizer/`` and ``model/``) and nothing else;
-    ``keep`` (a folder this run reads, e.g. ``--tokenizer OUT/tokenizer``) is left alone. A ``model/``
-    that holds anything else is a TrainingError before anything is deleted. Returns the deleted paths."""
-    if not os.path.isdir(out_dir):
-        return []
-    kept = os.path.realpath(keep) if keep else None
-
-    def ours(folder: str) -> bool:  # a real folder (never through a link), not the kept one nor one holding it
-        real = os.path.realpath(folder)
-        return (os.path.isdir(folder) and not os.path.islink(folder)
-                and not (kept and (kept == real or kept.startswith(real + os.sep))))
-
-    model_dir = os.path.join(out_dir, "model")
-    if ours(model_dir):
-        _refuse_strangers(model_dir)
-    gone = glob.glob(os.path.join(out_dir, "ckpt-*.pt")) + glob.glob(os.path.join(out_dir, "ckpt-*.pt.tmp-*"))
-    gone += [os.path.join(out_dir, name) for name in RUN_FILES]
-    gone = [p for p in gone if os.path.isfile(p)]
-    for path in gone:
-        os.remove(path)
-    tok_dir = os.path.join(out_dir, "tokenizer")
-    if ours(tok_dir):
-        # Only the files the tokenizer trainer wrote (model file, config, our record); a folder that then
-        # still holds something else is not ours to delete.
-        names = [TOKENIZER_RECORD, "tokenizer_config.json"]
-        tok_config = _json_or_none(os.path.join(tok_dir, "tokenizer_config.json"))
-        if isinstance(tok_config, dict):
-            names.append(os.path.basename(str(tok_config.get("model_file", ""))))
-        for name in filter(None, names):
-            for path in glob.glob(os.path.join(tok_dir, glob.escape(name))) + glob.glob(
-                    os.path.join(tok_dir, glob.escape(name) + ".tmp-*")):
-                os.remove(path)
-                gone.append(path)
-        if not os.listdir(tok_dir):
-            os.rmdir(tok_dir)
-    if ours(model_dir):
-        # Deleting the old run's model now keeps a crashed new run from leaving it beside the new
-        # run's metrics; _refuse_strangers above made sure every file here is one the final save wrote.
-        for name in os.listdir(model_dir):
-            os.remove(os.path.join(model_dir, name))
-            gone.append(os.path.join(model_dir, name))
-        os.rmdir(model_dir)
-        gone.append(model_dir)
-    return gone
-
-
-def remove_stale_temp_files(out_dir: str) -> list[str]:
-    """Delete ``ckpt-*.pt.tmp-*`` files that a killed run (kill -9, power loss) left mid-write; they
-    are never read (`checkpoints` only lists complete ``ckpt-*.pt``). Call only under `run_lock`."""
-    stale = glob.glob(os.path.join(out_dir, "ckpt-*.pt.tmp-*"))
-    for path in stale:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-    return stale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,7 +343,7 @@ def _resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = check_device(name)
     if device.type == "meta":
-        raise ValueError("TrainConfig.device (--device) 'meta' holds shapes but no data, so nothing can be trained "
+        raise ArgumentError("TrainConfig.device (--device) 'meta' holds shapes but no data, so nothing can be trained "
                          "on it; use cpu or cuda")
     return device
 
@@ -687,12 +412,12 @@ def check_memory(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, w
 @dataclass
 class Prepared:
     """Everything the loop needs, derived once from the config."""
-    tokenizer: Any
+    tokenizer: Tokenizer
     train_docs: list[list[int]]
     heldout_docs: list[list[int]]
-    examples: list  # glm.corpus.InfillExample (empty for user data)
+    examples: list[InfillExample]  # the embedded corpus's held-out blanks (none for user data)
     baseline: Optional[float]
-    collator: Any
+    collator: Collator
 
 
 def _chunk(ids: list[int], limit: int) -> list[list[int]]:
@@ -700,11 +425,6 @@ def _chunk(ids: list[int], limit: int) -> list[list[int]]:
 
 
 def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 1) -> Prepared:
-    from .corpus import baseline_accuracy, generate_corpus, read_documents
-    from .data import Collator, Objective, sentence_end_ids
-    from .tokenizer import load
-    from .tokenizer import train as train_tokenizer
-
     examples, baseline = [], None
     if cfg.data is None:
         corpus = generate_corpus(seed=cfg.seed, size=cfg.corpus_size)
@@ -781,8 +501,6 @@ def _check_reused_tokenizer(tok, tok_dir: str, wanted: dict) -> None:
 def _special_ids(tok, tok_dir: str):
     """The objective's special ids for ``tok``. ChatGLM-6B's eos is <eop>, also the span end the objective
     inserts; its release tokenizer's ``end_token`` </s> ends the documents instead."""
-    from .data import DataError, SpecialIds, end_of_text_id
-
     eos = None
     inserted = {tok.sop_id, tok.eop_id, *dict(tok.mask_ids).values()}
     if tok.eos_ids and tok.eos_ids[0] in inserted:
@@ -795,8 +513,6 @@ def _special_ids(tok, tok_dir: str):
 
 def global_batch(prep: Prepared, cfg: TrainConfig, micro_step: int, docs: Optional[list] = None):
     """The global batch of micro-step ``micro_step``: a function of (seed, micro_step) only."""
-    from .data import batch_rng
-
     docs = docs if docs is not None else prep.train_docs
     rng = batch_rng(cfg.seed, micro_step)
     idx = rng.integers(0, len(docs), size=cfg.batch_size)
@@ -830,9 +546,6 @@ def loss_sum(model: torch.nn.Module, batch, autocast: bool, device: torch.device
 @torch.no_grad()
 def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device, max_examples: int) -> dict:
     """Held-out loss/perplexity (same objective, fixed batches) and blank-infilling exact match."""
-    from .corpus import exact_match, first_word
-    from .generate import _tokenizer_infill_args, encode_blank_text, infill_ids
-
     was_training = model.training
     model.eval()
     out: dict[str, float] = {}
@@ -846,11 +559,10 @@ def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device,
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
     if prep.examples and model.config.position_streams == 2:
         tok = prep.tokenizer
-        args = _tokenizer_infill_args(tok)
+        args = tokenizer_infill_args(tok)
         hits, first_hits, preds = 0, 0, []
         for ex in prep.examples[:max_examples]:
-            ids = encode_blank_text(tok, ex.text_with_blank)
-            ids = tok.build_inputs(ids) if tok.family == "glm" else ids
+            ids = tok.infill_prompt(encode_blank_text(tok, ex.text_with_blank))  # as glm.generate.infill
             res = infill_ids(model, ids, max_span_tokens=12, **args)
             pred = tok.decode(res.spans[0], skip_special_tokens=True) if res.spans else ""
             preds.append(pred)
@@ -869,48 +581,6 @@ def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device,
 # ------------------------------------------------------------------------------------------------
 # The loop
 
-def _parse_record(line: str) -> Optional[dict]:
-    """One metrics.jsonl line, or None for a torn / foreign one."""
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) and line.endswith("\n") else None
-
-
-def _log(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def plot_metrics(metrics_path: str, png_path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8") if line.strip()]
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if tr:
-        ax.plot(*zip(*tr), lw=0.8, label="train loss")
-    if ev:
-        ax.plot(*zip(*ev), "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
-
-
 def _is_terminal(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -923,13 +593,63 @@ def _progress_every(steps: int) -> int:
     return max(1, min(100, math.ceil(steps / 10)))
 
 
+class _Progress:
+    """Progress on stderr: a tqdm bar on a terminal; in a log file or pipe, a plain line every
+    `_progress_every` steps instead of a bar nobody sees until the end; nothing when not ``show``."""
+
+    def __init__(self, steps: int, start: int, show: bool) -> None:
+        self.steps, self.bar, self.every = steps, None, 0
+        if show and _is_terminal(sys.stderr):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True)
+        elif show:
+            self.every = _progress_every(steps)
+
+    def update(self, record: dict, elapsed: float) -> None:
+        step, loss, speed = record["step"], record["loss"], record["tokens_per_s"]
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}")
+            self.bar.update(1)
+        elif self.every and (step % self.every == 0 or step == self.steps):
+            print(f"train: step {step}/{self.steps} ({step / self.steps:.0%})  loss {loss:.4f}  {speed:.0f} tokens/s  "
+                  f"{elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class _Run:
+    """What the loop works on, set up once by `_start_run`."""
+    cfg: TrainConfig
+    model_cfg: GLMConfig  # vocab_size is the tokenizer's
+    device: torch.device
+    rank: int
+    world: int
+    prep: Prepared
+    model: GLM  # what checkpoints and OUT/model hold
+    wrapped: torch.nn.Module  # the model under DDP / FSDP (world > 1), else the model: its gradients are clipped
+    forward: torch.nn.Module  # wrapped, compiled when cfg.compile
+    optimizer: torch.optim.Optimizer
+    start: int  # the first step to run: the resumed checkpoint's, else 0
+    tokenizer_sha256: Optional[str]
+    metrics: str  # OUT/metrics.jsonl
+    last_ckpt: Optional[str]  # this run's newest checkpoint, named when a non-finite loss stops the run
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
     """Run (or resume) a pretraining run; returns a summary. See the module docstring."""
     cfg.validate()
     device = _resolve_device(cfg.device)
     rank, world = _setup_distributed(device)
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+        raise ArgumentError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     model_cfg = model_config_for(cfg)
     check_memory(cfg, model_cfg, device, world)
     # Rank 0 holds the folder for the whole run; the other ranks of the same run follow it.
@@ -939,165 +659,29 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
 
 def _train_locked(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, rank: int, world: int,
                   on_step: Optional[Callable[[int, float], None]]) -> dict:
-    is_main = rank == 0
-    claim_run_folder(cfg, is_main)
-    if world > 1:
-        torch.distributed.barrier()  # rank 0 has cleared an overwritten run before anyone reads the folder
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if is_main:
-        remove_stale_temp_files(cfg.out_dir)
-    ckpts = checkpoints(cfg.out_dir)
-    state, start, changes = None, 0, {}
-    if cfg.resume and ckpts:
-        # Read and compared before the data is prepared: a refused resume changes nothing in the folder.
-        state = load_checkpoint(ckpts[-1], device, verify=cfg.verify)
-        changes = check_resume(ckpts[-1], state, cfg, model_cfg)
-        start = state["step"]
-    elif cfg.resume and is_main:
-        print(f"--resume: no checkpoint in {cfg.out_dir}; starting from step 0")
-    prep = prepare(cfg, model_cfg, rank, world)
-    tok_dir = cfg.tokenizer or os.path.join(cfg.out_dir, "tokenizer")
-    tok_sha = tokenizer_fingerprint(tok_dir)
-    if state is not None:
-        check_resumed_tokenizer(ckpts[-1], state, tok_dir, tok_sha)
-    model_cfg = model_cfg.replace(vocab_size=prep.tokenizer.vocab_size)
-    torch.manual_seed(cfg.seed)
-    model = GLM(model_cfg).to(device)
-    model.init_weights(seed=cfg.seed)
-    model.train()
-    optimizer = make_optimizer(model, cfg)
-
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            first = " ".join(lines[:2])[:300] if lines else type(e).__name__
-            raise TrainingError(f"{ckpts[-1]}: this checkpoint was written for another model or optimizer setup "
-                                f"({first}); resume with the run's original settings or use a new --out") from None
-        # load_state_dict restores the checkpoint's hyperparameters; an allowed change takes effect
-        # here (the lr is set every step from the schedule).
-        optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
-        for g in optimizer.param_groups:
-            g["betas"] = tuple(cfg.betas)
-        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it with the rest
-        del state
-    if is_main:
-        # Keep what the run logged up to the step it continues from (none for a fresh start, also when
-        # --resume found no checkpoint); drop later records and a line torn by a kill.
-        keep = []
-        if start and os.path.exists(metrics_path):
-            keep = [line for line in open(metrics_path, encoding="utf-8", errors="replace")
-                    if (rec := _parse_record(line)) is not None and isinstance(rec.get("step"), int)
-                    and rec["step"] <= start]
-        if keep:
-            with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(metrics_path + ".tmp", metrics_path)
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        if changes:
-            _log(metrics_path, {"step": start, "event": "settings_changed",
-                                "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
-
-    raw_model = model
-    if world > 1:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.layers:
-                fully_shard(block)
-            model = fully_shard(model)
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd_model = torch.compile(model) if cfg.compile else model
-    autocast = device.type == "cuda"
-
-    bar, every = None, 0
-    if cfg.progress and is_main:
-        if _is_terminal(sys.stderr):
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
-        else:  # a log file or pipe: a plain line now and then instead of a bar nobody sees until the end
-            every = _progress_every(cfg.steps)
-    last_ckpt = ckpts[-1] if ckpts and cfg.resume else None
-    t_start = time.perf_counter()
-    tokens_seen = 0
+    run = _start_run(cfg, model_cfg, device, rank, world)
+    progress = _Progress(cfg.steps, run.start, show=cfg.progress and run.is_main)
+    t_start, tokens_seen = time.perf_counter(), 0
     summary: dict[str, Any] = {}
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        total_loss, total_tokens = 0.0, 0
-        micro = [global_batch(prep, cfg, step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
-        global_tokens = sum(b.num_loss_tokens for b in micro)
-        for b in micro:
-            mine = _rows(b, rank, world).to(device)
-            ls = loss_sum(fwd_model, mine, autocast, device)
-            # Divide by the global token count (not this rank's): DDP's average of these gradients
-            # times world is the single-process gradient of the whole global batch.
-            (ls * world / max(global_tokens, 1)).backward()
-            total_loss += float(ls.detach())
-            total_tokens += int(b.tokens.shape[0] * b.tokens.shape[1])
-        if world > 1:
-            t = torch.tensor([total_loss], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(t)
-            total_loss = float(t)
-        loss = total_loss / max(global_tokens, 1)
-        if not math.isfinite(loss):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise TrainingError(f"step {step + 1}: the loss is {loss}; stopping ({where}). Lower --lr, raise --warmup "
-                                f"or check the data, then resume with --resume")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        optimizer.step()
-        tokens_seen += total_tokens
+    for step in range(run.start, cfg.steps):
+        loss, lr, grad_norm, tokens = _step(run, step)
+        tokens_seen += tokens
         elapsed = time.perf_counter() - t_start
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
         if on_step is not None:
             on_step(step + 1, loss)
         done = step + 1 == cfg.steps
-        if is_main:
-            _log(metrics_path, record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-            elif every and ((step + 1) % every == 0 or done):
-                print(f"train: step {step + 1}/{cfg.steps} ({(step + 1) / cfg.steps:.0%})  loss {loss:.4f}  "
-                      f"{record['tokens_per_s']:.0f} tokens/s  {elapsed:.0f} s", file=sys.stderr, flush=True)
-        if is_main and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            ev = evaluate(raw_model, prep, cfg, device, cfg.eval_examples)
-            preds = ev.pop("_predictions", None)
-            _log(metrics_path, {"step": step + 1, **ev})
-            summary.update(ev)
-            if done and preds is not None:
-                summary["predictions"] = preds
-                summary["examples"] = [(e.text_with_blank, e.answer, e.kind) for e in prep.examples[:len(preds)]]
-        if is_main and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
-            # Plain data only (tensors, dicts, lists, numbers, strings), so it loads with weights_only=True.
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                     "torch_rng": torch.get_rng_state(), "config": _plain(dataclasses.asdict(cfg)),
-                     "model_config": _plain(model_cfg.to_dict()), "tokenizer_sha256": tok_sha}
-            last_ckpt = save_checkpoint(cfg.out_dir, state, step + 1, cfg.keep_last)
-            del state
-        if world > 1 and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
-            torch.distributed.barrier()
-    if bar is not None:
-        bar.close()
-    if is_main:
-        final = os.path.join(cfg.out_dir, "model")
-        # Files put into OUT/model during the run would be lost to the save below: refuse instead
-        # (the checkpoint holds the run; after moving them, --resume only writes the model).
-        _refuse_strangers(final)
-        raw_model.save_pretrained(final, format="glm", overwrite=True)
-        prep.tokenizer.save(final)
-        summary.update(model_dir=final, metrics=metrics_path, checkpoint=last_ckpt,
-                       plot=plot_metrics(metrics_path, os.path.join(cfg.out_dir, "loss.png")),
-                       baseline=prep.baseline, parameters=model_cfg.num_parameters,
-                       seconds=time.perf_counter() - t_start)
+        if run.is_main:
+            append_record(run.metrics, record)
+            progress.update(record, elapsed)
+        if run.is_main and _due(cfg.eval_every, step + 1, done):
+            summary.update(_evaluate_and_log(run, step + 1, final=done))
+        if _due(cfg.ckpt_every, step + 1, done):
+            _checkpoint(run, step + 1)
+    progress.close()
+    if run.is_main:
+        summary.update(_finish(run, t_start))
     if world > 1:
         # Every rank returns once the run is complete (the final model written), so the ranks also
         # reach the process group's teardown together: a rank tearing down while rank 0 still
@@ -1106,55 +690,163 @@ def _train_locked(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, 
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
-# make demo
-
-DEMO = TrainConfig(
-    out_dir="runs/demo", model="tiny-glm",
-    model_overrides={"hidden_size": 192, "num_layers": 4, "num_heads": 6, "num_kv_heads": 6, "head_dim": 32,
-                     "ffn_hidden_size": 768},
-    corpus_size="tiny", vocab_size=1000, seq_len=128, batch_size=32, steps=1500, lr=3e-3, warmup=100,
-    eval_every=0, ckpt_every=500, eval_examples=160)
+def _due(every: int, step: int, done: bool) -> bool:
+    """Whether an every-``every``-steps cadence (0: only after the last step) falls after ``step``."""
+    return done or bool(every and step % every == 0)
 
 
-def _earlier_run_of(cfg: TrainConfig) -> bool:
-    """Whether ``cfg.out_dir``'s newest checkpoint was written by a run of ``cfg`` (up to its length:
-    only `FREE_FIELDS` may differ). A checkpoint that does not load (checksum, pickled code) is not."""
+def _start_run(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, rank: int, world: int) -> _Run:
+    """Everything before the first step: the run folder claimed, the checkpoint to resume read and
+    checked against the settings, the data prepared, the model and optimizer built (and restored),
+    the metrics log cut back to the step the run continues from, the model wrapped and compiled."""
+    is_main = rank == 0
+    claim_run_folder(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, keep=cfg.tokenizer, is_main=is_main)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 has cleared an overwritten run before anyone reads the folder
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if is_main:
+        remove_stale_temp_files(cfg.out_dir)
     ckpts = checkpoints(cfg.out_dir)
-    if not ckpts:
-        return False
+    resume_from = ckpts[-1] if cfg.resume and ckpts else None
+    state, changes = None, {}
+    if resume_from is not None:
+        # Read and compared before the data is prepared: a refused resume changes nothing in the folder.
+        state = load_checkpoint(resume_from, device, verify=cfg.verify)
+        changes = check_resume(resume_from, state, cfg, model_cfg)
+    elif cfg.resume and is_main:
+        print(f"--resume: no checkpoint in {cfg.out_dir}; starting from step 0")
+    prep = prepare(cfg, model_cfg, rank, world)
+    tok_dir = cfg.tokenizer or os.path.join(cfg.out_dir, "tokenizer")
+    tok_sha = tokenizer_fingerprint(tok_dir)
+    model_cfg = model_cfg.replace(vocab_size=prep.tokenizer.vocab_size)
+    model, optimizer = _build_model(cfg, model_cfg, device)
+    start = 0
+    if resume_from is not None:
+        check_resumed_tokenizer(resume_from, state, tok_dir, tok_sha)
+        _restore(resume_from, state, model, optimizer, cfg)
+        start = state["step"]
+        del state  # the model and optimizer hold their own copies now
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if is_main:
+        # Keep what the run logged up to the step it continues from (none for a fresh start, also when
+        # --resume found no checkpoint); drop later records and a line torn by a kill.
+        keep_records_until(metrics, start)
+        if changes:
+            append_record(metrics, {"step": start, "event": "settings_changed",
+                                    "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
+    wrapped = _distribute(model, cfg, device, world)
+    return _Run(cfg, model_cfg, device, rank, world, prep, model, wrapped, torch.compile(wrapped) if cfg.compile
+                else wrapped, optimizer, start, tok_sha, metrics, last_ckpt=resume_from)
+
+
+def _build_model(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device) -> tuple[GLM, torch.optim.Optimizer]:
+    torch.manual_seed(cfg.seed)
+    model = GLM(model_cfg).to(device)
+    model.init_weights(seed=cfg.seed)
+    model.train()
+    return model, make_optimizer(model, cfg)
+
+
+def _restore(path: str, state: dict, model: GLM, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Load the checkpoint ``state`` (read from ``path``) into the model and optimizer, then apply the
+    optimizer settings of ``cfg`` (changes `check_resume` allowed) and restore torch's RNG."""
     try:
-        state = load_checkpoint(ckpts[-1], torch.device("cpu"), verify=cfg.verify)
-        run, optimizer = setting_changes(state["config"], state["model_config"], cfg, model_config_for(cfg))
-    except (TrainingError, ValueError):  # unreadable or refused: not provably ours
-        return False
-    return not run and set(optimizer) <= {"steps"}
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = " ".join(lines[:2])[:300] if lines else type(e).__name__
+        raise TrainingError(f"{path}: this checkpoint was written for another model or optimizer setup "
+                            f"({first}); resume with the run's original settings or use a new --out") from None
+    # load_state_dict restores the checkpoint's hyperparameters; an allowed change takes effect
+    # here (the lr is set every step from the schedule).
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+    for g in optimizer.param_groups:
+        g["betas"] = tuple(cfg.betas)
+    torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it with the rest
 
 
-def demo(cfg: TrainConfig = DEMO, show: int = 10) -> dict:
-    """Pretrain a tiny GLM on the embedded corpus, then show held-out blanks, fills and answers.
+def _distribute(model: GLM, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
+    """``model`` under FSDP (``cfg.fsdp``, one unit per block) or DDP when there are several processes."""
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
 
-    Rerunning the demo replaces an earlier demo run in ``cfg.out_dir`` (the same command rebuilds it);
-    any other run there is refused as `train` refuses it."""
-    t0 = time.perf_counter()
-    if not cfg.resume and not cfg.overwrite and _earlier_run_of(cfg):
-        cfg = dataclasses.replace(cfg, overwrite=True)
-    summary = train(cfg)
-    print()
-    print(f"pretrained a {summary['parameters'] / 1e6:.1f}M-parameter GLM for {cfg.steps} steps in "
-          f"{time.perf_counter() - t0:.0f} s (blank infilling: [MASK] spans, [sMASK] sentences, [gMASK] suffixes)")
-    print()
-    print("held-out examples (the model never saw these sentences):")
-    from .corpus import exact_match, first_word
+        for block in model.layers:
+            fully_shard(block)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
 
-    for (text, answer, kind), pred in list(zip(summary.get("examples", []), summary.get("predictions", [])))[:show]:
-        mark = "ok " if exact_match(first_word(pred), answer) else "   "
-        print(f"  {mark} [{kind}] {text}\n        model: {pred!r}   answer: {answer!r}")
-    print()
-    n = len(summary.get("predictions", []))
-    print(f"held-out exact match on {n} blanks: {summary['exact_match_first_word']:.1%} on the fill's first word, "
-          f"{summary['exact_match']:.1%} on the whole fill   (most-frequent-answer baseline: {summary['baseline']:.1%})")
-    print(f"held-out loss {summary.get('eval_loss', float('nan')):.3f} (perplexity {summary.get('eval_ppl', float('nan')):.1f})")
-    print(f"loss curve: {summary['plot']}\nmodel + tokenizer: {summary['model_dir']}\ncheckpoint: {summary['checkpoint']}"
-          f"\nmetrics: {summary['metrics']}")
-    return summary
+
+def _step(run: _Run, step: int) -> tuple[float, float, float, int]:
+    """Optimizer step ``step`` (0-based) on its global batch of ``grad_accum`` micro-batches, of which
+    this process runs its rows. Returns the loss per target token of the global batch, the lr, the
+    gradient norm before clipping and the tokens of the global batch."""
+    cfg = run.cfg
+    lr = lr_at(step, cfg)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    run.optimizer.zero_grad(set_to_none=True)
+    total_loss, total_tokens = 0.0, 0
+    micro = [global_batch(run.prep, cfg, step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
+    global_tokens = sum(b.num_loss_tokens for b in micro)
+    for b in micro:
+        mine = _rows(b, run.rank, run.world).to(run.device)
+        ls = loss_sum(run.forward, mine, run.device.type == "cuda", run.device)
+        # Divide by the global token count (not this rank's): DDP's average of these gradients
+        # times world is the single-process gradient of the whole global batch.
+        (ls * run.world / max(global_tokens, 1)).backward()
+        total_loss += float(ls.detach())
+        total_tokens += int(b.tokens.shape[0] * b.tokens.shape[1])
+    if run.world > 1:
+        t = torch.tensor([total_loss], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(t)
+        total_loss = float(t)
+    loss = total_loss / max(global_tokens, 1)
+    if not math.isfinite(loss):
+        where = f"the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written yet"
+        raise TrainingError(f"step {step + 1}: the loss is {loss}; stopping ({where}). Lower --lr, raise --warmup "
+                            f"or check the data, then resume with --resume")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), cfg.grad_clip))
+    run.optimizer.step()
+    return loss, lr, grad_norm, total_tokens
+
+
+def _evaluate_and_log(run: _Run, step: int, final: bool) -> dict:
+    """`evaluate` after ``step``, logged to the metrics; what the summary gets (after the last step, with
+    the predictions and the examples they answer)."""
+    ev = evaluate(run.model, run.prep, run.cfg, run.device, run.cfg.eval_examples)
+    preds = ev.pop("_predictions", None)
+    append_record(run.metrics, {"step": step, **ev})
+    if final and preds is not None:
+        ev["predictions"] = preds
+        ev["examples"] = [(e.text_with_blank, e.answer, e.kind) for e in run.prep.examples[:len(preds)]]
+    return ev
+
+
+def _checkpoint(run: _Run, step: int) -> None:
+    """Rank 0 writes the checkpoint of ``step``; the other ranks wait for it."""
+    if run.is_main:
+        # Plain data only (tensors, dicts, lists, numbers, strings), so it loads with weights_only=True.
+        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
+                 "torch_rng": torch.get_rng_state(), "config": _plain(dataclasses.asdict(run.cfg)),
+                 "model_config": _plain(run.model_cfg.to_dict()), "tokenizer_sha256": run.tokenizer_sha256}
+        run.last_ckpt = save_checkpoint(run.cfg.out_dir, state, step, run.cfg.keep_last)
+    if run.world > 1:
+        torch.distributed.barrier()
+
+
+def _finish(run: _Run, t_start: float) -> dict:
+    """Save the model and tokenizer to OUT/model, plot the metrics; the summary's paths and numbers."""
+    out = run.cfg.out_dir
+    final = os.path.join(out, "model")
+    # Files put into OUT/model during the run would be lost to the save below: refuse instead
+    # (the checkpoint holds the run; after moving them, --resume only writes the model).
+    refuse_strangers(final)
+    run.model.save_pretrained(final, format="glm", overwrite=True)
+    run.prep.tokenizer.save(final)
+    return dict(model_dir=final, metrics=run.metrics, checkpoint=run.last_ckpt,
+                plot=plot_metrics(run.metrics, os.path.join(out, "loss.png")), baseline=run.prep.baseline,
+                parameters=run.model_cfg.num_parameters, seconds=time.perf_counter() - t_start)

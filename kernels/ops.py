@@ -19,8 +19,8 @@ the three attention ops (bf16/fp16, head dims multiple of 8 up to 128).
 is the one in :mod:`glm.attention`. ``lse`` is fp32 ``[B, n, Tq]`` (natural log; ``-inf`` for a row that
 sees no key, whose output is 0); ``stats`` fp32 ``[B, n, Tq, 2]`` holds each row's score maximum and
 log2 of its softmax sum (log2 domain), which the backward needs separately to recompute the
-probabilities without losing precision at large logits. This module adds the fake (meta) implementations and the autograd
-formula, so eager mode, autograd and ``torch.compile`` all see one op, and registers the ``fused``
+probabilities without losing precision at large logits. This module adds the fake (meta) implementations
+and the autograd formula, so eager mode, autograd and ``torch.compile`` all see one op, and registers the ``fused``
 attention backend.
 """
 from __future__ import annotations
@@ -33,11 +33,12 @@ import torch
 from torch import Tensor
 
 from glm.attention import register_backend
+from glm.errors import KernelUnavailable
 
 _load_error: Optional[str] = None
 _cuda_load_error: Optional[str] = None
 try:
-    from glm.kernels import _C  # noqa: F401  (loading it registers the ops)
+    import glm.kernels._C  # noqa: F401  (loading it registers the ops)
 except ImportError as exc:  # not built (isolated install, no compiler) or built for another torch
     why = ("they were not built at install time" if importlib.util.find_spec("glm.kernels._C") is None
            else f"the compiled library failed to load: {exc}")
@@ -52,7 +53,7 @@ else:
                             "`make kernels` on a GPU machine)")
     else:
         try:
-            from glm.kernels import _C_cuda  # noqa: F401
+            import glm.kernels._C_cuda  # noqa: F401
         except ImportError as exc:
             _cuda_load_error = f"the CUDA kernels failed to load: {exc}"
 
@@ -84,7 +85,7 @@ def devices() -> set[str]:
 
 def _require() -> None:
     if _load_error is not None:
-        raise RuntimeError(_load_error)
+        raise KernelUnavailable(_load_error)
 
 
 def structure(q: Tensor, k: Tensor, prefix_len: Optional[Tensor], kv_start: Optional[Tensor],

@@ -5,6 +5,7 @@ against the fp32 `reference` is at most 3x the error of plain PyTorch doing the 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -13,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glm.attention import BACKENDS, attention, reference_attention, resolve_backend, visible_mask
+from glm.attention import BACKENDS, Mask, attention, reference_attention, resolve_backend, visible_mask
 
 # Every backend but the oracle is checked against the oracle ("fused" joins once it is registered).
 BACKENDS_UNDER_TEST = [name for name in BACKENDS if name != "reference"]
@@ -321,6 +322,20 @@ def test_bad_structure_raises_value_error(backend, bad):
     except Exception as e:  # noqa: BLE001 - anything but a clear ValueError is the bug
         raise AssertionError(f"{bad}: raised {type(e).__name__} instead of ValueError: {e}") from None
     raise AssertionError(f"{bad}: accepted; output shape {tuple(out.shape)}, finite={bool(torch.isfinite(out).all())}")
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS_UNDER_TEST])
+def test_mask_dataclass_is_the_structure_keywords(backend):
+    # The model hands attention a Mask; direct callers pass the same structure as keywords.
+    q, k, v = make_qkv(2, 4, 2, 3, 9, 8, seed=11)
+    structure = dict(causal=True, prefix_len=torch.tensor([5, 0]), kv_start=torch.tensor([2, 0]),
+                     kv_len=torch.tensor([9, 8]), q_offset=5)
+    want = attention(q, k, v, backend=backend, **structure)
+    # The keywords are ignored when a Mask is given.
+    got = attention(q, k, v, backend=backend, causal=False, q_offset=0, mask=Mask(**structure))
+    assert torch.equal(got, want)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Mask(**structure).causal = False
 
 
 def test_unknown_backend_raises_value_error_listing_the_known_ones():

@@ -5,7 +5,8 @@ import torch
 from conftest import FIXTURE_FAMILIES, reference_dir
 
 import glm
-from glm.config import FAMILIES, ConfigError, GLMConfig, detect_family
+from glm import formats
+from glm.config import FAMILIES, ConfigError, GLMConfig
 
 # Published sizes (GLM_SPEC section 1): parameters in billions, with the tolerance of the quoted figure.
 RELEASED = {"glm-large-chinese": 0.36, "glm-10b": 9.9, "chatglm-6b": 6.17, "chatglm2-6b": 6.24,
@@ -109,7 +110,7 @@ def test_chatglm6b_alpha_ignores_num_layers():
     ({"model_type": "glm4"}, "glm4-hf"),
 ])
 def test_detect_family(hf, family):
-    assert detect_family(hf) == family
+    assert formats.detect(hf).family == family
 
 
 def test_to_dict_round_trip():

@@ -1,4 +1,4 @@
-"""The weight converter (`glm.convert`, `glm convert`): bit-exact round trips, cross-format output that
+"""The weight converter (`glm.hub`, `glm convert`): bit-exact round trips, cross-format output that
 transformers loads, dtype rules, and bad input that fails cleanly without leaving anything behind.
 
 Bit-exact means: same tensor names, shapes, dtypes and bytes. The release fixtures are compared with
@@ -23,7 +23,8 @@ import glm
 import glm.checkpoint
 from glm.checkpoint import CheckpointError, CheckpointReader, is_glm_format
 from glm.cli import main
-from glm.convert import CARRIED_FILES, FormatError, KeyMismatchError, convert_checkpoint, save_pretrained
+from glm.errors import FormatError, KeyMismatchError
+from glm.hub import CARRIED_FILES, convert_checkpoint, save_pretrained
 from glm.parity import load_cases, run_parity
 
 SHARD = "50KB"  # every tiny fixture (~100-500 KB) comes out in several shards
@@ -794,7 +795,7 @@ def test_chatglm2_writer_always_declares_multi_query(tmp_path):
 
 
 def test_chatglm2_without_multi_query_reads_per_head_rows(tmp_path):
-    from glm.convert import blocks_to_per_head_qkv
+    from glm.formats.layout import blocks_to_per_head_qkv
 
     folder, ids, want = _mha_chatglm2(tmp_path)
     edit_json(folder / "config.json", lambda c: c.update(multi_query_attention=False))
@@ -879,3 +880,20 @@ def test_ctrl_c_mid_conversion_keeps_previous_output_and_no_temp(tmp_path, monke
     assert "interrupted" in capsys.readouterr().err
     assert snapshot(dst) == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("fixture", ["chatglm2-6b", "glm-4-9b-chat-hf"])
+def test_conversion_stays_off_torch_dynamo(fixture, tmp_path):
+    """The shape checks run every table on meta tensors; torch implements some meta ops (cat, arange,
+    normal_) in Python and imports torch._dynamo on their first call, about 2 s of every conversion."""
+    import subprocess
+    import sys
+
+    src = reference_dir(fixture)
+    script = ("import sys; from glm.hub import convert_checkpoint\n"
+              f"convert_checkpoint({src!r}, {str(tmp_path / 'out')!r}, to='glm')\n"
+              f"convert_checkpoint({str(tmp_path / 'out')!r}, {str(tmp_path / 'back')!r}, to='hf')\n"
+              "print('torch._dynamo' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False", "a conversion imported torch._dynamo (a Python meta kernel ran)"

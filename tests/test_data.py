@@ -64,8 +64,8 @@ def random_doc(rng: np.random.Generator, n: int) -> list[int]:
 
 
 # A document as sentences: runs of text ids each closed by a sentence end, maybe an unterminated tail.
-sentences_st = st.lists(st.tuples(st.lists(st.integers(TEXT_LO, VOCAB - 1), max_size=12), st.sampled_from(sorted(ENDS))),
-                        max_size=8)
+sentences_st = st.lists(st.tuples(st.lists(st.integers(TEXT_LO, VOCAB - 1), max_size=12),
+                                  st.sampled_from(sorted(ENDS))), max_size=8)
 tail_st = st.lists(st.integers(TEXT_LO, VOCAB - 1), max_size=10)
 
 
@@ -276,7 +276,7 @@ def test_sentence_mode_examples():
     for _ in range(300):
         s = blank_sample(doc, "sentence", rng, SP, is_sentence_end=ENDS)
         assert len(s.spans) == 2
-        for b, e in s.spans:
+        for b, _ in s.spans:
             taken[(b - 1) // 3] += 1
     assert taken.min() / 300 > 0.12 and taken.max() / 300 < 0.28, taken
 

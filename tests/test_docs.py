@@ -186,7 +186,7 @@ def test_readme_runs_as_written(beside_the_fixtures, monkeypatch, capsys):
 def test_readme_train_example_is_the_demo_run():
     # `glm train`'s defaults are not tuned for the embedded corpus; README's example is the demo's
     # run, which learns. Only what does not change the trained model may differ.
-    from glm.train import DEMO
+    from glm.demo import DEMO
 
     argv = next(a for _, a in glm_commands(README) if a[:1] == ["train"] and "--model-overrides" in a)
     cfg = _train_config(parse_command(argv))
@@ -355,6 +355,7 @@ def test_family_table_is_the_presets():
             if cell == "—":
                 continue
             value = getattr(glm.PRESETS[name], field)
-            assert _cell_matches(cell, value), f"architecture.md: {field} of {name} is {value!r}, the table says {cell!r}"
+            assert _cell_matches(cell, value), \
+                f"architecture.md: {field} of {name} is {value!r}, the table says {cell!r}"
             checked += 1
     assert checked > 100

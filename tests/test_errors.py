@@ -10,8 +10,7 @@ import glm
 from glm.checkpoint import CheckpointError
 from glm.cli import main
 from glm.config import ConfigError
-from glm.convert import KeyMismatchError
-from glm.model import InputError
+from glm.errors import InputError, KeyMismatchError
 
 
 def test_unknown_family_lists_supported(tmp_path):
@@ -99,7 +98,8 @@ def test_missing_and_unexpected_keys_listed(tmp_path):
 def test_index_lists_tensor_not_in_shard(tmp_path):
     d = copy_fixture("glm-4-9b-chatglm", tmp_path)
     idx = os.path.join(d, "model.safetensors.index.json")
-    edit_json(idx, lambda c: c["weight_map"].update({"transformer.output_layer.weight": "model-00001-of-00002.safetensors"}))
+    edit_json(idx, lambda c: c["weight_map"].update(
+        {"transformer.output_layer.weight": "model-00001-of-00002.safetensors"}))
     with pytest.raises(CheckpointError, match="index"):
         glm.from_pretrained(d)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import glm
-from glm import kernels
+from glm import kernels, positions
+from glm.errors import InputError
 from glm.generate import _DECODERS, StaticDecoder, generate, infill_ids, left_pad, release_cuda_graphs
 from glm.kv_cache import CacheFullError
-from glm.model import InputError
 
 BACKENDS = ["sdpa", pytest.param("fused", marks=pytest.mark.skipif(
     not kernels.available(), reason=f"glm.kernels not built: {kernels.load_error()}"))]
@@ -57,7 +57,7 @@ def test_static_step_logits_equal_eager_step_logits(name, backend):
         b = model(ids, pad_left=pad, cache=static_cache, last_only=True)[:, -1]
         for _ in range(steps):
             tok = a.argmax(-1)
-            pos = model.next_position_ids(static_cache.last_position_ids)
+            pos = positions.next_after(static_cache.last_position_ids)
             a = model(tok[:, None], cache=eager_cache, last_only=True)[:, -1]
             b = dec.step(tok, pos)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -183,7 +183,7 @@ def test_cuda_graph_follows_eager_decode_bf16(name, backend):
         model(ids, pad_left=pad, cache=graph_cache, last_only=True)
         for _ in range(20):
             tok = a.argmax(-1)
-            b = dec.step(tok, model.next_position_ids(graph_cache.last_position_ids)).float()
+            b = dec.step(tok, positions.next_after(graph_cache.last_position_ids)).float()
             a = model(tok[:, None], cache=eager_cache, last_only=True)[:, -1].float()
             noise = (a - b).abs().max()
             picked = b.argmax(-1)
@@ -205,7 +205,7 @@ def test_cuda_graph_logits_are_the_static_step_logits(backend):
         outs = [model(ids, pad_left=pad, cache=c, last_only=True)[:, -1] for c in caches]
         for _ in range(10):
             tok = outs[0].argmax(-1)
-            outs = [d.step(tok, model.next_position_ids(d.cache.last_position_ids)).clone() for d in decs]
+            outs = [d.step(tok, positions.next_after(d.cache.last_position_ids)).clone() for d in decs]
             assert torch.equal(outs[1], outs[0])
 
 
@@ -219,7 +219,7 @@ def test_static_step_never_synchronises(backend):
     dec = StaticDecoder(model, cache)
     with torch.no_grad():
         tok = model(ids.cuda(), pad_left=pad.cuda(), cache=cache, last_only=True)[:, -1].argmax(-1)
-        pos = model.next_position_ids(cache.last_position_ids)
+        pos = positions.next_after(cache.last_position_ids)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

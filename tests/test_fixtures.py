@@ -6,6 +6,7 @@ import torch
 from conftest import FIXTURE_FAMILIES, reference_dir
 
 import glm
+from glm import positions
 from glm.cli import main
 from glm.parity import load_cases, run_parity
 
@@ -92,14 +93,15 @@ def test_loss_matches_reference():
 
 def test_chatglm6b_derives_positions_and_prefix_like_its_reference():
     # Called without position_ids / prefix_len, ChatGLM-6B reads its prompt the reference's way
-    # (context up to the bos, then the [gMASK] position with block positions 1, 2, ...), so
+    # (context up to the bos, then the [gMASK] position with block positions 1, 2, ...: the prompt
+    # convention glm/formats/chatglm6b.py registers), so
     # model(ids) and glm.generate(model, ids) reproduce the reference with no hand-built positions.
     d = reference_dir("chatglm-6b")
     model = glm.from_pretrained(d)
     meta, t = load_cases(d)
     for case in meta["cases"]:
         inp = {k: t[v] if isinstance(v, str) else v for k, v in case["inputs"].items()}
-        pos, prefix = model.chatglm_structure(inp["input_ids"], inp["pad_left"])
+        pos, prefix = positions.derive(model.config, inp["input_ids"], inp["pad_left"])
         assert torch.equal(pos, inp["position_ids"]) and torch.equal(prefix, inp["prefix_len"])
         if case["kind"] == "forward":
             with torch.no_grad():

@@ -7,8 +7,8 @@ import torch
 from conftest import FIXTURE_FAMILIES, reference_dir
 
 import glm
+from glm.errors import InputError
 from glm.generate import SamplingConfig, generate, left_pad, next_token, stream
-from glm.model import InputError
 from glm.parity import load_cases
 
 

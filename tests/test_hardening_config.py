@@ -10,9 +10,10 @@ import pytest
 from conftest import reference_dir, time_limit
 
 import glm
-from glm import config as config_module
 from glm.cli import main
-from glm.config import ConfigError, GLMConfig, read_json
+from glm.config import ConfigError, GLMConfig
+from glm.files import read_json
+from glm.formats import native
 from glm.tokenizer import TokenizerError, load, train
 
 needs_tiktoken = pytest.mark.skipif(importlib.util.find_spec("tiktoken") is None,
@@ -114,8 +115,8 @@ def test_config_fields_that_would_silently_disable_a_part_are_refused():
 
 
 def test_glm_format_version_must_be_one_this_glm_reads():
-    check = config_module.check_glm_format_version
-    assert check(1, "x/config.json") == 1 and config_module.GLM_FORMAT_VERSIONS == (1,)
+    check = native.check_glm_format_version
+    assert check(1, "x/config.json") == 1 and native.GLM_FORMAT_VERSIONS == (1,)
     for bad in (2, 0, "1", True, None, 1.0):
         with pytest.raises(ConfigError, match=r"x/config.json: glm_format_version is .* reads only version\(s\) 1"):
             check(bad, "x/config.json")

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import snapshot, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,8 +25,8 @@ import glm
 import glm.checkpoint
 from glm.checkpoint import CHECKSUMS_NAME, CheckpointError, CheckpointReader, _read_safetensors_header
 from glm.cli import main
-from glm.convert import convert_checkpoint, save_pretrained
 from glm.files import atomic_write
+from glm.hub import convert_checkpoint, save_pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "50KB"
@@ -94,8 +95,8 @@ def test_overlapping_tensors_are_refused(folders, tmp_path):
     header[b]["data_offsets"] = list(header[a]["data_offsets"])
     with open(path, "wb") as f:
         f.write(join(json.dumps(header).encode(), data))
-    from safetensors import safe_open
-    with pytest.raises(Exception):
+    from safetensors import SafetensorError, safe_open
+    with pytest.raises(SafetensorError):
         safe_open(path, framework="pt")
 
     with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors header: tensor .* overlap"):
@@ -169,7 +170,8 @@ def headers(draw):
                 t[1] = [(k, b if k == "data_offsets" else v) for k, v in fields]
                 u[1] = [(k, a if k == "data_offsets" else v) for k, v in u[1]]
         elif how == "shape" and fields:
-            t[1] = [(k, draw(st.lists(st.integers(0, 2**64 + 1), max_size=3)) if k == "shape" else v) for k, v in fields]
+            t[1] = [(k, draw(st.lists(st.integers(0, 2**64 + 1), max_size=3)) if k == "shape" else v)
+                    for k, v in fields]
         elif how == "dtype" and fields:
             t[1] = [(k, draw(st.sampled_from(LIB_DTYPES + ["F6_E3M2", "F8_E5M2FNUZ", "C128", "f32", "Q4"]))
                      if k == "dtype" else v) for k, v in fields]
@@ -184,7 +186,8 @@ def headers(draw):
         elif how == "dup-field" and fields:
             fields.append(draw(st.sampled_from(fields)))
         elif how == "dup-name":
-            tensors.append([t[0], draw(st.sampled_from([t[1], [("dtype", "F32"), ("shape", [0]), ("data_offsets", [0, 0])]]))])
+            empty = [("dtype", "F32"), ("shape", [0]), ("data_offsets", [0, 0])]
+            tensors.append([t[0], draw(st.sampled_from([t[1], empty]))])
         elif how == "meta":
             meta = draw(st.sampled_from([None, [], [("a", 1)], [("a", "b"), ("a", "c")], "x", [[1]], Raw("null")]))
         elif how == "data":
@@ -194,7 +197,8 @@ def headers(draw):
         elif how == "depth" and fields:
             depth = draw(st.integers(120, 130))
             fields.append(("deep", Raw("[" * depth + "]" * depth)))
-    pairs = ([] if meta is None else [("__metadata__", meta if meta != [] else Raw("{}"))]) + [(n, v) for n, v in tensors]
+    pairs = (([] if meta is None else [("__metadata__", meta if meta != [] else Raw("{}"))])
+             + [(n, v) for n, v in tensors])
     text = dump(pairs).encode() + pad_junk
     return join(text, bytes(range(256)) * (data_len // 256) + bytes(data_len % 256))
 
@@ -460,6 +464,34 @@ def test_checksum_record_lists_every_weight_file(folders, tmp_path):
     assert not (tmp_path / "out").exists()
     # a release folder from elsewhere has no record and loads as before
     assert glm.from_pretrained(folders["release"]) is not None
+
+
+def test_renamed_tensors_are_copied_and_a_source_cut_short_meanwhile_is_an_error(folders, tmp_path, monkeypatch):
+    """Tensors a conversion only renames are copied from memory maps of the source file, not loaded; a
+    source cut short after it was checked must be a CheckpointError (reading a mapped page past the
+    end of a file would kill the process with SIGBUS) and leave nothing behind."""
+    real, copied = glm.checkpoint._copy_slice, []
+
+    def spy(piece, out):
+        copied.append(piece)
+        return real(piece, out)
+
+    monkeypatch.setattr(glm.checkpoint, "_copy_slice", spy)
+    convert_checkpoint(folders["release"], tmp_path / "ok", to="glm")
+    assert copied  # the embeddings, norms, MLP and output projections are renamed as they are
+    ref, got = glm.from_pretrained(folders["release"]).state_dict(), glm.from_pretrained(tmp_path / "ok").state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+    src = copy(folders["release"], tmp_path)
+
+    def cut_short(piece, out):
+        os.truncate(piece.path, piece.offset + 1)
+        return real(piece, out)
+
+    monkeypatch.setattr(glm.checkpoint, "_copy_slice", cut_short)
+    with pytest.raises(CheckpointError, match="truncated while reading"):
+        convert_checkpoint(src, tmp_path / "out", to="glm")
+    assert sorted(os.listdir(tmp_path)) == ["ok", "src"]
 
 
 # ---------------------------------------------------------------------------------------------

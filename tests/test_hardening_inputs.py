@@ -13,8 +13,8 @@ from conftest import reference_dir
 
 import glm
 from glm.cli import main
+from glm.errors import InputError
 from glm.generate import SamplingConfig, StaticDecoder, generate, infill_ids, left_pad, stream_text
-from glm.model import InputError
 from glm.parity import run_parity
 
 MISSING = "/nonexistent/glm-checkpoint"  # options are checked before the model is loaded

@@ -17,24 +17,19 @@ from conftest import snapshot
 
 from glm.cli import main
 from glm.corpus import generate_corpus
+from glm.demo import DEMO, demo, earlier_run_of
+from glm.errors import TrainingError
+from glm.run_folder import checkpoints, load_checkpoint, run_lock, save_checkpoint
 from glm.tokenizer import train as train_tokenizer
 from glm.train import (
-    DEMO,
     FREE_FIELDS,
     OPTIMIZER_FIELDS,
     RESOLVED_FIELDS,
     RUN_FIELDS,
     TrainConfig,
-    TrainingError,
-    _earlier_run_of,
     _progress_every,
     check_memory,
-    checkpoints,
-    demo,
-    load_checkpoint,
     model_config_for,
-    run_lock,
-    save_checkpoint,
     train,
 )
 
@@ -104,7 +99,7 @@ def test_a_planted_pickle_never_runs(tmp_path):
         train(TrainConfig(out_dir=out, resume=True, **TINY))
     with pytest.raises(TrainingError, match=r"refused"):
         load_checkpoint(path, torch.device("cpu"), verify=False)
-    assert not _earlier_run_of(dataclasses.replace(DEMO, out_dir=out))
+    assert not earlier_run_of(dataclasses.replace(DEMO, out_dir=out))
     with pytest.raises(TrainingError, match=r"already holds a run"):  # `glm demo --out` that folder
         demo(dataclasses.replace(DEMO, out_dir=out))
     assert not os.path.exists(marker)
@@ -150,7 +145,8 @@ def test_every_field_has_one_resume_rule():
     assert sorted(groups) == sorted(f.name for f in dataclasses.fields(TrainConfig))
 
 
-CHANGES = [({"model_overrides": {"rope_base": 500.0}}, r"model_config\.rope_base: 10000\.0 in the checkpoint, 500\.0 now"),
+CHANGES = [({"model_overrides": {"rope_base": 500.0}},
+            r"model_config\.rope_base: 10000\.0 in the checkpoint, 500\.0 now"),
            ({"model_overrides": {"norm_eps": 1e-6}}, r"model_config\.norm_eps: 1e-05 in the checkpoint, 1e-06 now"),
            ({"model_overrides": {"rotary_fraction": 0.25}}, r"model_config\.rotary_fraction"),
            ({"objective": "causal"}, r"objective: 'glm' in the checkpoint, 'causal' now"),
@@ -162,7 +158,8 @@ CHANGES = [({"model_overrides": {"rope_base": 500.0}}, r"model_config\.rope_base
            ({"grad_accum": 2}, r"grad_accum: 1 in the checkpoint, 2 now"),
            ({"tokenizer": "OTHER"}, r"tokenizer: the run trained with a tokenizer of sha256 \w{12}\.\.\., but "
                                     r".*other has \w{12}\.\.\.\); resume with the run's tokenizer"),
-           ({"lr": 0.5}, r"other optimizer settings \(lr: 0\.003 in the checkpoint, 0\.5 now\).*--allow-optimizer-change"),
+           ({"lr": 0.5},
+            r"other optimizer settings \(lr: 0\.003 in the checkpoint, 0\.5 now\).*--allow-optimizer-change"),
            ({"grad_clip": math.inf}, r"grad_clip: 1\.0 in the checkpoint, inf now"),
            ({"steps": 1}, r"already at step 2, past steps=1")]
 

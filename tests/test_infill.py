@@ -4,8 +4,8 @@ import torch
 from conftest import reference_dir
 
 import glm
-from glm.generate import infill_ids, stream_infill, stream_text
-from glm.model import InputError
+from glm.errors import InputError
+from glm.generate import encode_blank_text, infill_ids, stream_infill, stream_text, tokenizer_infill_args
 from glm.parity import load_cases
 
 # The GLM fixture's special ids (cases.json special_token_ids).
@@ -210,8 +210,6 @@ def corpus_tokenizers(tmp_path_factory):
 def test_blank_text_encodes_like_the_training_layout(corpus_tokenizers, family):
     """A text with a blank encodes as the whole text's tokens with the answer's run replaced by one
     mask: no stray dummy-prefix piece after the mask ("[MASK]." must not become [MASK] "▁" ".")."""
-    from glm.generate import encode_blank_text
-
     toks, examples = corpus_tokenizers
     tok = toks[family]
     mask = tok.special_tokens["[MASK]"]
@@ -234,11 +232,9 @@ def test_blank_text_encodes_like_the_training_layout(corpus_tokenizers, family):
 def test_tokenizer_paths_end_spans_at_eos_and_put_gmask_before_it(corpus_tokenizers):
     """`glm generate`'s prompt for GLM is build_inputs = [CLS] text <|endoftext|>; with no mask it is
     generated as [CLS] text [gMASK] (the eos dropped), and the tokenizer's eos ends the span."""
-    from glm.generate import _tokenizer_infill_args
-
     toks, _ = corpus_tokenizers
     tok = toks["glm"]
-    assert _tokenizer_infill_args(tok)["eos_token_ids"] == tok.eos_ids
+    assert tokenizer_infill_args(tok)["eos_token_ids"] == tok.eos_ids
     model = glm.GLM(glm.preset("tiny-glm").replace(vocab_size=tok.vocab_size)).eval()
     model.init_weights(std=0.3, seed=0)
     text = tok.encode("the cat sat on the")

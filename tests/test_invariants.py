@@ -233,7 +233,10 @@ def test_prefix_is_bidirectional_and_the_rest_causal(name, backend):
     B, T, P = 2, 10, 4
     x = tokens(model.config, B, T, seed=6)
     prefix_len = torch.full((B,), P)
-    run = lambda z: model(z, prefix_len=prefix_len, backend=backend)
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        return model(z, prefix_len=prefix_len, backend=backend)
+
     base = run(x)
 
     # Tokens at and after the prefix end are invisible to the prefix.

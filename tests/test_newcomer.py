@@ -117,7 +117,7 @@ def test_quick_run_says_it_is_not_a_measurement(monkeypatch, capsys):
 
 
 def test_demo_suite_writes_the_demo_record(script, monkeypatch, tmp_path):
-    import glm.train
+    import glm.demo
 
     seen = {}
 
@@ -126,16 +126,16 @@ def test_demo_suite_writes_the_demo_record(script, monkeypatch, tmp_path):
         return {"exact_match_first_word": 0.25, "exact_match": 0.0625, "baseline": 0.15625, "eval_loss": 2.5,
                 "eval_ppl": 12.2, "predictions": ["x"] * 16, "parameters": 2021376, "seconds": 3.5, "plot": None}
 
-    monkeypatch.setattr(glm.train, "demo", fake_demo)
+    monkeypatch.setattr(glm.demo, "demo", fake_demo)
     assert "demo" in glm.bench.SUITES and "demo" in glm.bench.QUICK
     script("demo").main(["--out", str(tmp_path)])
     cfg = seen["cfg"]
-    assert (cfg.steps, cfg.model_overrides, cfg.seed) == (glm.train.DEMO.steps, glm.train.DEMO.model_overrides, 0)
+    assert (cfg.steps, cfg.model_overrides, cfg.seed) == (glm.demo.DEMO.steps, glm.demo.DEMO.model_overrides, 0)
     assert not cfg.out_dir.startswith(os.path.abspath("runs"))  # a temporary folder, never the user's runs/demo
     record = json.loads((tmp_path / "demo_cpu.json").read_text())
     assert record["benchmark"] == "demo" and record["torch"] and record["git_sha"] and record["cpu_model"]
     assert record["results"] == {"exact_match_first_word": 0.25, "exact_match": 0.0625, "baseline": 0.15625,
-                                 "eval_loss": 2.5, "eval_ppl": 12.2, "blanks": 16, "steps": glm.train.DEMO.steps,
+                                 "eval_loss": 2.5, "eval_ppl": 12.2, "blanks": 16, "steps": glm.demo.DEMO.steps,
                                  "parameters": 2021376, "seconds": 3.5}
     assert [r["ratio"] for r in record["summary"]] == [pytest.approx(1.6), pytest.approx(0.4)]
 

@@ -34,10 +34,13 @@ import glm
 import glm.checkpoint
 from glm.checkpoint import CheckpointError, CheckpointReader
 from glm.config import ConfigError
-from glm.convert import KeyMismatchError, convert_checkpoint, hf_config, save_pretrained
 from glm.corpus import DataError, read_documents
 from glm.devices import check_device
-from glm.train import TrainConfig, TrainingError, checkpoints, train
+from glm.errors import KeyMismatchError, TrainingError
+from glm.formats import config_to_hf
+from glm.hub import convert_checkpoint, save_pretrained
+from glm.run_folder import checkpoints
+from glm.train import TrainConfig, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB_ERRORS = (ConfigError, CheckpointError, KeyMismatchError)
@@ -152,7 +155,7 @@ DELETE = object()
 
 
 def base_configs() -> dict[str, dict]:
-    return {name: hf_config(glm.preset(name), torch.float32) for name in HF_PRESETS}
+    return {name: config_to_hf(glm.preset(name), torch.float32) for name in HF_PRESETS}
 
 
 BASE_CONFIGS = base_configs()

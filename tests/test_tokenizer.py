@@ -46,7 +46,8 @@ APPENDED = {
 
 EN = ("the quick brown fox jumps over a lazy dog while the model reads tokens and language data to train "
       "and test its weights print return def class for in if else").split()
-ZH = list("你好世界我们的模型语言数据训练测试中文分词器是一个在有这个人大中国上来到时和地为子也说生年着就那要下以会可家么去过问答")
+ZH = list("你好世界我们的模型语言数据训练测试中文分词器是一个在有这个人大中国"
+          "上来到时和地为子也说生年着就那要下以会可家么去过问答")
 
 
 def corpus_text(seed: int = 0, lines: int = 1500) -> str:
@@ -141,6 +142,21 @@ def test_build_inputs(trained, family):
                 "chatglm3": lambda: [g, tok.token_id("sop"), *ids],
                 "glm4": lambda: [g, tok.token_id("<sop>"), *ids]}[family]()
     assert tok.build_inputs(ids) == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_infill_prompt(trained, family):
+    """The Part A a text with blanks is infilled from: original GLM wraps it as [CLS] text <|endoftext|>
+    (no eos after a final mask, as THUDM's generate_samples.py); the other releases take the ids as they are."""
+    tok, _ = trained(family)
+    text, m = tok.encode("你好 world"), tok.mask_ids["MASK"]
+    for ids in ([*text, m, *text], [*text, m], []):
+        if family == "glm":
+            wrapped = [tok.cls_id, *ids, tok.token_id("<|endoftext|>")]
+            expected = wrapped[:-1] if ids and ids[-1] == m else wrapped
+        else:
+            expected = ids
+        assert tok.infill_prompt(ids) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +436,9 @@ def test_load_release_layout_glm4(trained, tmp_path):
 
 
 def test_model_family_names_are_accepted(trained, tmp_path):
-    """`glm convert --family` names (glm/config.py FAMILIES) work as tokenizer families: glm4-chatglm,
-    glm-hf and glm4-hf mean the GLM-4 tokenizer; the names shared with the tokenizer mean themselves."""
+    """`glm convert --family` names (glm.FAMILIES, registered by glm.formats) work as tokenizer families:
+    glm4-chatglm, glm-hf and glm4-hf mean the GLM-4 tokenizer (their formats' tokenizer_family); the names
+    shared with the tokenizer mean themselves."""
     from glm.config import FAMILIES as MODEL_FAMILIES
     from glm.tokenizer import FAMILY_NAMES, canonical_family
     assert set(MODEL_FAMILIES) <= set(FAMILY_NAMES)
@@ -487,7 +504,8 @@ def test_chatglm6b_num_image_tokens_from_config_json(trained, tmp_path):
                          {"tokenizer_class": "ChatGLMTokenizer", **cfg})
         if rows is not None:
             with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump({"config": {"vocab_size": rows}} if nested else {"model_type": "chatglm", "vocab_size": rows}, f)
+                fields = {"config": {"vocab_size": rows}} if nested else {"model_type": "chatglm", "vocab_size": rows}
+                json.dump(fields, f)
         loaded = load(d)
         assert loaded.encode("你好") == [i + loaded.num_image_tokens for i in tok.encode("你好")]
         return loaded.token_id("[gMASK]") - gmask

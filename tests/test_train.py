@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 
 import glm
 from glm.cli import main
-from glm.model import InputError
-from glm.train import TrainConfig, TrainingError, checkpoints, lr_at, train
+from glm.errors import InputError, TrainingError
+from glm.run_folder import checkpoints
+from glm.train import TrainConfig, lr_at, train
 
 TINY = dict(model="tiny-glm", vocab_size=500, batch_size=8, seq_len=96, corpus_size="tiny", eval_examples=10,
             progress=False, lr=3e-3, warmup=5)
@@ -182,12 +183,13 @@ def test_existing_run_needs_resume_or_overwrite(old_run, tokenizer_dir):
     with pytest.raises(ValueError, match="not both"):
         train(TrainConfig(out_dir=old_run, resume=True, overwrite=True, **kw))
     s = train(TrainConfig(out_dir=old_run, tokenizer=tokenizer_dir, overwrite=True, **kw))
-    assert [os.path.basename(p) for p in checkpoints(old_run)] == ["ckpt-0000002.pt"] == [os.path.basename(s["checkpoint"])]
+    assert ([os.path.basename(p) for p in checkpoints(old_run)] == ["ckpt-0000002.pt"]
+            == [os.path.basename(s["checkpoint"])])
     assert sorted(losses(old_run)) == [1, 2]
 
 
 def test_clear_run_deletes_only_what_the_trainer_wrote(old_run):
-    from glm.train import clear_run
+    from glm.run_folder import clear_run
 
     for extra in ("notes.txt", "metrics.jsonl.bak", os.path.join("tokenizer", "mine.txt")):
         open(os.path.join(old_run, extra), "w").close()
@@ -204,7 +206,7 @@ def test_clear_run_deletes_only_what_the_trainer_wrote(old_run):
 def test_reused_tokenizer_must_match_the_request(old_run, record):
     """OUT/tokenizer from an earlier run is reused only when trained as asked (before: --vocab-size 800
     silently got the old 500-id tokenizer); a folder without the settings record is checked by its size."""
-    from glm.train import TOKENIZER_RECORD
+    from glm.run_folder import TOKENIZER_RECORD
 
     record_file = os.path.join(old_run, "tokenizer", TOKENIZER_RECORD)
     assert os.path.exists(record_file)
@@ -260,8 +262,8 @@ def test_progress_bar_only_on_a_terminal(tmp_path, tokenizer_dir, capsys, monkey
 
 def test_chatglm6b_tokenizer_documents_end_in_end_token(tmp_path):
     """The trainer on a ChatGLM-6B tokenizer (eos = <eop> = the span end) ends documents with </s>."""
-    from glm.config import preset
     from glm.data import end_of_text_id
+    from glm.presets import preset
     from glm.tokenizer import train as train_tokenizer
     from glm.train import prepare
 
@@ -278,16 +280,16 @@ def test_chatglm6b_tokenizer_documents_end_in_end_token(tmp_path):
 
 def test_demo_replaces_only_an_earlier_demo_run(old_run):
     """`make demo` twice works: the demo overwrites a run of its own settings (any length), nothing else."""
-    from glm.train import _earlier_run_of
+    from glm.demo import earlier_run_of
 
     same = TrainConfig(out_dir=old_run, steps=1, eval_every=0, ckpt_every=0, **TINY)  # the fixture's run
-    assert _earlier_run_of(same) and _earlier_run_of(dataclasses.replace(same, steps=1500))
-    assert not _earlier_run_of(dataclasses.replace(same, lr=1e-3))
-    assert not _earlier_run_of(dataclasses.replace(same, out_dir=os.path.dirname(old_run)))  # no checkpoint
+    assert earlier_run_of(same) and earlier_run_of(dataclasses.replace(same, steps=1500))
+    assert not earlier_run_of(dataclasses.replace(same, lr=1e-3))
+    assert not earlier_run_of(dataclasses.replace(same, out_dir=os.path.dirname(old_run)))  # no checkpoint
 
 
 def test_ctrl_c_while_saving_a_checkpoint_leaves_no_temp_file(tmp_path):
-    from glm.train import save_checkpoint
+    from glm.run_folder import save_checkpoint
 
     save_checkpoint(str(tmp_path), {"step": 1, "w": torch.ones(3)}, 1, keep_last=2)
 
@@ -302,7 +304,7 @@ def test_ctrl_c_while_saving_a_checkpoint_leaves_no_temp_file(tmp_path):
 
 
 def test_overwrite_never_follows_links_out_of_the_run(old_run, tmp_path):
-    from glm.train import clear_run
+    from glm.run_folder import clear_run
 
     elsewhere = tmp_path / "mine"
     elsewhere.mkdir()
@@ -319,7 +321,7 @@ def test_overwrite_never_follows_links_out_of_the_run(old_run, tmp_path):
 def test_overwrite_retrains_a_tokenizer_without_the_record(old_run):
     # --overwrite deletes the run's tokenizer (here from before the record existed) so the new run
     # trains its own instead of silently reusing the old one.
-    from glm.train import TOKENIZER_RECORD, clear_run
+    from glm.run_folder import TOKENIZER_RECORD, clear_run
 
     record = os.path.join(old_run, "tokenizer", TOKENIZER_RECORD)
     if os.path.exists(record):

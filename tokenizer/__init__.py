@@ -6,15 +6,16 @@
 
 Families (GLM_SPEC §5): ``glm`` (original GLM, cog-pretrain.model), ``chatglm`` (ChatGLM-6B,
 ice_text.model), ``chatglm2`` / ``chatglm3`` (tokenizer.model, SentencePiece), ``glm4`` (tokenizer.model,
-tiktoken rank file; needs ``pip install tiktoken``). The model family names glm4-chatglm, glm-hf and glm4-hf
-are accepted wherever a family is, and mean ``glm4``. See docs/tokenizers.md.
+tiktoken rank file; needs ``pip install tiktoken``). The model family names of glm.formats (glm4-chatglm,
+glm-hf, glm4-hf) are accepted wherever a family is, and mean their release's tokenizer family (``glm4``).
+See docs/tokenizers.md.
 """
-from .base import FAMILIES, FAMILY_ALIASES, FAMILY_NAMES, Tokenizer, TokenizerError, canonical_family
+from .base import FAMILIES, FAMILY_NAMES, Tokenizer, TokenizerError, canonical_family, model_family_aliases
 from .glm4 import GLM4Tokenizer
 from .load import detect_family, load
 from .sentencepiece_families import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer
 from .train import train
 
-__all__ = ["FAMILIES", "FAMILY_ALIASES", "FAMILY_NAMES", "canonical_family", "Tokenizer", "TokenizerError", "load",
-           "train", "detect_family", "GLMTokenizer", "ChatGLM6BTokenizer", "ChatGLM2Tokenizer", "ChatGLM3Tokenizer",
-           "GLM4Tokenizer"]
+__all__ = ["FAMILIES", "FAMILY_NAMES", "model_family_aliases", "canonical_family", "Tokenizer", "TokenizerError",
+           "load", "train", "detect_family", "GLMTokenizer", "ChatGLM6BTokenizer", "ChatGLM2Tokenizer",
+           "ChatGLM3Tokenizer", "GLM4Tokenizer"]

@@ -12,25 +12,40 @@ import os
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
+from glm import formats
 from glm.errors import TokenizerError
 from glm.files import atomic_write
 
 FAMILIES = ("glm", "chatglm", "chatglm2", "chatglm3", "glm4")
-# The model family names (glm/config.py, `glm convert --family`) that are not tokenizer family names:
-# glm-4-9b in the chatglm format and the transformers-native Glm/Glm4 releases all use GLM-4's vocabulary.
-FAMILY_ALIASES = {"glm4-chatglm": "glm4", "glm-hf": "glm4", "glm4-hf": "glm4"}
-FAMILY_NAMES = FAMILIES + tuple(FAMILY_ALIASES)  # every name `family=` accepts
 CONFIG_NAME = "tokenizer_config.json"
 FAMILY_KEY = "glm_tokenizer_family"
 
 
+def model_family_aliases() -> dict[str, str]:
+    """The model family names (glm.formats, `glm convert --family`) that are not tokenizer family names,
+    each -> the tokenizer family of its release (GLM-4-9B in the chatglm format and transformers' Glm/Glm4
+    all use GLM-4's vocabulary)."""
+    return {f.family: f.tokenizer_family for f in formats.FORMATS.values() if f.family not in FAMILIES}
+
+
+FAMILY_NAMES = FAMILIES + tuple(model_family_aliases())  # every name `family=` accepts
+
+
 def canonical_family(name: object, where: str) -> str:
-    """The tokenizer family a family name means (a model family name is mapped to its tokenizer's);
-    ``where`` names the argument or file the name came from, for the error."""
-    if isinstance(name, str) and name in FAMILY_NAMES:
-        return FAMILY_ALIASES.get(name, name)
+    """The tokenizer family a family name means (a model family name is mapped to its release's
+    tokenizer); ``where`` names the argument or file the name came from, for the error."""
+    if isinstance(name, str):
+        if name in FAMILIES:
+            return name
+        aliases = model_family_aliases()
+        if name in aliases:
+            return aliases[name]
+    by_tokenizer: dict[str, list[str]] = {}
+    for model_family, tokenizer_family in model_family_aliases().items():
+        by_tokenizer.setdefault(tokenizer_family, []).append(model_family)
+    meanings = "; ".join(f"{', '.join(names)}, meaning {t}" for t, names in by_tokenizer.items())
     raise TokenizerError(f"unknown tokenizer family {name!r} (from {where}); expected one of {', '.join(FAMILIES)} "
-                         f"or a model family name ({', '.join(FAMILY_ALIASES)}, meaning glm4)")
+                         f"or a model family name ({meanings})")
 
 
 def check_text(text: object, what: str = "the text") -> str:
@@ -97,6 +112,11 @@ class Tokenizer:
     def build_inputs(self, ids: Sequence[int]) -> list[int]:
         """The release's ``build_inputs_with_special_tokens`` for one sequence."""
         raise NotImplementedError
+
+    def infill_prompt(self, ids: Sequence[int]) -> list[int]:
+        """The Part A a text with blanks (``ids``, masks included) is infilled from: the ids as they are,
+        unless the release wraps such a text (see GLMTokenizer)."""
+        return list(ids)
 
     def _chat(self, messages: list[dict]) -> list[int]:
         raise NotImplementedError
@@ -220,7 +240,8 @@ class Tokenizer:
         # The model file first: a crash between the two renames leaves a config that still names a
         # complete model file, never a config pointing at a half-written one.
         atomic_write(os.path.join(folder, self.model_file), self._model_bytes())
-        atomic_write(os.path.join(folder, CONFIG_NAME), (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write(os.path.join(folder, CONFIG_NAME),
+                     (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} family={self.family} vocab_size={self.vocab_size} source={self.source}>"

@@ -121,7 +121,8 @@ def detect_family(file: str, data: bytes, cfg: dict) -> str:
     if is_rank_file(data[:4096]):
         return "glm4"
     classes = _class_names(cfg)
-    if "GLMChineseTokenizer" in classes or "ChineseSPTokenizer" in classes or os.path.basename(file) == "cog-pretrain.model":
+    if ("GLMChineseTokenizer" in classes or "ChineseSPTokenizer" in classes
+            or os.path.basename(file) == "cog-pretrain.model"):
         return "glm"
     sp = load_sentencepiece(data, file)
     if os.path.basename(file) == "ice_text.model" or sp.piece_to_id("[gMASK]") != sp.unk_id():

@@ -74,6 +74,14 @@ class GLMTokenizer(_SentencePieceTokenizer):
         # then appends <|startofpiece|> (build_inputs_for_generation).
         return [self.special_tokens["[CLS]"], *ids, self.special_tokens["<|endoftext|>"]]
 
+    def infill_prompt(self, ids: Sequence[int]) -> list[int]:
+        # Original GLM's Part A is [CLS] text <|endoftext|>, as its tokenizer builds generation inputs and
+        # as glm.data lays out training samples; THUDM's generate_samples.py leaves the eos off a text that
+        # ends in a mask (the blank runs to the end of the document).
+        ends_in_mask = bool(ids) and ids[-1] in self.mask_ids.values()
+        wrapped = self.build_inputs(ids)
+        return wrapped[:-1] if ends_in_mask else wrapped
+
 
 # ---------------------------------------------------------------------------------------------
 # ChatGLM-6B: whitespace is rewritten into dedicated pieces before SentencePiece, and the specials

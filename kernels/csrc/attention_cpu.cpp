@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include "checks.h"
+#include "cpu_vec.h"
 #include "message.h"
 
 #include <algorithm>
@@ -36,8 +37,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Keys per tile (a multiple of 16). Each tile's scores for ~128 query rows stay in L2 between the
 // two multiplies; larger tiles amortise the per-tile softmax bookkeeping.
 constexpr int64_t kBK = 128;
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // 2^x for x <= 0, exactly 0 below -126 (and for -inf). Round-to-nearest range reduction leaves
 // f in [-0.5, 0.5], where the degree-7 Taylor polynomial of 2^f is accurate to ~5e-9 relative, below
@@ -73,20 +72,7 @@ inline float exp2_neg(float x) {
 //     C[M x N] (+)= A * B,   A(r, k) = A[r * sar + k * sak],   B row-major [K x N] (row stride ldb).
 // A is only ever broadcast one scalar at a time, so it may be read transposed for free (that is how
 // P^T dO and dS^T Q are formed without transposing anything). N is a multiple of 16 (callers pad).
-// An RB x (16 NV) block of C stays in registers across the whole K loop. It is written with GCC/Clang
-// vector types rather than left to the auto-vectoriser, which picked a shuffle-heavy layout for
-// 16-wide blocks; the compiler maps a 16-float vector onto whatever the target has (one AVX-512
-// register, two AVX2 registers, ...).
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 loadv(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void storev(float* p, const v16& v) { std::memcpy(p, &v, sizeof v); }
-
+// An RB x (16 NV) block of C stays in registers (v16 vectors, cpu_vec.h) across the whole K loop.
 template <int RB, int NV>
 inline void mm_block(int64_t K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb,
                      float* C, int64_t ldc, bool accumulate) {
@@ -130,32 +116,6 @@ void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t sar, int64_
   int64_t j = 0;
   for (; j + 32 <= N; j += 32) mm_rows<2>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
   if (j < N) mm_rows<1>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tile loading: any float dtype in, fp32 out, zero padding so every N dimension is a multiple of 16.
-
-template <typename T>
-inline float to_f(T x) { return static_cast<float>(x); }
-
-// bfloat16 is the top half of a float: widening it is a shift, which (unlike c10's scalar
-// conversion) the compiler vectorises.
-inline float to_f(at::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// dst[r * ldd + c] = src row r (rows*d elements, row stride srs), times mul; columns d..ldd-1 zeroed.
-template <typename T>
-void load_rows(const T* src, int64_t srs, int64_t rows, int64_t d, float mul, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * srs;
-    float* o = dst + r * ldd;
-    for (int64_t c = 0; c < d; ++c) o[c] = to_f(s[c]) * mul;
-    for (int64_t c = d; c < ldd; ++c) o[c] = 0.0f;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -741,111 +701,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
-// ---------------------------------------------------------------------------------------------
-// Small-batch linear for decode: y[M, N] = x[M, K] W[N, K]^T (+ b) for a few rows of x. With M this
-// small the product is a pass over W, so it is bound by memory bandwidth; MKL's GEMV ran it on one
-// core (~13 GB/s on the test machine, and slower still for M = 8), whereas one core cannot saturate
-// the memory bus. Here the output features are split over all threads, each weight row is read
-// once for all M rows of x, and bf16/fp16 weights are widened on the fly.
-
-constexpr int64_t kLinearMaxRows = 8;
-
-// 16 consecutive weights widened to fp32 in one vector (bf16: zero-extend and shift into the top half).
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-inline v16 load_widen(const float* p) { return loadv(p); }
-
-inline v16 load_widen(const at::BFloat16* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  const u32x16 wide = __builtin_convertvector(h, u32x16) << 16;
-  v16 f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
-}
-
-template <typename T>
-inline v16 load_widen(const T* p) {
-  v16 f;
-  for (int l = 0; l < 16; ++l) f[l] = to_f(p[l]);
-  return f;
-}
-
-// Sum of the 16 lanes as a halving tree (three vector adds and a short scalar tail).
-inline float hsum(const v16& v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  const v8 s8 = lo + hi;
-  v4 a, b;
-  std::memcpy(&a, &s8, 16);
-  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + 16, 16);
-  const v4 s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-template <typename T, int M>
-void linear_rows(const float* x, int64_t kpad, const T* w, int64_t swn, int64_t K, int64_t n0, int64_t n1,
-                 const T* bias, T* y, int64_t N) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* wr = w + n * swn;
-    v16 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = v16{};
-    int64_t k = 0;
-    // Prefetch the weight row two ahead: at 8 rows the loop is compute-heavy enough that the
-    // hardware prefetcher alone leaves the memory bus idle between rows.
-    const char* ahead = reinterpret_cast<const char*>(wr + 2 * swn);
-    for (; k + 16 <= K; k += 16) {
-      if (n + 2 < n1) __builtin_prefetch(ahead + k * sizeof(T), 0, 0);
-      const v16 wv = load_widen(wr + k);
-      for (int m = 0; m < M; ++m) acc[m] += wv * loadv(x + m * kpad + k);
-    }
-    for (int m = 0; m < M; ++m) {
-      float sum = hsum(acc[m]);
-      for (int64_t kk = k; kk < K; ++kk) sum += to_f(wr[kk]) * x[m * kpad + kk];
-      if (bias != nullptr) sum += to_f(bias[n]);
-      y[m * N + n] = static_cast<T>(sum);
-    }
-  }
-}
-
-at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const c10::optional<at::Tensor>& b_) {
-  TORCH_CHECK(x_.dim() == 2 && w_.dim() == 2 && x_.size(1) == w_.size(1),
-              msg("glm small_linear: x must be [M, K] and weight [N, K], got ", x_.sizes(), " and ", w_.sizes()));
-  TORCH_CHECK(x_.size(0) <= kLinearMaxRows, msg("glm small_linear: at most ", kLinearMaxRows, " rows, got ", x_.size(0)));
-  TORCH_CHECK(x_.scalar_type() == w_.scalar_type(), "glm small_linear: x and weight must share a dtype");
-  const at::Tensor x = x_.contiguous(), w = w_.stride(1) == 1 ? w_ : w_.contiguous();
-  const at::Tensor b = b_.has_value() ? b_->contiguous() : at::Tensor();
-  TORCH_CHECK(!b.defined() || (b.numel() == w.size(0) && b.scalar_type() == w.scalar_type()),
-              "glm small_linear: bias must be [N] in the weight's dtype");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), kpad = round_up(K, 16);
-  auto y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "glm_small_linear", [&] {
-    std::vector<float> xf(M * kpad, 0.0f);
-    load_rows(x.data_ptr<scalar_t>(), K, M, K, 1.0f, xf.data(), kpad);
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      switch (M) {
-        case 1: linear_rows<scalar_t, 1>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 2: linear_rows<scalar_t, 2>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 3: linear_rows<scalar_t, 3>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 4: linear_rows<scalar_t, 4>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 5: linear_rows<scalar_t, 5>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 6: linear_rows<scalar_t, 6>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 7: linear_rows<scalar_t, 7>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        default: linear_rows<scalar_t, 8>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-      }
-    });
-  });
-  return y;
-}
-
 TORCH_LIBRARY(glm, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor kv_start, Tensor kv_len, "
         "bool causal, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
@@ -853,20 +708,19 @@ TORCH_LIBRARY(glm, m) {
         "Tensor kv_start, Tensor kv_len, bool causal, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("attention_decode(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor kv_start, Tensor kv_len, "
         "bool causal, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glm, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_decode", &attention_decode);
-  m.impl("small_linear", &small_linear);
 }
 
 }  // namespace glm_kernels
 
 // An empty Python module, so that `import glm.kernels._C` loads the library (and with it the op
-// registrations above) through the normal import machinery.
+// registrations of every file in it: the ones above and small_linear.cpp's) through the normal import
+// machinery.
 extern "C" {
 #include <Python.h>
 PyObject* PyInit__C(void) {

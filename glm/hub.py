@@ -1,0 +1,404 @@
+"""Loading, saving and converting checkpoint folders: the weights file layer (glm.checkpoint) driven by the
+release formats' weight tables (glm.formats).
+
+    model = glm.from_pretrained(folder)                       # any release format, or glm's own
+    model.save_pretrained(dst, format="hf")                   # a folder the reference code loads
+    convert_checkpoint(src, dst, to="glm")                    # folder -> folder, one tensor at a time
+
+Everything streams: a `Source` yields glm-layout tensors one mapping at a time (from a folder or a model in
+memory) and `write_from` writes them as they come, so converting holds about one tensor in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import formats
+from .checkpoint import (
+    CheckpointReader,
+    FileSlice,
+    check_destination,
+    clear_stale_temps,
+    verify_checksums,
+    write_checkpoint,
+)
+from .config import GLMConfig
+from .devices import FLOAT_DTYPES, as_dtype, check_device
+from .errors import ArgumentError, CheckpointError, ConfigError, FileKindError, FormatError, KeyMismatchError
+from .files import parse_size, read_bounded, read_json
+from .formats import native
+from .formats.layout import DTYPE_NAMES, Mapping, rename
+from .model import GLM
+from .tokenizer.load import MODEL_FILES
+
+# ---------------------------------------------------------------------------------------------
+# Applying a format
+
+def check_keys(mappings: Sequence[Mapping], available: Iterable[str], side: str, source: str) -> None:
+    """Raise one error listing every missing and unexpected tensor name on ``side`` ('hf' or 'glm')."""
+    want = [n for mp in mappings for n in getattr(mp, side)]
+    have = set(available)
+    missing = [n for n in want if n not in have]
+    unexpected = sorted(have - set(want))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:12])}"
+                         + (" ..." if len(missing) > 12 else ""))
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:12])}"
+                         + (" ..." if len(unexpected) > 12 else ""))
+        raise KeyMismatchError(f"{source}: the tensors do not match the expected layout ({'; '.join(parts)}). "
+                               f"Check that config.json belongs to these weights")
+
+
+def _lossy(src: torch.dtype, dst: torch.dtype) -> bool:
+    return src != dst and not (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
+
+
+@dataclass
+class Source:
+    """Where glm-layout tensors come from: a release folder, a glm folder, or a model in memory."""
+    cfg: GLMConfig
+    hf_config: Optional[dict]  # the release config.json this model came from, carried along
+    mappings: list[Mapping]  # source names (mp.hf) -> glm names (mp.glm)
+    get: Callable[[str], Tensor]
+    meta: Callable[[str], Tensor]
+    file_of: Callable[[str], str] = lambda name: ""
+    names: list[str] = field(default_factory=list)
+    # Where a source tensor's bytes lie in its file, for copying them unread (None: read it with `get`).
+    slice: Callable[[str], Optional[FileSlice]] = lambda name: None
+
+    def first_file(self, mp: Mapping) -> str:
+        """The shard a mapping's first source tensor lives in: sorting by it reads each shard once."""
+        return min((self.file_of(n) for n in mp.hf), default="")
+
+
+def meta_shapes(cfg: GLMConfig, where: str) -> dict[str, torch.Size]:
+    """glm tensor name -> shape for ``cfg``, built on the meta device (no memory). Sizes no tensor
+    can have (a corrupt config.json: 2**31 x 2**31 embeddings, 2**70 features) are a CheckpointError."""
+    try:
+        with torch.device("meta"):
+            return {n: p.shape for n, p in GLM(cfg).state_dict().items()}
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where}: config.json implies tensors no checkpoint can hold ({reason}); "
+                              f"the config does not belong to these weights, restore it from the release") from None
+
+
+def check_shapes(source: Source, where: str) -> None:
+    """Run the source's mappings on meta tensors and compare with the shapes ``source.cfg`` implies,
+    so a config that does not belong to its weights fails before anything is read or written."""
+    expected = meta_shapes(source.cfg, where)
+    for mp in source.mappings:
+        metas = [source.meta(n) for n in mp.hf]
+        try:
+            outs = mp.to_glm(*metas)
+        except RuntimeError:  # a reshape that the stored shape cannot satisfy
+            outs = [None] * len(mp.glm)
+        for name, t in zip(mp.glm, outs):
+            if t is None or t.shape != expected[name]:
+                stored = ", ".join(f"{n} {tuple(m.shape)}" for n, m in zip(mp.hf, metas))
+                raise CheckpointError(f"{where}: tensor {stored} does not fit the shape config.json implies, "
+                                      f"{tuple(expected[name])} (glm name {name!r}); the config and weights "
+                                      f"do not belong together")
+
+
+def open_source(src: str, verify: bool = True) -> tuple[Source, CheckpointReader]:
+    """A `Source` over a checkpoint folder in a release format or in glm's format. ``verify``: check the
+    weight files against the checksum record of a folder glm wrote (after the cheap checks of config,
+    names and shapes, before any tensor is read)."""
+    config_path = os.path.join(src, "config.json")
+    raw = read_json(config_path)
+    reader = CheckpointReader(src)
+    glm_format = native.is_native(raw)
+    if glm_format:
+        cfg, hf_cfg = native.read_config(raw, config_path)
+    else:
+        cfg = GLMConfig.from_hf(raw if isinstance(raw, dict) else config_path, source=config_path)
+        hf_cfg = raw
+    # Every layer has tensors of its own: a layer count beyond the number of stored tensors cannot
+    # be these weights' (and would otherwise spend minutes building a layout for it).
+    if cfg.num_layers > len(reader.keys()):
+        raise CheckpointError(f"{src}: config.json says {cfg.num_layers} layers but the checkpoint holds only "
+                              f"{len(reader.keys())} tensors; the config and weights do not belong together")
+    if glm_format:
+        mappings = [rename(n, n) for n in meta_shapes(cfg, src)]
+    else:
+        fmt = formats.get(cfg.family)
+        note = fmt.load_warning(hf_cfg, config_path)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        mappings = fmt.mappings(cfg, keys=reader.keys(), hf_config=hf_cfg)
+        # Buffers glm regenerates (RoPE inv_freq) are optional: the references never read them.
+        have = set(reader.keys())
+        mappings = [mp for mp in mappings if mp.glm or all(n in have for n in mp.hf)]
+    check_keys(mappings, reader.keys(), "hf", src)
+    source = Source(cfg, hf_cfg, mappings, reader.get, reader.meta, reader.file_of, reader.keys(), reader.slice)
+    check_shapes(source, src)
+    if verify:
+        verify_checksums(src, reader.files() + ([reader.index] if reader.index else []))
+    return source, reader
+
+
+def model_source(model: GLM) -> Source:
+    sd = model.state_dict()
+    return Source(model.config, None, native.mappings(model.config), sd.__getitem__,
+                  lambda n: sd[n].to("meta"), names=list(sd))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a model
+
+def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
+                    device: "torch.device | str" = "cpu", backend: str = "auto", verify: bool = True,
+                    **config_overrides) -> GLM:
+    """Load a checkpoint folder — a release's Hugging Face format or glm's own — as a `glm.GLM`.
+
+    The family is recognised from config.json; foreign layouts (per-head or separate QKV,
+    interleaved RoPE) are converted to glm's one layout as the tensors stream in, one shard at a
+    time. ``dtype=None`` (or ``"auto"``) keeps each tensor's stored dtype; the default upcasts to
+    float32, the precision the parity fixtures were made in. ``config_overrides`` replace `GLMConfig`
+    fields that do not change shapes, e.g. ``rope_inv_freq_dtype=None`` to keep RoPE frequencies exact.
+    A folder glm wrote has its weight files checked against the sha256 record written with them
+    (``glm_checksums.json``); ``verify=False`` skips that pass over the bytes.
+    """
+    folder = os.fspath(folder)
+    if "torch_dtype" in config_overrides:
+        raise ArgumentError("from_pretrained takes dtype=, not transformers' torch_dtype=")
+    unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(GLMConfig)})
+    if unknown:
+        raise ArgumentError(f"from_pretrained: {unknown} are not GLMConfig fields; keyword arguments besides dtype, "
+                            f"device and backend override config fields (e.g. rope_inv_freq_dtype=None)")
+    dtype = None if dtype == "auto" else as_dtype(dtype)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ArgumentError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    device = check_device(device)
+    source, reader = open_source(folder, verify=verify)
+    if config_overrides:
+        new = source.cfg.replace(**config_overrides)
+        changed = [k for k in config_overrides if getattr(new, k) != getattr(source.cfg, k)]
+        if meta_shapes(new, folder) != meta_shapes(source.cfg, folder):
+            raise ConfigError(f"{folder}: overriding {changed} changes the model's tensor shapes, so the stored "
+                              f"weights no longer fit; only overrides that keep shapes are allowed (change "
+                              f"config.json, or build glm.GLM(config) and train it)")
+        source.cfg = new
+    with reader:
+        with torch.device("meta"):
+            model = GLM(source.cfg)
+        state: dict[str, Tensor] = {}  # shapes were checked against the config by open_source
+        for mp in sorted(source.mappings, key=source.first_file):
+            for name, t in zip(mp.glm, mp.to_glm(*[reader.get(n) for n in mp.hf])):
+                if t.dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{folder}: tensor {', '.join(mp.hf)} has dtype {t.dtype}; only float32/"
+                                          f"float16/bfloat16 weights load (quantised checkpoints are not supported)")
+                state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.reset_buffers(device)
+    model.backend = backend
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming conversion between folders (and saving a model)
+
+@dataclass
+class ConvertSummary:
+    dst: str
+    format: str
+    family: str
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    files: list[str]
+
+    def line(self) -> str:
+        return (f"wrote {self.dst} ({self.format}, {self.family}): {self.tensors} tensors, "
+                f"{self.bytes / 1e9:.3f} GB in {len(self.files)} shard(s), {self.seconds:.1f} s "
+                f"({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s), peak RSS {self.peak_rss_bytes / 1e9:.2f} GB")
+
+
+def peak_rss() -> int:
+    """High-water resident memory of this process (Linux VmHWM; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # POSIX only; reached only where /proc is missing
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def write_from(source: Source, dst: str, *, to: str = "glm", family: Optional[str] = None,
+               dtype: "torch.dtype | str | None" = None, allow_lossy: bool = False,
+               shard_size: "int | str" = "2GB", overwrite: bool = False, progress: bool = False,
+               extra_files: Optional[dict[str, bytes]] = None) -> ConvertSummary:
+    """Write ``source`` to ``dst`` in glm's format (``to="glm"``) or a release format (``to="hf"``,
+    ``family`` defaults to the source's). Streams one mapping at a time; atomic. ``extra_files``
+    (name -> bytes, e.g. the tokenizer) are written into the folder with the weights."""
+    t0 = time.time()
+    if to not in ("glm", "hf"):
+        raise ArgumentError(f"to= (--to) must be 'glm' or 'hf', got {to!r}")
+    if to == "glm" and family is not None and family != source.cfg.family:
+        raise FormatError(f"family {family!r} picks the release format of an hf output (to='hf', --to hf); glm's "
+                          f"format keeps the source's family ({source.cfg.family})")
+    dtype = as_dtype(dtype)
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ArgumentError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    shard_bytes = parse_size(shard_size)
+    dst = os.path.abspath(os.fspath(dst))
+    clear_stale_temps(dst, CARRIED_FILES)
+    check_destination(dst, overwrite, CARRIED_FILES)
+
+    src_dtypes = {source.meta(n).dtype for mp in source.mappings for n in mp.hf}
+    if dtype is not None and not allow_lossy:
+        lossy = sorted(str(s) for s in src_dtypes if _lossy(s, dtype))
+        if lossy:
+            raise ArgumentError(f"casting {', '.join(lossy)} weights to {dtype} loses precision; pass "
+                                f"--allow-lossy (allow_lossy=True) to do it anyway")
+    emb_dtype = source.meta(next(n for mp in source.mappings if "embed.weight" in mp.glm for n in mp.hf)).dtype
+    out_dtype = dtype or emb_dtype
+
+    cfg = source.cfg
+    if to == "glm":
+        tcfg, targets = cfg, native.mappings(cfg)
+        config_json = native.config_json(cfg, source.hf_config)
+    else:
+        tcfg = formats.retarget(cfg, family or cfg.family, out_dtype)
+        config_json = formats.config_to_hf(tcfg, out_dtype)
+        if source.hf_config is not None and tcfg.family == cfg.family:
+            # Same release format: keep its own config.json (all its keys), with the dtype updated.
+            config_json = dict(source.hf_config)
+            keys = [k for k in ("torch_dtype", "dtype") if k in config_json] or ["torch_dtype"]
+            config_json.update({k: DTYPE_NAMES[out_dtype] for k in keys})
+        # The rows must be laid out the way the config.json written beside them makes the reference read them.
+        targets = formats.mappings(tcfg, dtype=out_dtype, hf_config=config_json)
+
+    producer = {g: mp for mp in source.mappings for g in mp.glm}
+    # Order target mappings by the shard their first glm tensor comes from: each shard read once.
+    targets = sorted(targets, key=lambda mp: min((source.first_file(producer[g]) for g in mp.glm), default=""))
+
+    def copied(mp: Mapping) -> Optional[FileSlice]:
+        """The source bytes of target ``mp`` when they are its output bytes as they are: the source and
+        target mappings only rename one tensor (tried on its meta tensor), and the dtype stays."""
+        src = producer[mp.glm[0]] if len(mp.glm) == 1 and len(mp.hf) == 1 else None
+        if src is None or len(src.glm) != 1 or len(src.hf) != 1:
+            return None
+        m = source.meta(src.hf[0])
+        if src.to_glm(m)[0] is not m or mp.to_hf(m)[0] is not m:
+            return None
+        piece = source.slice(src.hf[0])
+        return piece if piece is not None and dtype in (None, piece.dtype) else None
+
+    def stream(get_src: Callable[[str], Tensor], copy: bool = False) -> Iterator[tuple[str, "Tensor | FileSlice"]]:
+        pending: dict[str, Tensor] = {}
+
+        def get_glm(name: str) -> Tensor:
+            if name not in pending:
+                mp = producer[name]
+                pending.update(zip(mp.glm, mp.to_glm(*[get_src(n) for n in mp.hf])))
+            return pending.pop(name)
+
+        for mp in targets:
+            piece = copied(mp) if copy else None
+            if piece is not None:
+                yield mp.hf[0], piece
+                continue
+            outs = mp.to_hf(*[get_glm(n) for n in mp.glm])
+            for name, t in zip(mp.hf, outs):
+                yield name, t if dtype is None else t.to(dtype)
+
+    entries = list(stream(source.meta))
+    total = sum(m.numel() * m.element_size() for _, m in entries)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {os.path.basename(dst)}")
+    on_tensor = (lambda _n, nbytes: bar.update(nbytes)) if bar is not None else None
+    files = {**(extra_files or {}),
+             "config.json": (json.dumps(config_json, indent=2, ensure_ascii=False) + "\n").encode()}
+    try:
+        names = write_checkpoint(dst, entries, stream(source.get, copy=True), files, shard_size=shard_bytes,
+                                 overwrite=overwrite, on_tensor=on_tensor, carried=CARRIED_FILES)
+    finally:
+        if bar is not None:
+            bar.close()
+    return ConvertSummary(dst, to, tcfg.family, len(entries), total, time.time() - t0, peak_rss(), names)
+
+
+# Files a checkpoint folder carries besides weights and config.json that stay valid whatever the
+# weight format: the tokenizer (what glm.tokenizer.load and the references read) and generation
+# defaults. Remote-code .py files are not copied: they belong to one release format.
+CARRIED_FILES = (*MODEL_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "tokenizer.json", "vocab.json", "merges.txt", "generation_config.json")
+
+
+# Far above any real tokenizer file (GLM-4's tokenizer.json is ~7 MB); a larger one is not such a file.
+CARRIED_LIMIT = 512 * 1024 * 1024
+
+
+def carried_files(src: str) -> dict[str, bytes]:
+    """The `CARRIED_FILES` present in ``src``, name -> bytes. One that is not a regular file (a FIFO would
+    block the copy forever) or is larger than any tokenizer file is a CheckpointError."""
+    out = {}
+    for name in CARRIED_FILES:
+        path = os.path.join(src, name)
+        if os.path.exists(path):
+            try:
+                out[name] = read_bounded(path, CARRIED_LIMIT, "tokenizer file")
+            except FileKindError as e:
+                raise CheckpointError(str(e)) from None
+    return out
+
+
+def _is_or_holds(folder: str, path: str) -> bool:
+    """Whether ``folder`` is ``path`` or one of its ancestors, by file identity (links, bind mounts)."""
+    here = os.path.realpath(path)
+    while True:
+        if os.path.exists(here) and os.path.samefile(here, folder):
+            return True
+        up = os.path.dirname(here)
+        if up == here:
+            return False
+        here = up
+
+
+def convert_checkpoint(src: str, dst: str, *, verify: bool = True, **kwargs) -> ConvertSummary:
+    """Convert the checkpoint folder ``src`` (any release format or glm's) into ``dst``; see `write_from`.
+    The tokenizer and generation_config.json come along (`CARRIED_FILES`). ``verify``: check a
+    glm-written source against its checksum record first (see `glm.from_pretrained`)."""
+    src = os.fspath(src)
+    if os.path.exists(dst) and _is_or_holds(os.fspath(dst), src):
+        raise ArgumentError(f"{dst} is the source folder or holds it; write to another folder (the conversion "
+                            f"replaces the destination, which would delete the source's own files)")
+    parse_size(kwargs.get("shard_size", "2GB"))  # a bad size fails before the source is read
+    source, reader = open_source(src, verify=verify)
+    try:
+        return write_from(source, dst, extra_files=carried_files(src), **kwargs)
+    finally:
+        reader.close()
+
+
+def save_pretrained(model: GLM, dst: str, *, format: str = "glm", family: Optional[str] = None,
+                    **kwargs) -> ConvertSummary:
+    """Save a `glm.GLM` as a checkpoint folder: glm's format, or a release format the reference code
+    and transformers load (``format="hf"``; ``family`` picks e.g. ``glm-hf`` for a GLM-4 model)."""
+    return write_from(model_source(model), dst, to=format, family=family, **kwargs)
+
+
+# `GLM.save_pretrained` calls this (the model layer cannot import the hub).
+GLM.saver = save_pretrained

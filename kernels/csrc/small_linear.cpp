@@ -1,0 +1,128 @@
+// glm::small_linear, the linear layer of decode: y[M, N] = x[M, K] W[N, K]^T (+ b) for a few rows of
+// x. With M this small the product is a pass over W, so it is bound by memory bandwidth; MKL's GEMV
+// ran it on one core (~13 GB/s on the test machine, and slower still for M = 8), whereas one core
+// cannot saturate the memory bus. Here the output features are split over all threads, each weight
+// row is read once for all M rows of x, and bf16/fp16 weights are widened on the fly.
+//
+// Built into the same library as the attention ops (glm.kernels._C): attention_cpu.cpp holds the
+// library's TORCH_LIBRARY(glm) block, so this file adds its schema with a TORCH_LIBRARY_FRAGMENT.
+// kernels/ops.py registers the op's fake and routes glm.kernels.linear to it.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu_vec.h"
+#include "message.h"
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace glm_kernels {
+namespace {
+
+constexpr int64_t kLinearMaxRows = 8;
+
+// 16 consecutive weights widened to fp32 in one vector (bf16: zero-extend and shift into the top half).
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline v16 load_widen(const float* p) { return loadv(p); }
+
+inline v16 load_widen(const at::BFloat16* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x16 wide = __builtin_convertvector(h, u32x16) << 16;
+  v16 f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline v16 load_widen(const T* p) {
+  v16 f;
+  for (int l = 0; l < 16; ++l) f[l] = to_f(p[l]);
+  return f;
+}
+
+// Sum of the 16 lanes as a halving tree (three vector adds and a short scalar tail).
+inline float hsum(const v16& v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  const v8 s8 = lo + hi;
+  v4 a, b;
+  std::memcpy(&a, &s8, 16);
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + 16, 16);
+  const v4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+template <typename T, int M>
+void linear_rows(const float* x, int64_t kpad, const T* w, int64_t swn, int64_t K, int64_t n0, int64_t n1,
+                 const T* bias, T* y, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = w + n * swn;
+    v16 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = v16{};
+    int64_t k = 0;
+    // Prefetch the weight row two ahead: at 8 rows the loop is compute-heavy enough that the
+    // hardware prefetcher alone leaves the memory bus idle between rows.
+    const char* ahead = reinterpret_cast<const char*>(wr + 2 * swn);
+    for (; k + 16 <= K; k += 16) {
+      if (n + 2 < n1) __builtin_prefetch(ahead + k * sizeof(T), 0, 0);
+      const v16 wv = load_widen(wr + k);
+      for (int m = 0; m < M; ++m) acc[m] += wv * loadv(x + m * kpad + k);
+    }
+    for (int m = 0; m < M; ++m) {
+      float sum = hsum(acc[m]);
+      for (int64_t kk = k; kk < K; ++kk) sum += to_f(wr[kk]) * x[m * kpad + kk];
+      if (bias != nullptr) sum += to_f(bias[n]);
+      y[m * N + n] = static_cast<T>(sum);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const c10::optional<at::Tensor>& b_) {
+  TORCH_CHECK(x_.dim() == 2 && w_.dim() == 2 && x_.size(1) == w_.size(1),
+              msg("glm small_linear: x must be [M, K] and weight [N, K], got ", x_.sizes(), " and ", w_.sizes()));
+  TORCH_CHECK(x_.size(0) <= kLinearMaxRows, msg("glm small_linear: at most ", kLinearMaxRows, " rows, got ", x_.size(0)));
+  TORCH_CHECK(x_.scalar_type() == w_.scalar_type(), "glm small_linear: x and weight must share a dtype");
+  const at::Tensor x = x_.contiguous(), w = w_.stride(1) == 1 ? w_ : w_.contiguous();
+  const at::Tensor b = b_.has_value() ? b_->contiguous() : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.numel() == w.size(0) && b.scalar_type() == w.scalar_type()),
+              "glm small_linear: bias must be [N] in the weight's dtype");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), kpad = round_up(K, 16);
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "glm_small_linear", [&] {
+    std::vector<float> xf(M * kpad, 0.0f);
+    load_rows(x.data_ptr<scalar_t>(), K, M, K, 1.0f, xf.data(), kpad);
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      switch (M) {
+        case 1: linear_rows<scalar_t, 1>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+        case 2: linear_rows<scalar_t, 2>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+        case 3: linear_rows<scalar_t, 3>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+        case 4: linear_rows<scalar_t, 4>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+        case 5: linear_rows<scalar_t, 5>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+        case 6: linear_rows<scalar_t, 6>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+        case 7: linear_rows<scalar_t, 7>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+        default: linear_rows<scalar_t, 8>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
+      }
+    });
+  });
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(glm, m) { m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(glm, CPU, m) { m.impl("small_linear", &small_linear); }
+
+}  // namespace glm_kernels
