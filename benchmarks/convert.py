@@ -101,13 +101,16 @@ def run_job(kind: str, src: str, dst: str, shard_size: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best_of(runs: list[dict]) -> dict:
-    """The fastest of an approach's runs (this VM's disk and neighbours add noise, never speed),
-    with the highest peak memory of them all."""
-    best = dict(min(runs, key=lambda r: r["seconds"]))
-    best["peak_rss"] = max(r["peak_rss"] for r in runs)
-    best["runs_seconds"] = [r["seconds"] for r in runs]
-    return best
+def typical(runs: list[dict]) -> dict:
+    """An approach's median run by time, with the highest peak memory of them all. Not the fastest:
+    the load-everything job's time swings 2.6-11 s on a 2-core VM (its 2.7 GB of allocations and
+    unsynced page-cache writes meet whatever the neighbours do), so a best-of would judge the goal on
+    its luckiest run."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    mid = dict(ordered[(len(ordered) - 1) // 2])
+    mid["peak_rss"] = max(r["peak_rss"] for r in runs)
+    mid["runs_seconds"] = [r["seconds"] for r in runs]
+    return mid
 
 
 VERDICT = {True: "met", False: "NOT met", None: "not judged (smoke run)"}
@@ -133,8 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shard-size", default="1GB", help="shard size of the synthetic input and the output")
     ap.add_argument("--out", default=LOCAL, help="folder for JSON + PNG")
     ap.add_argument("--smoke", action="store_true", help="a smoke run (glm bench --quick): the goal is not judged")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="runs of each approach, alternating which goes first (default 2); the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each approach, alternating which goes first (default 3); the median counts")
     ap.add_argument("--job", nargs=3, metavar=("KIND", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.job:
@@ -149,7 +152,7 @@ def main(argv=None) -> None:
         for i in range(max(1, args.repeats)):
             for k in (("streaming", "naive") if i % 2 == 0 else ("naive", "streaming")):
                 runs[k].append(run_job(k, src, os.path.join(tmp, k), args.shard_size))
-        results = {k: best_of(r) for k, r in runs.items()}
+        results = {k: typical(r) for k, r in runs.items()}
         disk = disk_write_bandwidth(tmp, mb=min(256, max(16, info["bytes"] // 2**20)))  # as much as was converted
 
     gb = lambda b: b / 1e9  # noqa: E731
@@ -160,6 +163,8 @@ def main(argv=None) -> None:
     for k, r in results.items():
         print(f"{k:<10} {r['seconds']:8.2f} {gb(r['bytes']) / r['seconds']:6.2f} {gb(r['peak_rss']):12.2f} "
               f"{gb(r['baseline_rss']):12.2f} {r['peak_rss'] / largest:19.2f}")
+    for k, r in results.items():
+        print(f"{k} runs (s): {', '.join(f'{x:.2f}' for x in r['runs_seconds'])}; the median counts")
     s, n = results["streaming"], results["naive"]
     goal_ok = goal_met(s["peak_rss"], largest, smoke=args.smoke)
     speed_ok = speed_goal_met(n["seconds"] / s["seconds"], smoke=args.smoke)
