@@ -1,5 +1,5 @@
-"""Builds the optional C++ kernels (glm.kernels._C: attention and the small-batch linear); everything
-else lives in setup.cfg.
+"""Builds the optional C++ kernels (glm.kernels._C: attention, the small-batch linear and the fused
+elementwise layers RMSNorm, RoPE and SwiGLU); everything else lives in setup.cfg.
 
 The extension is compiled ahead, at `pip install`, never at import. If it cannot be built the
 install still succeeds: `glm.kernels.available()` is then False, `glm.kernels.load_error()` says why,
@@ -28,7 +28,7 @@ else:
     march = os.environ.get("GLM_KERNELS_MARCH", "native")
     ext_modules.append(CppExtension(
         "glm.kernels._C",
-        ["kernels/csrc/attention_cpu.cpp", "kernels/csrc/small_linear.cpp"],
+        ["kernels/csrc/attention_cpu.cpp", "kernels/csrc/small_linear.cpp", "kernels/csrc/elementwise_cpu.cpp"],
         # -fopenmp: at::parallel_for's OpenMP loop is inlined from the header. No -ffast-math: the
         # kernels rely on -inf for masked scores.
         extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",

@@ -132,7 +132,10 @@ def git_sha() -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    # The CPU model, as the speed of the CPU kernels (and `auto`'s choices) depend on it.
+    from glm.tuning import cpu_model
+
+    return f"cpu ({cpu_model()}, {platform.machine()}, {os.cpu_count()} cores)"
 
 
 def write_record(out_dir: str, name: str, device: str, **fields) -> str:

@@ -54,7 +54,9 @@ def main(argv=None) -> None:
         results = {"exact_match_first_word": s["exact_match_first_word"], "exact_match": s["exact_match"],
                    "baseline": s["baseline"], "eval_loss": s.get("eval_loss"), "eval_ppl": s.get("eval_ppl"),
                    "blanks": len(s.get("predictions", [])), "steps": cfg.steps, "parameters": s["parameters"],
-                   "seconds": s["seconds"]}
+                   "seconds": s["seconds"],
+                   # whether the model learned where a blank ends (see glm.generate.eop_after_answer)
+                   **{k: s[k] for k in ("eop_after_answer", "answers_whole_tokens") if k in s}}
         config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
         path = write_record(args.out, name, args.device, benchmark="demo", cpu_model=cpu_model(), config=config,
                             results=results,

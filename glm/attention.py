@@ -25,10 +25,16 @@ Backends take identical arguments. ``reference`` is the fp32 oracle that builds 
 kernels that read this structure directly and skip the key tiles nobody sees.
 
 `Mask` bundles the five pieces of structure, as the model hands them from layer to layer.
+
+``auto`` is ``fused`` wherever the kernels take the tensors, except where this machine measured sdpa
+faster for the call's shape bucket (`auto_backend`): at small shapes, and on GPUs, sdpa's kernels can
+win. The measurement (tens of ms at most) happens at the first call of a bucket and is cached per
+machine by `glm.tuning`; with measuring off (``GLM_TUNING=off``) the static rule applies.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import tuning
 from .errors import ArgumentError, InputError
 
 
@@ -195,7 +202,8 @@ def _unsupported(name: str, device_type: Optional[str], dtype: Optional[torch.dt
 def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                     head_dim: Optional[int] = None) -> AttentionFn:
     """The backend called ``name``; ``auto`` = ``fused`` where it has a kernel for this device type,
-    dtype and head dim, else ``sdpa``."""
+    dtype and head dim, else ``sdpa`` (the static rule: `attention` refines it by the call's shape with
+    `auto_backend`)."""
     if name == "auto":
         fused_ok = "fused" in BACKENDS and _unsupported("fused", device_type, dtype, head_dim) is None
         name = "fused" if fused_ok else "sdpa"
@@ -209,6 +217,107 @@ def resolve_backend(name: str, device_type: Optional[str] = None, dtype: Optiona
     if why is not None:
         raise ArgumentError(f"attention backend {name!r} {why}; use backend 'auto' or 'sdpa'")
     return fn
+
+
+# ------------------------------------------------------------------------------------------------
+# `auto` by shape: fused or sdpa, whichever this machine measured faster for the call's bucket
+
+# Work of one calibration call on CPU (multiply-adds of QK^T and PV, times 3.5 with the backward; a GPU,
+# ~10^4 times faster, gets `CALIBRATION_GPU_FACTOR` times more): the batch and the KV groups are cut
+# down to stay near it, so measuring a bucket (both backends, a warm-up and two timed calls each) takes
+# tens of ms. A bucket whose single row of one KV group is 4 times over is not measured: the static
+# rule decides there (on CPU, at such lengths, the fused kernels' tile skipping is what wins).
+CALIBRATION_MACS = 3e7
+CALIBRATION_GPU_FACTOR = 1e5
+
+
+def _bucket(t: int) -> int:
+    """Lengths 1..16 are their own bucket (decode steps); longer ones round up to a power of two."""
+    return t if t <= 16 else 1 << (t - 1).bit_length()
+
+
+def _mask_kind(causal: bool, prefix_len, kv_start, kv_len) -> str:
+    if prefix_len is None and kv_start is None and kv_len is None:
+        return "causal" if causal else "full"
+    return "masked"
+
+
+def calibration_key(q: Tensor, k: Tensor, *, causal: bool, prefix_len=None, kv_start=None, kv_len=None,
+                    train: bool) -> str:
+    """The shape bucket of an attention call, as `glm.tuning` stores its choice."""
+    B, n, Tq, d = q.shape
+    return (f"attention|{q.device.type}|{str(q.dtype).replace('torch.', '')}|d{d}|q{_bucket(Tq)}|k{_bucket(k.shape[2])}"
+            f"|gqa{n // k.shape[1]}|{_mask_kind(causal, prefix_len, kv_start, kv_len)}|{'train' if train else 'infer'}"
+            f"|threads{torch.get_num_threads()}")
+
+
+def _measure(q: Tensor, k: Tensor, *, causal: bool, kind: str, train: bool) -> dict[str, float]:
+    """Seconds per call of ``fused`` and ``sdpa`` (forward, plus backward when ``train``) on random
+    tensors of the bucket's shape: the bucket's lengths, the call's head dim and query heads per KV
+    head, and as many KV heads and rows as fit ~`CALIBRATION_MACS` ({} when even one is too much). A
+    ``masked`` bucket is timed with a bidirectional prefix of half the rows, the GLM objective's
+    structure."""
+    B, n, Tq, d = q.shape
+    g, Tk = k.shape[1], k.shape[2]
+    Tq_b, Tk_b = _bucket(Tq), max(_bucket(Tk), _bucket(Tq))
+    budget = CALIBRATION_MACS * (CALIBRATION_GPU_FACTOR if q.device.type == "cuda" else 1)
+    per_group = (n // g) * Tq_b * Tk_b * d * 2 * (3.5 if train else 1.0)  # one row, one KV head
+    if per_group > 4 * budget:
+        return {}
+    g = max(1, min(g, int(budget // per_group)))
+    n = g * (n // k.shape[1])
+    rows = max(1, min(B, int(budget // (per_group * g))))
+    gen = torch.Generator(device=q.device).manual_seed(0)
+
+    def rand(heads: int, t: int) -> Tensor:
+        x = torch.randn(rows, heads, t, d, generator=gen, device=q.device, dtype=torch.float32).to(q.dtype)
+        return x.requires_grad_(train)
+
+    qq, kk, vv = rand(n, Tq_b), rand(g, Tk_b), rand(g, Tk_b)
+    structure = {}
+    if kind == "masked":
+        structure["prefix_len"] = torch.full((rows,), Tq_b // 2, dtype=torch.int64, device=q.device)
+    offset = Tk_b - Tq_b
+    grad = torch.randn(qq.shape, generator=gen, device=q.device, dtype=torch.float32).to(q.dtype)
+
+    def call(fn: AttentionFn) -> float:
+        if q.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.set_grad_enabled(train):
+            out = fn(qq, kk, vv, causal=causal, q_offset=offset, **structure)
+            if train:
+                torch.autograd.backward(out, grad)
+        if q.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    fns = {"fused": BACKENDS["fused"], "sdpa": BACKENDS["sdpa"]}
+    for fn in fns.values():  # warm-up: first-call allocations and lazy initialisation
+        call(fn)
+    best = {name: math.inf for name in fns}
+    for _ in range(2):  # alternated, so a burst of load elsewhere hits both
+        for name, fn in fns.items():
+            best[name] = min(best[name], call(fn))
+    return best
+
+
+def auto_backend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, prefix_len: Optional[Tensor] = None,
+                 kv_start: Optional[Tensor] = None, kv_len: Optional[Tensor] = None) -> str:
+    """What ``auto`` runs for this call: ``sdpa`` where the fused kernels cannot take the tensors or this
+    machine measured sdpa faster for the call's bucket (`calibration_key`), else ``fused``.
+
+    Measuring happens once per bucket and machine (`glm.tuning`); it is skipped, leaving ``fused``,
+    while torch.compile traces or a CUDA graph captures, and when measuring is off."""
+    if "fused" not in BACKENDS or _unsupported("fused", q.device.type, q.dtype, q.shape[-1]) is not None:
+        return "sdpa"
+    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = calibration_key(q, k, causal=causal, prefix_len=prefix_len, kv_start=kv_start, kv_len=kv_len, train=train)
+    if (torch.compiler.is_compiling() or q.device.type not in ("cpu", "cuda")
+            or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return tuning.lookup(key) or "fused"
+    kind = _mask_kind(causal, prefix_len, kv_start, kv_len)
+    return tuning.choose(key, lambda: _measure(q, k, causal=causal, kind=kind, train=train)) or "fused"
 
 
 def attention(
@@ -241,6 +350,8 @@ def attention(
     if q_offset < 0 or q_offset + Tq > Tk:
         raise InputError(f"attention: queries at key indices [{q_offset}, {q_offset + Tq}) do not fit the "
                          f"{Tk} keys; q_offset must be in [0, Tk - Tq]")
+    if backend == "auto":
+        backend = auto_backend(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start, kv_len=kv_len)
     fn = resolve_backend(backend, q.device.type, q.dtype, q.shape[-1])
     return fn(q, k, v, causal=causal, prefix_len=prefix_len, kv_start=kv_start, kv_len=kv_len, q_offset=q_offset,
               scale=scale)

@@ -28,7 +28,8 @@ SUITES = ("attention", "decode", "train", "convert", "demo")
 QUICK = {
     "attention": ["--seqs", "128,256", "--dtypes", "float32", "--repeats", "1", "--no-decode"],
     "decode": ["--small", "--prompt", "8", "--new-tokens", "2", "--batches", "1", "--repeats", "1"],
-    "train": ["--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2", "--steps", "1"],
+    "train": ["--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2", "--steps", "1", "--nano-rounds", "2",
+              "--quality-steps", "2"],
     "convert": ["--gb", "0.02", "--shard-size", "8MB", "--repeats", "1"],
     "demo": ["--steps", "20", "--eval-examples", "8"],
 }
@@ -138,8 +139,9 @@ records). This page is regenerated from them by `glm bench report`.
     ("decode", "greedy decode tokens/s, batch 1 and 8: a 122M GLM-4-shaped model on CPU; GLM-4-9B-shaped (random "
                "bf16 weights) on GPU, eager / CUDA graphs / graphs + `torch.compile`, against the bandwidth roofline",
      "transformers `GlmForCausalLM`, same weights"),
-    ("train", "training step tokens/s and MFU, small GLM-4-shaped model",
-     "transformers `GlmForCausalLM`, same config and batch"),
+    ("train", "training step tokens/s and MFU, small GLM-4-shaped model; tokens/s and held-out loss per character "
+              "at equal steps of a nanoGPT-sized char-level causal LM",
+     "transformers `GlmForCausalLM`, same config and batch; a plain PyTorch GPT-2-style loop of the same size"),
     ("convert", "peak RSS and GB/s of streaming checkpoint conversion (2.2 GB, 3 shards)",
      "loading everything, converting, saving"),
     ("demo", "`make demo`'s run (`glm.demo.DEMO`): held-out blank-infilling exact match on the fill's first word "

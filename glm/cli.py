@@ -100,7 +100,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 def _max_new(args: argparse.Namespace, model, prompt_len: int) -> int:
     """--max-new-tokens, or by default 128 cut to what the model's position table leaves room for
-    (small trained models have seq_len + 1 positions); a value given explicitly is checked, not cut."""
+    (small trained models have about seq_len positions); a value given explicitly is checked, not cut."""
     from .generate import room_for_new_tokens
 
     if args.max_new_tokens is not None:
@@ -221,9 +221,17 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train
 
     files = sorted({f for pattern in args.corpus for f in (_glob.glob(pattern) or [pattern])})
-    tok = train(files, args.out, args.vocab_size, args.family, overwrite=args.overwrite)
+    tok = train(files, args.out, args.vocab_size, args.family, model_type=args.model_type,
+                byte_fallback=args.byte_fallback, overwrite=args.overwrite)
     print(f"wrote {args.out}: {tok!r}")
     return 0
+
+
+def _train_vocab_size(args: argparse.Namespace) -> Optional[int]:
+    """--vocab-size, else the command's default size; a char tokenizer's default is the corpus's."""
+    if args.vocab_size is not None:
+        return args.vocab_size
+    return None if args.tokenizer_type == "char" else args.default_vocab_size
 
 
 def _train_config(args: argparse.Namespace):
@@ -237,10 +245,15 @@ def _train_config(args: argparse.Namespace):
         raise ArgumentError(f"--model-overrides is not valid JSON ({e}); pass an object such as "
                          f"'{{\"hidden_size\": 256}}'") from None
     return TrainConfig(out_dir=args.out, model=args.model, model_overrides=overrides, data=args.data,
-                       tokenizer=args.tokenizer, vocab_size=args.vocab_size, objective=args.objective,
+                       doc_split=args.doc_split, val_data=args.val_data,
+                       tokenizer=args.tokenizer, tokenizer_type=args.tokenizer_type,
+                       vocab_size=_train_vocab_size(args), objective=args.objective,
+                       mix=tuple(args.mix) if args.mix is not None else None,
                        seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                       grad_clip=args.grad_clip, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                       steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+                       weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings,
+                       betas=tuple(args.betas), grad_clip=args.grad_clip, eval_every=args.eval_every,
+                       eval_iters=args.eval_iters, eval_examples=args.eval_examples, ckpt_every=args.ckpt_every,
                        keep_last=args.keep_last, seed=args.seed, compile=args.compile, device=args.device,
                        fsdp=args.fsdp, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                        corpus_size=args.corpus_size, verify=not args.no_verify,
@@ -275,6 +288,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       publish=args.publish)
 
 
+def _eval_iters(text: str):
+    """--eval-iters: a whole number, or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
+
+
 def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     d = dict(out="runs/glm", model="tiny-glm", steps=1000, batch_size=16, seq_len=128, lr=3e-3, vocab_size=1000,
              eval_every=250, ckpt_every=250)
@@ -283,14 +306,32 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--model", default=d["model"], help=f"preset name (default {d['model']})")
     s.add_argument("--model-overrides", default=d.get("model_overrides"),
                    help='JSON of GLMConfig fields, e.g. \'{"hidden_size": 256, "num_layers": 4}\'')
-    s.add_argument("--data", nargs="*", default=None, help="text files / globs / JSONL; default: the embedded corpus")
+    s.add_argument("--data", nargs="*", default=None,
+                   help="text files / globs / JSONL; default: the embedded corpus. A text file is read whole, line "
+                        "breaks kept, one document per file (see --doc-split); a .jsonl file holds one "
+                        '{"text": ...} document per line')
+    s.add_argument("--doc-split", choices=("file", "blank-line", "lines"), default="file",
+                   help="how a text file of --data / --val-data becomes documents: file = the whole file is one "
+                        "(default), blank-line = documents are separated by blank lines, lines = one per line")
+    s.add_argument("--val-data", nargs="+", default=None,
+                   help="held-out files, read as --data (default: the embedded corpus's own held-out text, else the "
+                        "last 5%% of the documents (glm) or of the token stream (causal, prefix))")
     s.add_argument("--corpus-size", choices=("tiny", "small", "base"), default="small",
                    help="size of the embedded corpus (default small)")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
-    s.add_argument("--vocab-size", type=int, default=d["vocab_size"],
-                   help=f"vocabulary of the tokenizer trained into OUT/tokenizer (default {d['vocab_size']})")
+    s.add_argument("--vocab-size", type=int, default=None,
+                   help=f"ids of the tokenizer trained into OUT/tokenizer (default {d['vocab_size']}; with "
+                        f"--tokenizer-type char: the corpus's characters, or exactly that many)")
+    s.set_defaults(default_vocab_size=d["vocab_size"])
+    s.add_argument("--tokenizer-type", choices=("bpe", "unigram", "char"), default="bpe",
+                   help="model type of the tokenizer trained into OUT/tokenizer (default bpe; char = one id per "
+                        "character, as nanoGPT's character-level runs)")
     s.add_argument("--objective", choices=("glm", "causal", "prefix"), default="glm",
-                   help="glm = blank infilling (default), causal = left-to-right LM, prefix = prefix LM")
+                   help="glm = blank infilling (default), causal = left-to-right LM, prefix = prefix LM (both "
+                        "on rows packed from one stream of documents)")
+    s.add_argument("--mix", nargs=2, type=float, default=None, metavar=("BERT", "GAP"),
+                   help="glm objective: the share of batches in token ([MASK]) and sentence ([sMASK]) mode; "
+                        "document ([gMASK]) mode gets the rest (default 0.4 0.3, GLM-10B's)")
     s.add_argument("--seq-len", type=int, default=d["seq_len"], help=f"tokens per row (default {d['seq_len']})")
     s.add_argument("--batch-size", type=int, default=d["batch_size"],
                    help=f"global batch in rows (default {d['batch_size']})")
@@ -299,11 +340,22 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--lr", type=float, default=d["lr"], help=f"peak AdamW learning rate (default {d['lr']})")
     s.add_argument("--warmup", type=int, default=d.get("warmup", 50),
                    help="linear warmup steps before the cosine decay (default %(default)s)")
+    s.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine schedule ends at this share of --lr (default 0.1)")
     s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    s.add_argument("--decay-embeddings", action="store_true",
+                   help="weight decay on the embedding tables too, as nanoGPT (default: matrices other than "
+                        "embeddings only)")
+    s.add_argument("--betas", nargs=2, type=float, default=(0.9, 0.95), metavar=("B1", "B2"),
+                   help="AdamW's moment decays (default 0.9 0.95)")
     s.add_argument("--grad-clip", type=float, default=1.0,
                    help="max gradient norm, > 0; inf = no clipping (default 1.0)")
     s.add_argument("--eval-every", type=int, default=d["eval_every"],
                    help=f"held-out loss every N steps (default {d['eval_every']})")
+    s.add_argument("--eval-iters", type=_eval_iters, default=20,
+                   help="held-out batches per evaluation, or 'all': every held-out row once (default 20)")
+    s.add_argument("--eval-examples", type=int, default=200,
+                   help="embedded corpus: held-out blanks filled at each evaluation (default 200)")
     s.add_argument("--ckpt-every", type=int, default=d["ckpt_every"],
                    help=f"checkpoint every N steps (default {d['ckpt_every']})")
     s.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
@@ -315,8 +367,8 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
     s.add_argument("--overwrite", action="store_true",
                    help="delete the run already in OUT (checkpoints, metrics, tokenizer, model) and start over")
     s.add_argument("--allow-optimizer-change", action="store_true",
-                   help="with --resume: accept other --lr, --warmup, --weight-decay, --grad-clip than the run's "
-                        "(recorded in metrics.jsonl)")
+                   help="with --resume: accept other --lr, --min-lr-ratio, --warmup, --weight-decay, --betas, "
+                        "--grad-clip than the run's (recorded in metrics.jsonl)")
     s.add_argument("--no-verify", action="store_true", help="with --resume: skip the checkpoint's sha256 check")
     s.add_argument("--quiet", action="store_true",
                    help="no progress bar (on a terminal) or progress lines (in a log) on stderr")
@@ -423,13 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     from .tokenizer import FAMILY_NAMES as TOKENIZER_FAMILIES
+    from .tokenizer import MODEL_TYPES
 
     s = sub.add_parser("train-tokenizer",
                        help="train a SentencePiece (or GLM-4 BPE) tokenizer with a family's specials")
     s.add_argument("corpus", nargs="+", help="text files or globs")
     s.add_argument("out", help="output folder")
-    s.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
+    s.add_argument("--vocab-size", type=int, default=None,
+                   help="total vocabulary, special tokens included; required for unigram and bpe, optional for "
+                        "char (the corpus sets it: left out, it is taken; given, it must match)")
     s.add_argument("--family", choices=list(TOKENIZER_FAMILIES), required=True)
+    s.add_argument("--model-type", choices=MODEL_TYPES, default=None,
+                   help="unigram (default), bpe, or char: one id per distinct character of the corpus; glm4 is "
+                        "always byte-level bpe")
+    s.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="256 byte pieces encode characters the model lacks (default on); with --no-byte-fallback "
+                        "they become <unk> (glm4 is byte-level and cannot turn it off)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a tokenizer saved in OUT (only its model file and tokenizer_config.json; "
                         "OUT holding anything else is refused)")

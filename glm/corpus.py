@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import random
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -529,7 +530,8 @@ def read_corpus(folder: str) -> Corpus:
 
 # --- user data
 
-ReadMode = Literal["lines", "file"]  # one document per non-blank line, or per file
+# One document per non-blank line; per file; or per run of lines between blank lines.
+ReadMode = Literal["lines", "file", "blank-line"]
 READ_MODES = get_args(ReadMode)
 _GLOB_CHARS = frozenset("*?[")
 
@@ -568,6 +570,27 @@ def _read_text(path: str) -> str:
 def _lines(text: str) -> list[str]:
     # only \n, \r\n and \r end a line: str.splitlines() would also split on \x0b, \x1c, \u2028, ...
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+_LINE_BREAK = re.compile(r"(\r\n|\r|\n)")
+
+
+def _blank_line_documents(text: str) -> list[str]:
+    """``text`` cut at blank (empty or whitespace-only) lines: each run of non-blank lines is one
+    document, its line breaks kept as written (``\r\n`` stays ``\r\n``) except the one ending its
+    last line."""
+    parts = _LINE_BREAK.split(text)  # line, break, line, break, ..., line
+    docs, current = [], []
+    for i in range(0, len(parts), 2):
+        line = parts[i]
+        if line.strip():
+            current += [line, parts[i + 1] if i + 1 < len(parts) else ""]
+        elif current:
+            docs.append("".join(current[:-1]))
+            current = []
+    if current:
+        docs.append("".join(current[:-1]))
+    return docs
 
 
 def _jsonl_objects(path: str) -> list[tuple[int, dict]]:
@@ -609,7 +632,10 @@ def read_documents(specs: Union[str, os.PathLike, Sequence[Union[str, os.PathLik
     ``*.jsonl`` files: one JSON object per non-blank line, its string ``"text"`` is one document
     (line breaks inside it are kept, whatever ``mode``). Other files are UTF-8 text: ``mode="lines"``
     makes each non-blank line a document (line ending removed, nothing else); ``mode="file"`` makes the
-    whole file one document (trailing line breaks removed). Blank lines and empty texts are skipped.
+    whole file one document (line breaks and blank lines inside kept, trailing line breaks removed);
+    ``mode="blank-line"`` makes each run of non-blank lines a document (blank lines, empty or only
+    whitespace, separate documents and belong to none; the line breaks inside a document are kept).
+    Blank lines and empty texts are skipped.
     Raises `DataError` naming the file (and line) for unreadable input or an empty result.
     """
     if mode not in READ_MODES:
@@ -633,6 +659,8 @@ def read_documents(specs: Union[str, os.PathLike, Sequence[Union[str, os.PathLik
             docs += _jsonl_documents(path)
         elif mode == "file":
             docs.append(_read_text(path).rstrip("\r\n"))
+        elif mode == "blank-line":
+            docs += _blank_line_documents(_read_text(path))
         else:
             docs += [line for line in _lines(_read_text(path)) if line.strip()]
     if not docs:

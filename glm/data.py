@@ -19,6 +19,10 @@ One sample is one document: its *text* is ``[CLS]? + document + [eos]?`` (``Obje
 Rows are right-padded (pad id, position 0, no loss). With ``pack=True`` several samples share a row;
 each keeps its own positions (restarting at 0), and ``doc_start`` / per-query ``prefix_len`` keep
 attention inside each document. All randomness comes from an explicit ``numpy.random.Generator``.
+
+The trainer's causal and prefix LM do not make one sample per document: `join_documents` joins the
+documents, each followed by a separator, into one token stream, and `PackedRows` reads full rows of
+it (no inserted token, no padding) at a random offset and in a random order per epoch.
 """
 from __future__ import annotations
 
@@ -122,6 +126,12 @@ class SpecialIds:
     def inserted(self) -> dict[str, int]:
         """The ids the blank-infilling layout inserts itself; a document must not contain them."""
         return {"[MASK]": self.mask, "[sMASK]": self.smask, "[gMASK]": self.gmask, "sop": self.sop, "eop": self.eop}
+
+    @property
+    def not_text(self) -> frozenset[int]:
+        """Every id here: targets that are a document end, padding or a token the layout inserts, which
+        held-out loss on real text leaves out."""
+        return frozenset({*self.inserted.values(), self.eos, self.pad, *([] if self.cls is None else [self.cls])})
 
 
 def end_of_text_id(tok) -> Optional[int]:
@@ -741,3 +751,144 @@ class Collator:
     def __call__(self, documents: Sequence, rng: RngLike, mode: Optional[Mode] = None) -> Batch:
         return make_batch(self.samples(documents, rng, mode), pad_id=self.special.pad,
                           position_streams=self.position_streams, pack=self.pack, max_len=self.max_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Language-model rows packed from one token stream
+
+# The last word of an epoch's seed, so that epoch_rng(seed, e) never repeats batch_rng(seed, s).
+_EPOCH_STREAM = 1
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of epoch ``epoch``'s row offset and row order in a run seeded ``seed``."""
+    return np.random.default_rng([int(seed), int(epoch), _EPOCH_STREAM])
+
+
+def join_documents(documents: Sequence, separator: int) -> np.ndarray:
+    """The documents (lists of token ids) as one stream, each followed by ``separator``:
+    ``doc0 sep doc1 sep ... docN sep``. The separator is the only token the join adds; the one after
+    the last document also divides it from the first where rows wrap around the stream's end."""
+    arrays = [_as_document(d, i, None) for i, d in enumerate(documents)]
+    if not arrays:
+        raise DataError("join_documents got no documents")
+    if isinstance(separator, bool) or not isinstance(separator, (int, np.integer)) or separator < 0:
+        raise DataError(f"join_documents: separator must be a non-negative token id, got {separator!r}")
+    out = np.empty(sum(len(a) + 1 for a in arrays), np.int64)
+    at = 0
+    for a in arrays:
+        out[at: at + len(a)] = a
+        out[at + len(a)] = separator
+        at += len(a) + 1
+    return out
+
+
+class PackedRows:
+    """Causal or prefix-LM rows of ``seq_len`` tokens read from one token stream (`join_documents`).
+
+    The row starting at stream index ``o`` holds the tokens ``stream[o : o+L]`` and the targets
+    ``stream[o+1 : o+L+1]``: ``L`` targets, none inserted, no padding. Attention is causal over the
+    whole row, across document ends, as GPT-2 and nanoGPT train; the separator marks the ends.
+
+    Training (`batch`) reads the stream as a circle. Epoch ``e`` cuts it into the
+    ``rows_per_epoch = ceil(N / L)`` rows starting at ``r, r + L, r + 2L, ...`` and visits them in a
+    random order, the offset ``r`` in ``[0, L)`` and the order both drawn from ``epoch_rng(seed, e)``,
+    so every token is a target once per epoch (when ``L`` does not divide ``N``, the last row wraps
+    past the offset and the few tokens there are targets twice). Row ``g`` of the run (``g =
+    micro_step * batch_size + i``) is row ``g mod rows_per_epoch`` of epoch ``g // rows_per_epoch``:
+    a batch depends on the seed and the micro-step only, and a resumed run redraws it.
+
+    Evaluation (`rows_at`) reads the stream once from its start, without wrapping: row ``k`` starts at
+    ``k * L`` and the last one stops at the stream's end (padded, no loss there).
+
+    ``mode="prefix"`` draws a prefix length ``s`` per row, uniform over ``1 .. targets in the row``,
+    from the batch's generator: slots ``< s`` attend to each other both ways, and the loss starts at
+    slot ``s - 1``, whose target is the first token after the prefix.
+    """
+
+    def __init__(self, stream, seq_len: int, mode: LMMode = "causal", *, pad_id: int = 0,
+                 position_streams: Literal[1, 2] = 2) -> None:
+        arr = np.asarray(stream)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size < 2:
+            raise DataError(f"PackedRows needs a flat integer token stream of at least 2 ids, got shape "
+                            f"{arr.shape} of {arr.dtype}; build it with join_documents")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise DataError(f"PackedRows.seq_len must be an integer >= 1, got {seq_len!r}")
+        if mode not in get_args(LMMode):
+            raise DataError(f"PackedRows.mode is {mode!r}; use 'causal' or 'prefix'")
+        if position_streams not in (1, 2):
+            raise DataError(f"PackedRows.position_streams is {position_streams}; use model.config.position_streams")
+        if arr.min() < 0:
+            raise DataError(f"the token stream has a negative id {int(arr.min())}")
+        # int32 halves the stream's memory; a batch is widened to int64 when it is cut.
+        self.stream = arr.astype(np.int32 if arr.max() < 2**31 else np.int64)
+        self.seq_len, self.mode, self.pad_id, self.position_streams = int(seq_len), mode, int(pad_id), position_streams
+        self._epoch: Optional[tuple[int, int, int, np.ndarray]] = None  # (seed, epoch, offset, order) last drawn
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return -(-len(self.stream) // self.seq_len)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of a single pass from the stream's start (`rows_at`): every target once."""
+        return -(-(len(self.stream) - 1) // self.seq_len)
+
+    def epoch(self, seed: int, epoch: int) -> tuple[int, np.ndarray]:
+        """Epoch ``epoch``'s offset and row order (a permutation of ``range(rows_per_epoch)``)."""
+        if self._epoch is None or self._epoch[:2] != (seed, epoch):
+            rng = epoch_rng(seed, epoch)
+            offset = int(rng.integers(0, self.seq_len))
+            self._epoch = (seed, epoch, offset, rng.permutation(self.rows_per_epoch))
+        return self._epoch[2], self._epoch[3]
+
+    def starts(self, seed: int, micro_step: int, batch_size: int) -> np.ndarray:
+        """Stream indices where the rows of micro-step ``micro_step`` start (see the class docstring)."""
+        n = self.rows_per_epoch
+        g = int(micro_step) * int(batch_size) + np.arange(batch_size, dtype=np.int64)
+        epochs = g // n
+        out = np.empty(batch_size, np.int64)
+        for e in np.unique(epochs).tolist():  # one epoch, or the two a batch straddles
+            here = epochs == e
+            offset, order = self.epoch(seed, e)
+            out[here] = (offset + order[g[here] % n] * self.seq_len) % len(self.stream)
+        return out
+
+    def batch(self, seed: int, micro_step: int, batch_size: int) -> Batch:
+        """The training batch of micro-step ``micro_step``: ``batch_size`` full rows."""
+        window = np.take(self.stream, self.starts(seed, micro_step, batch_size)[:, None]
+                         + np.arange(self.seq_len + 1), mode="wrap").astype(np.int64)
+        loss = np.ones((batch_size, self.seq_len), bool)
+        return self._batch(window[:, :-1], window[:, 1:], loss, batch_rng(seed, micro_step))
+
+    def rows_at(self, rows: Sequence[int], rng: RngLike) -> Batch:
+        """Rows ``rows`` (in ``range(num_rows)``) of one pass from the stream's start, without wrapping;
+        ``rng`` draws the prefix lengths in prefix mode."""
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= self.num_rows:
+            raise DataError(f"rows_at: rows must be a non-empty list of indices in [0, {self.num_rows}), got "
+                            f"{rows.tolist()[:8]}")
+        idx = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        real = idx < len(self.stream)
+        window = np.where(real, self.stream[np.minimum(idx, len(self.stream) - 1)], self.pad_id).astype(np.int64)
+        return self._batch(window[:, :-1], window[:, 1:], real[:, 1:], as_rng(rng), lengths=real[:, :-1].sum(1))
+
+    def _batch(self, tokens: np.ndarray, targets: np.ndarray, loss: np.ndarray, rng: np.random.Generator,
+               lengths: Optional[np.ndarray] = None) -> Batch:
+        B, L = tokens.shape
+        prefix = np.zeros(B, np.int64)
+        if self.mode == "prefix":
+            prefix = rng.integers(1, loss.sum(1) + 1)
+            loss = loss & (np.arange(L) >= prefix[:, None] - 1)
+        pos = np.broadcast_to(np.arange(L, dtype=np.int64), (B, L))
+        if self.position_streams == 2:
+            pos = np.stack((pos, np.zeros_like(pos)), axis=1)  # block position 0: no Part B
+        t = torch.from_numpy
+        c = np.ascontiguousarray
+        return Batch(tokens=t(c(tokens)), targets=t(c(targets)), loss_mask=t(c(loss)),
+                     position_ids=t(np.ascontiguousarray(pos)), prefix_len=t(prefix),
+                     lengths=t(np.full(B, L, np.int64) if lengths is None else lengths.astype(np.int64)),
+                     mode=self.mode)

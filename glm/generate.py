@@ -671,6 +671,36 @@ def infill(model: GLM, tokenizer, text: str, **kwargs) -> str:
     return tokenizer.decode(res.tokens, skip_special_tokens=True)
 
 
+@torch.no_grad()
+def eop_after_answer(model: GLM, tokenizer, text: str, answer: str) -> Optional[float]:
+    """The probability ``model`` gives ``<eop>`` right after ``answer`` fills the one blank of ``text``:
+    the span ``<sop> answer`` fed as `infill` feeds it (Part A as `infill` builds it, 2D positions by
+    `glm.positions.blank_layout`), so greedy infill stops after a right answer exactly when this is the
+    largest probability there. None when the answer is not whole tokens of the filled text as the
+    tokenizer splits it: training blanks whole tokens, so the model never saw such a blank."""
+    blanks = re.findall(r"\[(?:s|g)?MASK\]", text)
+    if len(blanks) != 1:
+        raise InputError(f"eop_after_answer takes a text with exactly one blank ([MASK], [sMASK] or [gMASK]), "
+                         f"got {len(blanks)} in {text!r}")
+    prompt = encode_blank_text(tokenizer, text)
+    masks = set(tokenizer.mask_ids.values())
+    m = next(i for i, t in enumerate(prompt) if t in masks)
+    before, after = prompt[:m], prompt[m + 1:]
+    full = tokenizer.encode(text.replace(blanks[0], answer, 1))
+    end = len(full) - len(after)
+    if end <= m or full[:m] != before or full[end:] != after:
+        return None
+    part_a = tokenizer.infill_prompt(prompt)
+    slot = next(i for i, t in enumerate(part_a) if t in masks)
+    span = full[m:end]
+    pos, block = positions.blank_layout(len(part_a), [slot], [len(span)])
+    device = next(model.parameters()).device
+    ids = torch.tensor([part_a + [tokenizer.sop_id] + span], device=device)
+    position_ids = torch.tensor([[pos, block]], device=device)
+    logits = model(ids, position_ids, prefix_len=torch.tensor([len(part_a)], device=device), last_only=True)
+    return float(logits[0, -1].float().softmax(-1)[tokenizer.eop_id])
+
+
 def stream_text(model: GLM, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,
                 cuda_graphs: Optional[bool] = None, **sampling) -> Iterator[str]:
     """Generate after ``prompt_ids`` (already wrapped the release's way) and yield text as it grows.

@@ -25,6 +25,12 @@ from .kv_cache import KVCache
 ID_DTYPES = (torch.int64, torch.int32)
 
 
+def _min_max(t: Tensor) -> tuple[int, int]:
+    """The smallest and largest value of a non-empty integer tensor, in one pass."""
+    lo, hi = torch.aminmax(t)
+    return int(lo), int(hi)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -32,11 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # transformers' Glm order: normalise in fp32, cast back, then scale. (ChatGLM2 scales before
-        # the cast; the two agree exactly in fp32 and differ by one rounding in bf16/fp16.)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # transformers' Glm order (kernels.rms_norm_reference says it; the fused op computes the same).
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: GLMConfig) -> nn.Module:
@@ -95,12 +98,9 @@ class Rotary(nn.Module):
         return ang.cos().unsqueeze(1).to(dtype), ang.sin().unsqueeze(1).to(dtype)
 
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x ``[B, h, T, d]``; rotates the first ``segments * seg_dim`` dims."""
-        rot = self.segments * self.seg_dim
-        xr = x[..., :rot].unflatten(-1, (self.segments, self.seg_dim))
-        x1, x2 = xr.chunk(2, dim=-1)
-        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return y if rot == x.shape[-1] else torch.cat((y, x[..., rot:]), dim=-1)
+        """x ``[B, h, T, d]`` (any strides); rotates the first ``segments * seg_dim`` dims
+        (`glm.kernels.rope_reference` is the rule)."""
+        return kernels.rope(x, cos, sin, self.segments)
 
 
 class Linear(nn.Linear):
@@ -153,8 +153,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.w_in(x)
         if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = kernels.swiglu(h)
         elif self.kind == "geglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.gelu(gate) * up
@@ -344,7 +343,7 @@ class GLM(nn.Module):
         cache with room, batch and dtype for them. Reads values, so it synchronises with the device."""
         cfg = self.config
         if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = _min_max(input_ids)
             if lo < 0 or hi >= cfg.vocab_size:
                 bad = hi if hi >= cfg.vocab_size else lo
                 raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
@@ -355,7 +354,7 @@ class GLM(nn.Module):
             raise InputError(f"position_ids has shape {tuple(position_ids.shape)}; family {cfg.family} "
                              f"takes {want} for input_ids {tuple(input_ids.shape)}")
         if position_ids.numel():
-            lo, hi = int(position_ids.min()), int(position_ids.max())
+            lo, hi = _min_max(position_ids)
             if lo < 0 or hi >= cfg.max_positions:
                 raise InputError(f"position id {hi if hi >= cfg.max_positions else lo} is outside "
                                  f"[0, {cfg.max_positions}): the sequence is longer than the model's "
@@ -372,7 +371,8 @@ class GLM(nn.Module):
             if cache is not None and t.dim() == 2:
                 raise InputError(f"per-token {name} (packed documents) is for training; it cannot be "
                                  f"used with a KV cache")
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) > start + T):
+            lo, hi = _min_max(t) if t.numel() else (0, 0)
+            if lo < 0 or hi > start + T:
                 raise InputError(f"{name} values must lie in [0, {start + T}] (they count key slots, left "
                                  f"padding included); got {t.tolist()}")
         if cache is not None:
@@ -431,6 +431,10 @@ class GLM(nn.Module):
                                                       start, last)
         if check:
             self._check_values(input_ids, position_ids, cache, prefix_len, pad_left, doc_start)
+            if prefix_len is not None and prefix_len.dim() == 1 and not bool(prefix_len.any()):
+                # A prefix of 0 everywhere is plain causal (causal LM batches carry one): without it the
+                # attention takes its causal fast paths instead of building a mask in every layer.
+                prefix_len = None
         mask = Mask(causal=True, prefix_len=prefix_len, kv_start=pad_left if doc_start is None else doc_start,
                     q_offset=start)
         return position_ids, mask, pad_left, prefix_len
@@ -473,7 +477,10 @@ class GLM(nn.Module):
             if logits_at.shape != (B, T) or logits_at.dtype != torch.bool:
                 raise InputError(f"logits_at must be a bool [batch, seq] = [{B}, {T}] mask, got "
                                  f"{logits_at.dtype} {tuple(logits_at.shape)}")
-            x = x[logits_at]
+            # Every position selected (causal LM): the same rows in the same order, without x[logits_at]'s copy
+            # forward and scatter backward. Reading the mask is free on CPU; elsewhere it would synchronise.
+            every = x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(logits_at.all())
+            x = x.flatten(0, 1) if every else x[logits_at]
         x = self.final_norm(x)
         return x if return_hidden else kernels.linear(x, self.output_weight)
 

@@ -24,9 +24,11 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, get_args
+from typing import Any, Callable, Iterator, Literal, Optional, Union, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,11 +42,21 @@ from .corpus import (
     generate_corpus,
     read_documents,
 )
-from .data import Collator, Objective, SpecialIds, batch_rng, end_of_text_id, sentence_end_ids
+from .data import (
+    Batch,
+    Collator,
+    Objective,
+    PackedRows,
+    SpecialIds,
+    batch_rng,
+    end_of_text_id,
+    join_documents,
+    sentence_end_ids,
+)
 from .devices import check_device
 from .errors import ArgumentError, DataError, TrainingError
 from .files import atomic_write, ensure_regular, read_bounded
-from .generate import encode_blank_text, infill_ids, tokenizer_infill_args
+from .generate import encode_blank_text, eop_after_answer, infill_ids, tokenizer_infill_args
 from .model import GLM
 from .presets import preset
 from .run_folder import (
@@ -60,11 +72,14 @@ from .run_folder import (
     run_lock,
     save_checkpoint,
 )
+from .tokenizer import ModelType as TokenizerType
 from .tokenizer import Tokenizer, load
 from .tokenizer import train as train_tokenizer
 from .tokenizer.load import MODEL_FILES
 
 ObjectiveKind = Literal["glm", "causal", "prefix"]
+DocSplit = Literal["file", "blank-line", "lines"]  # how a text file becomes documents (glm.corpus.read_documents)
+EvalIters = Union[int, Literal["all"]]
 
 
 @dataclass
@@ -75,9 +90,17 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     # Data: None = the embedded synthetic corpus; else text files / globs / JSONL (`text` field).
     data: Optional[list[str]] = None
+    # A text file is one document ("file"), split at blank lines ("blank-line") or one per line ("lines");
+    # line breaks inside a document are kept. JSONL is one document per line whatever this says.
+    doc_split: DocSplit = "file"
+    # Held-out files (read as `data`); None = the end of the training data (see `prepare`).
+    val_data: Optional[list[str]] = None
     corpus_size: CorpusSizeName = "small"  # the embedded corpus's size
     tokenizer: Optional[str] = None  # a tokenizer folder; None = train one on the training text
-    vocab_size: int = 1000
+    # Ids of the tokenizer trained for the run; None only with tokenizer_type "char", whose size is the
+    # corpus's characters (a number must then be exactly that size: glm.tokenizer.train refuses others).
+    vocab_size: Optional[int] = 1000
+    tokenizer_type: TokenizerType = "bpe"  # the model type of the tokenizer trained for the run
     objective: ObjectiveKind = "glm"  # glm = blank infilling, causal = left-to-right LM, prefix = prefix LM
     mix: Optional[tuple[float, float]] = None  # (bert_prob, gap_sentence_prob); None = the data default
     seq_len: int = 128
@@ -88,9 +111,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.1
+    decay_embeddings: bool = False  # weight decay on the embedding tables too (nanoGPT decays every matrix)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max gradient norm; math.inf = no clipping
     eval_every: int = 250
+    eval_iters: EvalIters = 20  # held-out batches per evaluation; "all" = every held-out row once
     eval_examples: int = 200
     ckpt_every: int = 250
     keep_last: int = 2
@@ -117,15 +142,26 @@ class TrainConfig:
         def is_real(v: Any) -> bool:  # an int or float that is not NaN (a bool is not a number here)
             return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
-        for name in ("compile", "fsdp", "progress", "resume", "overwrite", "verify", "allow_optimizer_change"):
+        for name in ("compile", "fsdp", "progress", "resume", "overwrite", "verify", "allow_optimizer_change",
+                     "decay_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, f"must be True or False, got {getattr(self, name)!r}")
-        for name, low in (("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("vocab_size", 1),
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("steps", 1),
                           ("keep_last", 1), ("warmup", 0), ("eval_every", 0), ("eval_examples", 0),
                           ("ckpt_every", 0), ("seed", 0)):
             v = getattr(self, name)
             if not is_int(v) or v < low:
                 raise bad(name, f"must be an integer >= {low}, got {v!r}")
+        if self.tokenizer_type not in get_args(TokenizerType):
+            raise bad("tokenizer_type", f"must be one of {', '.join(get_args(TokenizerType))}, got "
+                                        f"{self.tokenizer_type!r}")
+        if self.vocab_size is None:
+            if self.tokenizer_type != "char":
+                raise bad("vocab_size", f"may be None only with tokenizer_type 'char' (the corpus's characters "
+                                        f"set the size); a {self.tokenizer_type} tokenizer needs a size such as 1000")
+        elif not is_int(self.vocab_size) or self.vocab_size < 1:
+            raise bad("vocab_size", f"must be an integer >= 1 (or None with tokenizer_type 'char'), got "
+                                    f"{self.vocab_size!r}")
         if self.seed >= 2**63:
             raise bad("seed", f"must be below 2**63 (torch's seed range), got {self.seed}")
         if not (is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
@@ -151,10 +187,18 @@ class TrainConfig:
                 raise bad(name, f"must be a non-empty string, got {getattr(self, name)!r}")
         if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
             raise bad("tokenizer", f"must be None or a tokenizer folder, got {self.tokenizer!r}")
-        if self.data is not None and not (isinstance(self.data, (list, tuple)) and self.data
-                                          and all(isinstance(p, str) and p for p in self.data)):
-            raise bad("data", f"must be None (the embedded corpus) or a non-empty list of file names or globs, such "
-                              f"as ['books/*.txt'], got {self.data!r}")
+        for name in ("data", "val_data"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (list, tuple)) and v and all(isinstance(p, str) and p for p in v)):
+                what = "the embedded corpus" if name == "data" else "held out from the training data"
+                raise bad(name, f"must be None ({what}) or a non-empty list of file names or globs, such as "
+                                f"['books/*.txt'], got {v!r}")
+        if self.doc_split not in get_args(DocSplit):
+            raise bad("doc_split", f"must be file (one document per file), blank-line (documents separated by blank "
+                                   f"lines) or lines (one per line), got {self.doc_split!r}")
+        if self.eval_iters != "all" and not (is_int(self.eval_iters) and self.eval_iters >= 1):
+            raise bad("eval_iters", f"must be an integer >= 1 (held-out batches per evaluation) or 'all', got "
+                                    f"{self.eval_iters!r}")
         if self.corpus_size not in get_args(CorpusSizeName):
             raise bad("corpus_size", f"must be tiny, small or base, got {self.corpus_size!r}")
         if self.resume and self.overwrite:
@@ -173,18 +217,19 @@ class TrainConfig:
         if unknown:
             raise ArgumentError(f"TrainConfig.model_overrides has unknown GLMConfig fields {unknown}; known fields: "
                              f"{sorted(known)}")
-        max_pos = self.model_overrides.get("max_positions", self.seq_len + 1)
-        if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos < self.seq_len + 1:
+        # Every objective's row uses positions below seq_len (causal / prefix rows count 0 .. seq_len-1;
+        # a blank-infilling sample's positions and block positions stay below its length).
+        max_pos = self.model_overrides.get("max_positions", self.seq_len)
+        if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos < self.seq_len:
             raise ArgumentError(f"TrainConfig.model_overrides sets max_positions {max_pos!r}, but rows of seq_len "
-                             f"{self.seq_len} need an int of at least {self.seq_len + 1}; raise it or lower seq_len "
+                             f"{self.seq_len} need an int of at least {self.seq_len}; raise it or lower seq_len "
                              f"(--seq-len)")
         if self.objective not in get_args(ObjectiveKind):
             raise ArgumentError(f"TrainConfig.objective must be glm, causal or prefix, got {self.objective!r}")
 
 
 # The command-line flag of each TrainConfig field where it is not --field-name ("" = none).
-_FLAGS = {"out_dir": "--out", "progress": "--quiet", "verify": "--no-verify", "mix": "", "betas": "",
-          "min_lr_ratio": "", "eval_examples": ""}
+_FLAGS = {"out_dir": "--out", "progress": "--quiet", "verify": "--no-verify"}
 
 # How `--resume` treats each field when it differs from the checkpoint's record (every field is in
 # exactly one group; tests check that). RUN_FIELDS fix what the model is and which batches it sees:
@@ -195,12 +240,19 @@ _FLAGS = {"out_dir": "--out", "progress": "--quiet", "verify": "--no-verify", "m
 # say where and how the run executes, evaluates and saves, so they may differ; so may steps, which
 # stretches or shortens the cosine schedule (extending a run is what resume is for; it is recorded
 # like an optimizer change).
-RUN_FIELDS = ("data", "corpus_size", "vocab_size", "objective", "mix", "seq_len", "batch_size", "grad_accum",
-              "seed")
+# decay_embeddings is a RUN_FIELD: it moves the embedding tables into the other AdamW parameter group,
+# which a checkpoint's optimizer state cannot follow.
+RUN_FIELDS = ("data", "doc_split", "val_data", "corpus_size", "vocab_size", "tokenizer_type", "objective", "mix",
+              "seq_len", "batch_size", "grad_accum", "seed", "decay_embeddings")
 RESOLVED_FIELDS = ("model", "model_overrides", "tokenizer")
 OPTIMIZER_FIELDS = ("lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "grad_clip")
-FREE_FIELDS = ("out_dir", "steps", "eval_every", "eval_examples", "ckpt_every", "keep_last", "compile", "device",
-               "fsdp", "progress", "resume", "overwrite", "verify", "allow_optimizer_change")
+FREE_FIELDS = ("out_dir", "steps", "eval_every", "eval_iters", "eval_examples", "ckpt_every", "keep_last", "compile",
+               "device", "fsdp", "progress", "resume", "overwrite", "verify", "allow_optimizer_change")
+# What a checkpoint that predates a RUN_FIELD ran with: .txt files were read one document per line.
+_BEFORE_FIELD = {"doc_split": "lines"}
+# The data layout a checkpoint's batches came from: 2 = causal / prefix rows packed from one stream
+# (`glm.data.PackedRows`); checkpoints without it cut each document into its own rows.
+DATA_LAYOUT = 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,14 +267,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices only (not on biases, norms or embeddings)."""
+    """AdamW with decoupled weight decay on matrices only: not on biases and norms, nor on the
+    embedding tables unless ``decay_embeddings`` (nanoGPT decays every matrix, embeddings included)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        (decay if p.dim() >= 2 and (cfg.decay_embeddings or "embed" not in name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    # torch's fused AdamW (one kernel over all tensors) takes a small model's optimizer step from ~5 ms
+    # to ~1 ms on CPU; it needs every parameter floating point on a device it supports.
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,9 +293,20 @@ def _plain(value: Any) -> Any:
 def model_config_for(cfg: TrainConfig) -> GLMConfig:
     """The GLMConfig a run of ``cfg`` trains, before the tokenizer sets vocab_size."""
     base = preset(cfg.model)
-    # validate() checked the overrides (no vocab_size: the tokenizer sets it; max_positions >= seq_len + 1).
+    # validate() checked the overrides (no vocab_size: the tokenizer sets it; max_positions >= seq_len).
     return base.replace(**{"vocab_size": max(base.vocab_size, 1),
-                           "max_positions": max(base.max_positions, cfg.seq_len + 1), **cfg.model_overrides})
+                           "max_positions": max(base.max_positions, cfg.seq_len), **cfg.model_overrides})
+
+
+def resumed_model_config(saved_model: dict, cfg: TrainConfig, model_cfg: GLMConfig) -> GLMConfig:
+    """``model_cfg`` for resuming a checkpoint whose model config is ``saved_model``: with the checkpoint's
+    max_positions where it is what the earlier rule (seq_len + 1 positions for every objective) gave
+    the same settings, so such a run continues with the position table it was trained with."""
+    old, base = saved_model.get("max_positions"), preset(cfg.model).max_positions
+    if ("max_positions" not in cfg.model_overrides and old == max(base, cfg.seq_len + 1)
+            and model_cfg.max_positions == max(base, cfg.seq_len)):
+        return model_cfg.replace(max_positions=old)
+    return model_cfg
 
 
 def setting_changes(saved: dict, saved_model: dict, cfg: TrainConfig,
@@ -249,9 +317,9 @@ def setting_changes(saved: dict, saved_model: dict, cfg: TrainConfig,
     tokenizer is compared once it exists (`check_resumed_tokenizer`)."""
     defaults = _plain(dataclasses.asdict(TrainConfig()))
     now = _plain(dataclasses.asdict(cfg))
-    was = {k: saved.get(k, defaults[k]) for k in now}
+    was = {k: saved.get(k, _BEFORE_FIELD.get(k, defaults[k])) for k in now}
     run = {k: (was[k], now[k]) for k in RUN_FIELDS if was[k] != now[k]}
-    model_now = _plain(model_cfg.to_dict())
+    model_now = _plain(resumed_model_config(saved_model, cfg, model_cfg).to_dict())
     model_defaults = {f.name: _plain(f.default) for f in dataclasses.fields(GLMConfig)
                       if f.default is not dataclasses.MISSING}  # fields to_dict leaves out at their default
     for k in sorted(set(model_now) | set(saved_model)):
@@ -275,6 +343,11 @@ def check_resume(path: str, state: dict, cfg: TrainConfig, model_cfg: GLMConfig)
         raise TrainingError(f"{path}: this checkpoint was written for another model or data setup ({listed(run)}); "
                             f"resume with the run's original settings, or start a new run with a new --out (or "
                             f"--overwrite)")
+    if cfg.objective != "glm" and state.get("data_layout") != DATA_LAYOUT:
+        raise TrainingError(f"{path}: this {cfg.objective} run was written by an earlier glm that cut every document "
+                            f"into its own rows ending in an inserted eos; rows are now packed from one stream of "
+                            f"documents, so the run cannot continue with the batches it had: start a new run with a "
+                            f"new --out (or --overwrite)")
     if cfg.steps < state["step"]:
         raise TrainingError(f"{path}: the run is already at step {state['step']}, past steps={cfg.steps}; pass "
                             f"steps (--steps) of at least {state['step']} to resume it")
@@ -358,7 +431,8 @@ def step_memory_floor(cfg: TrainConfig, model_cfg: GLMConfig, world: int = 1) ->
     vector per token and layer that backward keeps (a block's input; a real block keeps several
     more). Host: the step's micro-batches, built up front, as int64 token ids and targets. Being a
     floor it never refuses a run that fits; it catches sizes that are off by orders of magnitude."""
-    vocab = cfg.vocab_size if cfg.tokenizer is None else model_cfg.vocab_size
+    # A char tokenizer's size is not known before it is trained; one id is the floor.
+    vocab = (cfg.vocab_size or 1) if cfg.tokenizer is None else model_cfg.vocab_size
     params = model_cfg.replace(vocab_size=vocab).num_parameters
     rows = cfg.batch_size // world
     device = 16 * params + 4 * rows * cfg.seq_len * model_cfg.hidden_size * model_cfg.num_layers
@@ -411,37 +485,61 @@ def check_memory(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, w
 
 @dataclass
 class Prepared:
-    """Everything the loop needs, derived once from the config."""
+    """Everything the loop needs, derived once from the config. The glm objective draws documents
+    (``train_docs``, cut to fit a row) for the collator; causal and prefix LM read packed rows
+    (``train_rows``) of one token stream instead, and their ``*_docs`` are empty."""
     tokenizer: Tokenizer
     train_docs: list[list[int]]
     heldout_docs: list[list[int]]
     examples: list[InfillExample]  # the embedded corpus's held-out blanks (none for user data)
     baseline: Optional[float]
-    collator: Collator
+    collator: Collator  # the glm objective's batches; its special ids serve every objective
+    train_rows: Optional[PackedRows] = None  # causal / prefix
+    heldout_rows: Optional[PackedRows] = None  # causal / prefix; None: no held-out text
 
 
 def _chunk(ids: list[int], limit: int) -> list[list[int]]:
     return [ids[i:i + limit] for i in range(0, len(ids), limit)]
 
 
-def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 1) -> Prepared:
-    examples, baseline = [], None
+# The held-out part cut from the training data without val_data: the last 1/20 (5%) of the documents
+# (glm objective) or of the token stream (causal / prefix).
+HELDOUT_EVERY = 20
+
+
+def _read_texts(cfg: TrainConfig) -> tuple[list[str], Optional[list[str]], list[InfillExample], Optional[float]]:
+    """The training texts, the held-out texts (None: to be cut from the training data), the embedded
+    corpus's held-out blanks and their most-frequent-answer baseline."""
+    examples: list[InfillExample] = []
+    baseline, held = None, None
     if cfg.data is None:
         corpus = generate_corpus(seed=cfg.seed, size=cfg.corpus_size)
         texts, examples, baseline = list(corpus.train), list(corpus.heldout), baseline_accuracy(corpus)
-        held_texts = [e.text_with_blank.replace("[MASK]", e.answer) for e in examples]
+        held = [e.text_with_blank.replace("[MASK]", e.answer) for e in examples]
     else:
-        texts = read_documents(cfg.data)
-        n_held = max(1, len(texts) // 20) if len(texts) > 1 else 0
-        texts, held_texts = texts[: len(texts) - n_held], texts[len(texts) - n_held:]
+        texts = read_documents(cfg.data, mode=cfg.doc_split)
+    if cfg.val_data is not None:
+        held = read_documents(cfg.val_data, mode=cfg.doc_split)
+    return texts, held, examples, baseline
 
+
+def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 1) -> Prepared:
+    """Read the data, train (or load) the tokenizer, and tokenize: documents for the glm objective,
+    packed rows for causal / prefix LM. Without ``val_data`` the held-out text is the embedded
+    corpus's own (its held-out facts, filled in), else the last 5% of the documents (glm objective)
+    or of the token stream (causal / prefix: so one long file still has a held-out part). A tokenizer
+    trained here learns from all of ``data``, whatever is held out of it."""
+    texts, held_texts, examples, baseline = _read_texts(cfg)
     tok_dir = cfg.tokenizer or os.path.join(cfg.out_dir, "tokenizer")
     wanted = _tokenizer_settings(cfg, model_cfg)
     if cfg.tokenizer is None and rank == 0 and not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
         os.makedirs(tok_dir, exist_ok=True)
         corpus_file = os.path.join(cfg.out_dir, "train_text.txt")
-        with open(corpus_file + ".tmp", "w", encoding="utf-8") as f:
-            f.write("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+        # The documents as written, line breaks included, a blank line after each: the tokenizer's
+        # trainer ends a sentence at a blank line, so a one-paragraph document is one sentence that starts
+        # with the word-boundary mark, as encode starts the document.
+        with open(corpus_file + ".tmp", "w", encoding="utf-8", newline="") as f:
+            f.write("\n\n".join(texts) + "\n")
         os.replace(corpus_file + ".tmp", corpus_file)
         # BPE keeps most short answers (numbers, names) in one or two pieces on this little text.
         train_tokenizer([corpus_file], tok_dir, cfg.vocab_size, wanted["family"], model_type=wanted["model_type"],
@@ -452,18 +550,27 @@ def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 
     tok = load(tok_dir)
     if cfg.tokenizer is None:
         _check_reused_tokenizer(tok, tok_dir, wanted)
+    if rank == 0:
+        _warn_if_line_breaks_are_lost(tok, tok_dir, texts)
 
     objective = Objective(kind=cfg.objective)
     if cfg.mix is not None:
         objective = Objective(kind=cfg.objective, bert_prob=cfg.mix[0], gap_sentence_prob=cfg.mix[1])
-    collator = Collator(special=_special_ids(tok, tok_dir), max_len=cfg.seq_len, objective=objective,
+    special = _special_ids(tok, tok_dir)
+    collator = Collator(special=special, max_len=cfg.seq_len, objective=objective,
                         position_streams=model_cfg.position_streams, is_sentence_end=sentence_end_ids(tok))
+    if cfg.objective != "glm":
+        train_rows, heldout_rows = _packed_rows(cfg, tok, special, model_cfg.position_streams, texts, held_texts)
+        return Prepared(tok, [], [], examples, baseline, collator, train_rows, heldout_rows)
     limit = objective.max_doc_len(cfg.seq_len, cls=tok.cls_id is not None)
     if limit < 1:
         enough = next(n for n in range(cfg.seq_len + 1, cfg.seq_len + 1000)
                       if objective.max_doc_len(n, cls=tok.cls_id is not None) >= 1)
         raise TrainingError(f"seq_len {cfg.seq_len} leaves no room for a document token once the {cfg.objective} "
                             f"objective's special tokens are placed; use seq_len (--seq-len) of at least {enough}")
+    if held_texts is None:
+        n_held = max(1, len(texts) // HELDOUT_EVERY) if len(texts) > 1 else 0
+        texts, held_texts = texts[: len(texts) - n_held], texts[len(texts) - n_held:]
     # Long documents are split into consecutive chunks that fit (stated here, never silent truncation).
     train_docs = [c for t in texts for c in _chunk(tok.encode(t), limit) if c]
     heldout_docs = [c for t in held_texts for c in _chunk(tok.encode(t), limit) if c]
@@ -472,11 +579,51 @@ def prepare(cfg: TrainConfig, model_cfg: GLMConfig, rank: int = 0, world: int = 
     return Prepared(tok, train_docs, heldout_docs, examples, baseline, collator)
 
 
+def _packed_rows(cfg: TrainConfig, tok: Tokenizer, special: SpecialIds, position_streams: int, texts: list[str],
+                 held_texts: Optional[list[str]]) -> tuple[PackedRows, Optional[PackedRows]]:
+    """The training stream's rows and the held-out stream's: documents joined with the end-of-text id."""
+    def stream(docs: list[str]) -> Optional[np.ndarray]:
+        ids = [d for d in (tok.encode(t) for t in docs) if d]
+        return join_documents(ids, special.eos) if ids else None
+
+    def rows(s: np.ndarray) -> PackedRows:
+        return PackedRows(s, cfg.seq_len, cfg.objective, pad_id=special.pad, position_streams=position_streams)
+
+    train, L = stream(texts), cfg.seq_len
+    if train is None:
+        raise TrainingError("the training corpus tokenised to nothing; check --data")
+    held = stream(held_texts) if held_texts is not None else None
+    n_held = max(len(train) // HELDOUT_EVERY, L + 1)
+    if held_texts is None and len(train) - n_held >= L + 1:
+        held, train = train[len(train) - n_held:], train[: len(train) - n_held]
+        if train[-1] != special.eos:  # the cut fell inside a document: end it where the rows wrap around
+            train = np.append(train, special.eos)
+    if len(train) < L + 1:
+        raise TrainingError(f"the training text is {len(train)} tokens, but a row of seq_len {L} reads {L + 1} "
+                            f"(its tokens and the next one); lower seq_len (--seq-len) or add text")
+    return rows(train), (rows(held) if held is not None and len(held) >= 2 else None)
+
+
+def _warn_if_line_breaks_are_lost(tok: Tokenizer, tok_dir: str, texts: list[str]) -> None:
+    """A warning when the documents hold line breaks that ``tok`` cannot give back (no byte fallback
+    and no line-break piece): they would become unknown tokens, not data."""
+    if not any("\n" in t for t in texts):
+        return
+    probe = "a\nb"
+    back = tok.decode(tok.encode(probe))
+    if back != probe:
+        warnings.warn(f"tokenizer {tok_dir} does not keep line breaks ({probe!r} decodes as {back!r}), so the "
+                      f"documents' line breaks are lost in training; use a tokenizer with byte fallback (glm "
+                      f"train-tokenizer's default) or pass --doc-split lines to make each line a document",
+                      stacklevel=3)
+
+
 def _tokenizer_settings(cfg: TrainConfig, model_cfg: GLMConfig) -> dict:
     """What the tokenizer `prepare` trains for ``cfg`` depends on (recorded beside it as TOKENIZER_RECORD)."""
-    text = {"data": list(cfg.data)} if cfg.data is not None else {"corpus_size": cfg.corpus_size, "seed": cfg.seed}
+    text = ({"data": list(cfg.data), "doc_split": cfg.doc_split} if cfg.data is not None
+            else {"corpus_size": cfg.corpus_size, "seed": cfg.seed})
     return {"vocab_size": cfg.vocab_size, "family": "glm" if model_cfg.position_streams == 2 else "chatglm3",
-            "model_type": "bpe", **text}
+            "model_type": cfg.tokenizer_type, **text}
 
 
 def _check_reused_tokenizer(tok, tok_dir: str, wanted: dict) -> None:
@@ -511,8 +658,12 @@ def _special_ids(tok, tok_dir: str):
         raise TrainingError(f"tokenizer {tok_dir} cannot be trained on with this objective: {e}") from None
 
 
-def global_batch(prep: Prepared, cfg: TrainConfig, micro_step: int, docs: Optional[list] = None):
-    """The global batch of micro-step ``micro_step``: a function of (seed, micro_step) only."""
+def global_batch(prep: Prepared, cfg: TrainConfig, micro_step: int, docs: Optional[list] = None) -> Batch:
+    """The global batch of micro-step ``micro_step``: a function of (seed, micro_step) only. Causal /
+    prefix LM: packed rows (`PackedRows.batch`); glm: ``batch_size`` documents drawn with replacement
+    from ``docs`` (default the training documents), masked by the collator."""
+    if docs is None and prep.train_rows is not None:
+        return prep.train_rows.batch(cfg.seed, micro_step, cfg.batch_size)
     docs = docs if docs is not None else prep.train_docs
     rng = batch_rng(cfg.seed, micro_step)
     idx = rng.integers(0, len(docs), size=cfg.batch_size)
@@ -543,24 +694,78 @@ def loss_sum(model: torch.nn.Module, batch, autocast: bool, device: torch.device
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 
+def target_losses(model: torch.nn.Module, batch: Batch, autocast: bool, device: torch.device) -> torch.Tensor:
+    """The cross entropy (fp32) of each target in the batch's loss mask, in row-major order."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(**batch.model_inputs(), logits_at=batch.loss_mask)
+    return F.cross_entropy(logits.float(), batch.targets[batch.loss_mask], reduction="none")
+
+
+# Held-out batches are drawn as the micro-steps from here on, far from any training run's.
+EVAL_MICRO_STEP = 10**9
+
+
+def heldout_batches(prep: Prepared, cfg: TrainConfig) -> Iterator[Batch]:
+    """The held-out batches of one evaluation, the same at every evaluation of a run.
+
+    Causal / prefix: rows of one pass over the held-out stream (`PackedRows.rows_at`, no wrapping),
+    all of them with ``eval_iters="all"`` (every held-out target once), else ``eval_iters *
+    batch_size`` rows chosen once from the seed, spread over the stream. glm: ``eval_iters`` batches
+    drawn like training batches from the held-out documents, or with "all" every document once, in
+    order; the masking comes from the micro-steps after `EVAL_MICRO_STEP`."""
+    B = cfg.batch_size
+    if prep.heldout_rows is not None:
+        rows = prep.heldout_rows
+        n = rows.num_rows
+        if cfg.eval_iters == "all" or cfg.eval_iters * B >= n:
+            pick = np.arange(n)
+        else:
+            # The third seed word keeps this draw apart from batch_rng(seed, EVAL_MICRO_STEP).
+            chosen = np.random.default_rng([cfg.seed, EVAL_MICRO_STEP, 2]).choice(n, cfg.eval_iters * B, replace=False)
+            pick = np.sort(chosen)
+        for k, i in enumerate(range(0, len(pick), B)):
+            yield rows.rows_at(pick[i:i + B], batch_rng(cfg.seed, EVAL_MICRO_STEP + k))
+    elif prep.heldout_docs and cfg.eval_iters == "all":
+        docs = prep.heldout_docs
+        for k, i in enumerate(range(0, len(docs), B)):
+            yield prep.collator(docs[i:i + B], batch_rng(cfg.seed, EVAL_MICRO_STEP + k))
+    elif prep.heldout_docs:
+        for k in range(cfg.eval_iters):
+            yield global_batch(prep, cfg, EVAL_MICRO_STEP + k, docs=prep.heldout_docs)
+
+
 @torch.no_grad()
 def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device, max_examples: int) -> dict:
-    """Held-out loss/perplexity (same objective, fixed batches) and blank-infilling exact match."""
+    """Held-out loss and blank-infilling exact match.
+
+    ``eval_loss`` (and ``eval_ppl``) average over targets that are text: a target that is the
+    document separator / end-of-text, padding, or a token the objective inserts itself (eop, sop,
+    the masks, [CLS]) is left out, since predicting it says little about the text and an inserted
+    one is often trivial. ``eval_loss_all`` averages over every target the objective trains on;
+    ``eval_targets`` / ``eval_targets_all`` count both."""
     was_training = model.training
     model.eval()
     out: dict[str, float] = {}
-    if prep.heldout_docs:
-        total, count = 0.0, 0
-        for k in range(4):  # fixed micro-steps far from the training ones
-            b = global_batch(prep, cfg, 10**9 + k, docs=prep.heldout_docs).to(device)
-            total += float(loss_sum(model, b, False, device))
-            count += b.num_loss_tokens
+    not_text = torch.tensor(sorted(prep.collator.special.not_text), device=device)
+    total = total_all = 0.0
+    count = count_all = 0
+    for b in heldout_batches(prep, cfg):
+        b = b.to(device)
+        losses = target_losses(model, b, False, device)
+        text = ~torch.isin(b.targets[b.loss_mask], not_text)
+        total_all += float(losses.sum())
+        count_all += losses.numel()
+        total += float(losses[text].sum())
+        count += int(text.sum())
+    if count_all:
         out["eval_loss"] = total / max(count, 1)
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+        out["eval_loss_all"] = total_all / count_all
+        out["eval_targets"], out["eval_targets_all"] = count, count_all
     if prep.examples and model.config.position_streams == 2:
         tok = prep.tokenizer
         args = tokenizer_infill_args(tok)
-        hits, first_hits, preds = 0, 0, []
+        hits, first_hits, preds, eops = 0, 0, [], []
         for ex in prep.examples[:max_examples]:
             ids = tok.infill_prompt(encode_blank_text(tok, ex.text_with_blank))  # as glm.generate.infill
             res = infill_ids(model, ids, max_span_tokens=12, **args)
@@ -568,11 +773,18 @@ def evaluate(model: GLM, prep: Prepared, cfg: TrainConfig, device: torch.device,
             preds.append(pred)
             hits += exact_match(pred, ex.answer)
             first_hits += exact_match(first_word(pred), ex.answer)
+            p_eop = eop_after_answer(model, tok, ex.text_with_blank, ex.answer)
+            if p_eop is not None:
+                eops.append(p_eop)
         n = max(1, min(len(prep.examples), max_examples))
-        # A tiny model often fills the blank right and then runs on instead of closing the span with
-        # <eop> ("48 years old. Belius"); the first word of the fill is scored as well.
+        # A small model may fill the blank right and then run on instead of closing the span with
+        # <eop> ("48 years old. Belius"); the first word of the fill is scored as well, and so is how
+        # likely <eop> is right after the right answer, over the blanks whose answer is whole tokens.
         out["exact_match"] = hits / n
         out["exact_match_first_word"] = first_hits / n
+        out["answers_whole_tokens"] = len(eops) / n
+        if eops:
+            out["eop_after_answer"] = sum(eops) / len(eops)
         out["_predictions"] = preds  # type: ignore[assignment]
     model.train(was_training)
     return out
@@ -712,6 +924,7 @@ def _start_run(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, ran
     if resume_from is not None:
         # Read and compared before the data is prepared: a refused resume changes nothing in the folder.
         state = load_checkpoint(resume_from, device, verify=cfg.verify)
+        model_cfg = resumed_model_config(state.get("model_config", {}), cfg, model_cfg)
         changes = check_resume(resume_from, state, cfg, model_cfg)
     elif cfg.resume and is_main:
         print(f"--resume: no checkpoint in {cfg.out_dir}; starting from step 0")
@@ -832,7 +1045,8 @@ def _checkpoint(run: _Run, step: int) -> None:
         # Plain data only (tensors, dicts, lists, numbers, strings), so it loads with weights_only=True.
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
                  "torch_rng": torch.get_rng_state(), "config": _plain(dataclasses.asdict(run.cfg)),
-                 "model_config": _plain(run.model_cfg.to_dict()), "tokenizer_sha256": run.tokenizer_sha256}
+                 "model_config": _plain(run.model_cfg.to_dict()), "tokenizer_sha256": run.tokenizer_sha256,
+                 "data_layout": DATA_LAYOUT}
         run.last_ckpt = save_checkpoint(run.cfg.out_dir, state, step, run.cfg.keep_last)
     if run.world > 1:
         torch.distributed.barrier()

@@ -1,5 +1,5 @@
-"""Fused prefix-LM attention and decode kernels, registered as torch ops (see docs/kernels.md and
-:mod:`glm.kernels.ops`)."""
+"""Fused prefix-LM attention and decode kernels, and the model's elementwise layers in one pass each,
+registered as torch ops (see docs/kernels.md and :mod:`glm.kernels.ops`)."""
 # This folder installs as the subpackage glm.kernels. Run from the repository root, it is also
 # visible as a top-level `kernels`, the name of a PyPI package that transformers probes by importing
 # it; imported under that name it must stay inert (no ops loaded, no backend registered, and no
@@ -18,10 +18,18 @@ if __name__ == "glm.kernels":
         fused_attention,
         linear,
         load_error,
+        rms_norm,
+        rms_norm_reference,
+        rope,
+        rope_reference,
+        set_fused_elementwise,
         structure,
         supports,
+        swiglu,
+        swiglu_reference,
     )
 
     __all__ = ["available", "load_error", "cuda_load_error", "devices", "supports", "structure", "attention_with_lse",
-               "fused_attention", "linear", "DTYPES", "CUDA_DTYPES", "CUDA_MAX_HEAD_DIM", "DECODE_MAX_Q",
-               "SMALL_LINEAR_MAX_ROWS"]
+               "fused_attention", "linear", "rms_norm", "rope", "swiglu", "rms_norm_reference", "rope_reference",
+               "swiglu_reference", "set_fused_elementwise", "DTYPES", "CUDA_DTYPES", "CUDA_MAX_HEAD_DIM",
+               "DECODE_MAX_Q", "SMALL_LINEAR_MAX_ROWS"]

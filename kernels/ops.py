@@ -10,6 +10,9 @@ ops in the ``glm`` namespace, each with a CPU kernel (C++) and, where built, a C
   for a few query rows against a long KV cache.
 - ``glm::small_linear(x [M, K], weight [N, K], bias?) -> [M, N]``: a linear layer for a few rows
   (decode), bandwidth-bound and split over all threads (:func:`linear` routes to it). CPU only.
+- ``glm::rms_norm``, ``glm::rope``, ``glm::swiglu`` and their backwards (``kernels/csrc/elementwise_cpu.cpp``):
+  the model's elementwise layers in one pass each, fp32 on CPU (:func:`rms_norm`, :func:`rope`,
+  :func:`swiglu` route to them and keep the plain-PyTorch references beside them).
 
 The CUDA kernels (``kernels/csrc/attention_cuda.cu``) live in a second library, ``glm.kernels._C_cuda``,
 built only where the install finds nvcc and a CUDA build of torch; it adds CUDA implementations of
@@ -27,11 +30,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from glm import tuning
 from glm.attention import register_backend
 from glm.errors import KernelUnavailable
 
@@ -46,6 +52,9 @@ except ImportError as exc:  # not built (isolated install, no compiler) or built
                    "`pip install --no-build-isolation -e .` in the repository (needs a C++ compiler, and torch "
                    "installed first); until then the 'auto' attention backend uses 'sdpa'")
 else:
+    # What `auto` measured with one build of the kernels says nothing about the next one.
+    _stat = os.stat(sys.modules["glm.kernels._C"].__file__)
+    tuning.register_build("glm.kernels._C", f"{_stat.st_size}-{_stat.st_mtime_ns}")
     # The CUDA kernels are a second library that adds CUDA implementations to the ops _C defined.
     # It exists only where the install found nvcc and a CUDA build of torch.
     if importlib.util.find_spec("glm.kernels._C_cuda") is None:
@@ -219,14 +228,127 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear``, through the multi-threaded small-batch kernel ``glm::small_linear`` when that is
     faster: few rows (decode), CPU, no gradient needed. The result equals F.linear's up to fp32
     summation order."""
+    # Cheapest tests first: in training (a gradient needed) this is F.linear after two of them.
+    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                     or (bias is not None and bias.requires_grad))) or _load_error is not None:
+        return torch.nn.functional.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (_load_error is None and x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype
-            and 0 < rows <= SMALL_LINEAR_MAX_ROWS
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))):
+    if (x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype
+            and 0 < rows <= SMALL_LINEAR_MAX_ROWS):
         y = torch.ops.glm.small_linear(x.reshape(rows, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused elementwise layers. Each has a plain-PyTorch reference (the model's definition of the layer,
+# used everywhere the op does not apply) and an entry point that takes the op for fp32 CPU tensors.
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as transformers' Glm computes it: normalise in fp32, cast back, then scale. (ChatGLM2
+    scales before the cast; the two agree exactly in fp32 and differ by one rounding in bf16/fp16.)"""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, segments: int) -> Tensor:
+    """Half-split RoPE of x ``[B, h, T, d]`` over ``segments`` chunks of its first dims; cos and sin are
+    ``[B|1, 1, T, segments, half]`` in x's dtype. Within chunk s (``2 * half`` dims), dim j pairs with
+    j + half; the dims past the chunks pass through."""
+    half = cos.shape[-1]
+    rot = segments * 2 * half
+    xr = x[..., :rot].unflatten(-1, (segments, 2 * half))
+    x1, x2 = xr.chunk(2, dim=-1)
+    y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return y if rot == x.shape[-1] else torch.cat((y, x[..., rot:]), dim=-1)
+
+
+def swiglu_reference(h: Tensor) -> Tensor:
+    """``silu(gate) * up`` of ``h = [gate | up]`` (last dim)."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+_fused_elementwise = True
+
+
+def set_fused_elementwise(enabled: bool) -> bool:
+    """Turn the fused RMSNorm / RoPE / SwiGLU ops on or off for this process (the references run
+    instead; benchmarks compare the two). Returns the previous setting."""
+    global _fused_elementwise
+    previous, _fused_elementwise = _fused_elementwise, bool(enabled)
+    return previous
+
+
+def _fused_ok(*tensors: Tensor) -> bool:
+    # Under torch.compile the references are traced instead: inductor fuses them itself. (A plain loop,
+    # not all(): this runs ~20 times a training step.)
+    if not _fused_elementwise or _load_error is not None or torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+    return True
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """:func:`rms_norm_reference`, in one pass (``glm::rms_norm``) for fp32 CPU tensors."""
+    if _fused_ok(x, weight) and weight.shape == x.shape[-1:]:
+        return torch.ops.glm.rms_norm(x, weight, float(eps))[0]
+    return rms_norm_reference(x, weight, eps)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, segments: int) -> Tensor:
+    """:func:`rope_reference`, in one pass (``glm::rope``) for fp32 CPU tensors. The result is
+    contiguous ``[B, h, T, d]`` whatever x's strides (x may be a view of the QKV projection)."""
+    if (_fused_ok(x, cos, sin) and x.dim() == 4 and cos.dim() == 5 and cos.shape == sin.shape
+            and not (cos.requires_grad or sin.requires_grad)):
+        B, _, T, S, half = cos.shape
+        return torch.ops.glm.rope(x, cos.reshape(B, T, S * half), sin.reshape(B, T, S * half), segments, False)
+    return rope_reference(x, cos, sin, segments)
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """:func:`swiglu_reference`, in one pass (``glm::swiglu``) for fp32 CPU tensors."""
+    if _fused_ok(h) and h.shape[-1] % 2 == 0:
+        return torch.ops.glm.swiglu(h)
+    return swiglu_reference(h)
+
+
+if available():
+    @torch.library.register_fake("glm::rms_norm")
+    def _rms_norm_fake(x, weight, eps):
+        torch._check(weight.shape == x.shape[-1:], lambda: "glm::rms_norm: weight must be [x.shape[-1]]")
+        return x.new_empty(x.shape), x.new_empty(x.shape[:-1]).reshape(-1)
+
+    @torch.library.register_fake("glm::rms_norm_bwd")
+    def _rms_norm_bwd_fake(grad, x, weight, rstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("glm::rope")
+    def _rope_fake(x, cos, sin, segments, inverse):
+        torch._check(x.dim() == 4, lambda: "glm::rope: x must be [B, heads, T, head_dim]")
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("glm::swiglu")
+    def _swiglu_fake(h):
+        torch._check(h.shape[-1] % 2 == 0, lambda: "glm::swiglu: the last dim holds [gate | up]")
+        return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+    @torch.library.register_fake("glm::swiglu_bwd")
+    def _swiglu_bwd_fake(grad, h):
+        return h.new_empty(h.shape)
+
+    # The forward ops' autograd is registered in C++ (kernels/csrc/elementwise_cpu.cpp: a Python formula
+    # would cost ~0.2 ms of interpreter time per call); a create_graph backward runs in ATen ops there. The
+    # backward ops themselves are internal and refuse to be differentiated rather than give zeros.
+    def _internal_backward(ctx, *grads):
+        raise RuntimeError("glm::rms_norm_bwd and glm::swiglu_bwd are the backward kernels of glm::rms_norm and "
+                           "glm::swiglu; differentiate those ops (or glm.kernels.rms_norm / swiglu) instead")
+
+    for _name in ("glm::rms_norm_bwd", "glm::swiglu_bwd"):
+        torch.library.register_autograd(_name, _internal_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 if available():

@@ -25,6 +25,22 @@ def reference_dir(folder: str) -> str:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _tuning_cache(tmp_path_factory):
+    """`auto` attention's calibration cache (glm.tuning) in a temporary folder, never in ~, and measuring
+    off, so every test sees the static rule whatever the machine measures (tests/test_tuning.py turns it
+    on where it tests it). Subprocesses inherit both."""
+    saved = {k: os.environ.get(k) for k in ("GLM_CACHE_DIR", "GLM_TUNING")}
+    os.environ["GLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("glm-cache"))
+    os.environ["GLM_TUNING"] = "off"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

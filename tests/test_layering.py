@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = {"glm": "glm", "kernels": "glm.kernels", "tokenizer": "glm.tokenizer"}
 
 LAYERS: list[tuple[str, ...]] = [
-    ("glm.errors", "glm.files", "glm.devices", "glm.checkpoint"),
+    ("glm.errors", "glm.files", "glm.devices", "glm.checkpoint", "glm.tuning"),
     ("glm.config",),
     ("glm.kernels", "glm.kernels.ops", "glm.attention", "glm.kv_cache", "glm.positions"),
     ("glm.model",),

@@ -231,7 +231,7 @@ def test_model_overrides_errors_and_max_positions(tmp_path, tokenizer_dir):
         train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides={"vocab_size": 50}, **TINY))
     with pytest.raises(ValueError, match=r"unknown GLMConfig fields \['hiden_size'\]"):
         train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides={"hiden_size": 64}, **TINY))
-    with pytest.raises(ValueError, match=r"max_positions 50.*seq_len 96 need an int of at least 97"):
+    with pytest.raises(ValueError, match=r"max_positions 50.*seq_len 96 need an int of at least 96"):
         train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides={"max_positions": 50}, **TINY))
     with pytest.raises(ValueError, match="must be a dict"):
         train(TrainConfig(out_dir=str(tmp_path / "a"), model_overrides=["num_layers"], **TINY))
@@ -328,3 +328,32 @@ def test_overwrite_retrains_a_tokenizer_without_the_record(old_run):
         os.remove(record)
     clear_run(old_run)
     assert not os.path.exists(os.path.join(old_run, "tokenizer", "tokenizer_config.json"))
+
+
+def test_optimizer_is_fused_adamw_and_steps_as_the_plain_one():
+    # The fused kernel is a speed choice only: from the same weights and gradients, one step moves every
+    # parameter as the per-tensor AdamW does. (Over several steps the two drift apart through the key
+    # biases, whose exact gradient is zero: Adam scales their rounding noise up to full steps.)
+    from glm.train import make_optimizer
+
+    cfg = TrainConfig(out_dir="unused", betas=(0.9, 0.99), weight_decay=0.1, lr=1e-2)
+    models = [glm.GLM(glm.preset("tiny-glm4-chatglm")) for _ in range(2)]
+    for m in models:
+        m.init_weights(seed=3)
+    fused, plain = make_optimizer(models[0], cfg), make_optimizer(models[1], cfg)
+    assert fused.defaults["fused"] is True
+    for group in plain.param_groups:
+        group["fused"] = False
+    ids = torch.randint(0, 100, (2, 12))
+    for m, opt in zip(models, (fused, plain)):
+        m(ids).float().square().mean().backward()
+        opt.step()
+    for (name, a), b, before in zip(models[0].named_parameters(), models[1].parameters(), _initial(models[0])):
+        assert not torch.equal(a, before), f"{name} did not move"
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-4 * cfg.lr), name
+
+
+def _initial(model):
+    fresh = glm.GLM(model.config)
+    fresh.init_weights(seed=3)
+    return list(fresh.parameters())

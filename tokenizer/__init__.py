@@ -10,12 +10,21 @@ tiktoken rank file; needs ``pip install tiktoken``). The model family names of g
 glm-hf, glm4-hf) are accepted wherever a family is, and mean their release's tokenizer family (``glm4``).
 See docs/tokenizers.md.
 """
-from .base import FAMILIES, FAMILY_NAMES, Tokenizer, TokenizerError, canonical_family, model_family_aliases
+from .base import (
+    FAMILIES,
+    FAMILY_NAMES,
+    MODEL_TYPES,
+    ModelType,
+    Tokenizer,
+    TokenizerError,
+    canonical_family,
+    model_family_aliases,
+)
 from .glm4 import GLM4Tokenizer
 from .load import detect_family, load
 from .sentencepiece_families import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer, GLMTokenizer
 from .train import train
 
-__all__ = ["FAMILIES", "FAMILY_NAMES", "model_family_aliases", "canonical_family", "Tokenizer", "TokenizerError",
-           "load", "train", "detect_family", "GLMTokenizer", "ChatGLM6BTokenizer", "ChatGLM2Tokenizer",
-           "ChatGLM3Tokenizer", "GLM4Tokenizer"]
+__all__ = ["FAMILIES", "FAMILY_NAMES", "MODEL_TYPES", "ModelType", "model_family_aliases", "canonical_family",
+           "Tokenizer", "TokenizerError", "load", "train", "detect_family", "GLMTokenizer", "ChatGLM6BTokenizer",
+           "ChatGLM2Tokenizer", "ChatGLM3Tokenizer", "GLM4Tokenizer"]

@@ -10,7 +10,7 @@ import json
 import operator
 import os
 import re
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Literal, Mapping, Optional, Sequence, get_args
 
 from glm import formats
 from glm.errors import TokenizerError
@@ -19,6 +19,8 @@ from glm.files import atomic_write
 FAMILIES = ("glm", "chatglm", "chatglm2", "chatglm3", "glm4")
 CONFIG_NAME = "tokenizer_config.json"
 FAMILY_KEY = "glm_tokenizer_family"
+ModelType = Literal["unigram", "bpe", "char"]
+MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 
 
 def model_family_aliases() -> dict[str, str]:
@@ -76,6 +78,11 @@ class Tokenizer:
     # not turn the "sop" inside "desktop" into the sop token, so these are reachable via token_id() only.
     unsplittable: frozenset = frozenset()
     roles_in_chat: frozenset = frozenset()
+    # The model file's kind, "unigram", "bpe" or "char" (glm.tokenizer.train records it in
+    # tokenizer_config.json; None for a SentencePiece release file, whose trainer settings glm does not
+    # read), and whether it has the 256 byte pieces that encode characters it lacks (read from the file).
+    model_type: Optional[ModelType] = None
+    byte_fallback: Optional[bool] = None
 
     def __init__(self, special_tokens: Mapping[str, int], n_text: int, source: str,
                  roles: Mapping[str, object], overrides: Optional[Mapping[str, int]] = None):
@@ -237,6 +244,8 @@ class Tokenizer:
         config = {FAMILY_KEY: self.family, "model_file": self.model_file,
                   "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
                   **self._config_extra()}
+        config.update({k: v for k, v in (("model_type", self.model_type), ("byte_fallback", self.byte_fallback))
+                       if v is not None})
         # The model file first: a crash between the two renames leaves a config that still names a
         # complete model file, never a config pointing at a half-written one.
         atomic_write(os.path.join(folder, self.model_file), self._model_bytes())
@@ -244,7 +253,9 @@ class Tokenizer:
                      (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} family={self.family} vocab_size={self.vocab_size} source={self.source}>"
+        kind = "".join(f" {k}={v}" for k, v in (("model_type", self.model_type), ("byte_fallback", self.byte_fallback))
+                       if v is not None)
+        return f"<{type(self).__name__} family={self.family} vocab_size={self.vocab_size}{kind} source={self.source}>"
 
 
 def _conversation(query: Optional[str], history: Sequence, system: Optional[str],

@@ -76,6 +76,8 @@ class GLM4Tokenizer(Tokenizer):
     family = "glm4"
     model_file = "tokenizer.model"
     roles_in_chat = frozenset({"system", "user", "assistant", "observation"})
+    model_type = "bpe"
+    byte_fallback = True  # byte-level: every text is its UTF-8 bytes
 
     def __init__(self, data: bytes, source: str, overrides: Optional[Mapping[str, int]] = None):
         tiktoken = optional_import("tiktoken")

@@ -14,7 +14,7 @@ from typing import Optional
 
 from glm.files import JSON_LIMIT, FileKindError, read_bounded
 
-from .base import CONFIG_NAME, FAMILY_KEY, Tokenizer, TokenizerError, canonical_family
+from .base import CONFIG_NAME, FAMILY_KEY, MODEL_TYPES, ModelType, Tokenizer, TokenizerError, canonical_family
 from .glm4 import GLM4Tokenizer, is_rank_file
 from .sentencepiece_families import (
     CHATGLM3_ROLES,
@@ -199,11 +199,23 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
                                  f"Copy the release's tokenizer file into the folder or pass its path")
     data = read_file(file, MODEL_FILE_LIMIT)
     family = family or detect_family(file, data, cfg)
+    where = os.path.join(folder, CONFIG_NAME)
     if family == "chatglm":
         sp = load_sentencepiece(data, file)
         offset = chatglm_num_image_tokens(folder, cfg, sp.get_piece_size())
-        where = os.path.join(folder, CONFIG_NAME)
-        return ChatGLM6BTokenizer(data, file, num_image_tokens=offset,
-                                  remove_space=_flag(cfg, "remove_space", where),
-                                  do_lower_case=_flag(cfg, "do_lower_case", where), sp=sp)
-    return CLASSES[family](data, file, overrides=_added_tokens(folder, cfg))
+        tok: Tokenizer = ChatGLM6BTokenizer(data, file, num_image_tokens=offset,
+                                            remove_space=_flag(cfg, "remove_space", where),
+                                            do_lower_case=_flag(cfg, "do_lower_case", where), sp=sp)
+    else:
+        tok = CLASSES[family](data, file, overrides=_added_tokens(folder, cfg))
+    if cfg.get(FAMILY_KEY) and cfg.get("model_type") is not None and tok.model_type is None:
+        tok.model_type = _model_type(cfg["model_type"], where)
+    return tok
+
+
+def _model_type(value: object, where: str) -> ModelType:
+    """The ``model_type`` glm.tokenizer.train records (unigram, bpe, char)."""
+    if value not in MODEL_TYPES:
+        raise TokenizerError(f"{where}: model_type is {value!r}; set it to one of {', '.join(MODEL_TYPES)} (or "
+                             f"delete the key)")
+    return value  # type: ignore[return-value]

@@ -24,6 +24,7 @@ class _SentencePieceTokenizer(Tokenizer):
                  sp: Optional[spm.SentencePieceProcessor] = None):
         self._data = data
         self.sp = sp if sp is not None else load_sentencepiece(data, source)
+        self.byte_fallback = self.sp.is_byte(self.sp.piece_to_id("<0x00>"))
         super().__init__(special_tokens, n_text, source, roles, overrides)
 
     def _model_bytes(self) -> bytes:

@@ -1,8 +1,9 @@
 """``train(...)``: a toy tokenizer with a family's special-token layout, for pretraining small models.
 
-SentencePiece families are trained with byte fallback, identity normalisation and no whitespace
-collapsing, so ``decode(encode(s)) == s`` for any text; GLM-4 gets a byte-level BPE rank file. The
-returned tokenizer has exactly ``vocab_size`` ids, specials included.
+SentencePiece families learn a ``unigram``, ``bpe`` or ``char`` model from the text as written (newlines
+included) with identity normalisation and no whitespace collapsing; with byte fallback (the default)
+``decode(encode(s)) == s`` for any text. GLM-4 gets a byte-level BPE rank file. The returned tokenizer
+has exactly ``vocab_size`` ids, specials included, or training is refused with the size that is possible.
 """
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import io
 import os
 import re
 import struct
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import sentencepiece as spm
 
 from glm.files import FileKindError, ensure_regular
 
-from .base import CONFIG_NAME, Tokenizer, TokenizerError, canonical_family
+from .base import CONFIG_NAME, MODEL_TYPES, ModelType, Tokenizer, TokenizerError, canonical_family
 from .glm4 import GLM4_SPECIALS, CorpusTooSmall, GLM4Tokenizer, format_ranks, optional_import, train_ranks
 from .load import MODEL_FILES, load
 from .sentencepiece_families import (
@@ -64,19 +65,57 @@ def append_control_pieces(model: bytes, pieces: Sequence[str]) -> bytes:
     return bytes(out)
 
 
-def _lines(files: Sequence[str], family: str) -> Iterator[str]:
+BYTE_PIECES = 256
+# SentencePiece silently drops a training sentence longer than max_sentence_length bytes; sentences are
+# cut at SENTENCE_CHARS characters, each at most 4 bytes of UTF-8 or 7 after ChatGLM-6B's whitespace
+# rewriting ("\t" -> "<|tab|>"), so none is dropped.
+SENTENCE_CHARS = 4096
+MAX_SENTENCE_BYTES = 8 * SENTENCE_CHARS
+
+
+def _sentences(files: Sequence[str], family: str) -> Iterator[str]:
+    """The corpus as SentencePiece training sentences, with every line break kept: a sentence ends after a
+    run of blank lines (a paragraph, which is one document when glm reads a text file by blank lines, so
+    the dummy-prefix space falls where ``encode`` puts it) or, inside a long paragraph, between lines,
+    and a line longer than SENTENCE_CHARS is cut. ChatGLM-6B's are its lines (see _chatglm_lines)."""
     for path in files:
-        with open(path, encoding="utf-8") as f:
+        # newline="": "\r\n" and "\r" stay in the text, as glm's data reader keeps them
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if family == "chatglm":
+                yield from _chatglm_lines(f)
+                continue
+            run: list[str] = []
+            size, after_blank = 0, False
             for line in f:
-                line = line.rstrip("\n")
-                if line:
-                    # ChatGLM-6B's model sees text after its whitespace rewriting, so train on that.
-                    yield chatglm_preprocess(line) if family == "chatglm" else line
+                blank = not line.strip()
+                if run and ((after_blank and not blank) or size + len(line) > SENTENCE_CHARS):
+                    yield "".join(run)
+                    run, size = [], 0
+                after_blank = blank
+                while len(line) > SENTENCE_CHARS:
+                    yield line[:SENTENCE_CHARS]
+                    line = line[SENTENCE_CHARS:]
+                run.append(line)
+                size += len(line)
+            if run:
+                yield "".join(run)
+
+
+def _chatglm_lines(lines: Iterable[str]) -> Iterator[str]:
+    """ChatGLM-6B's training sentences: each non-empty line without its break, after the whitespace
+    rewriting its model sees. A line break is the user-defined piece "<n>", which encodes as written
+    without being learned, and unigram training on sentences holding "<n>" after a word learned almost
+    no word pieces."""
+    for line in lines:
+        line = line.rstrip("\r\n")
+        while line:
+            yield chatglm_preprocess(line[:SENTENCE_CHARS])
+            line = line[SENTENCE_CHARS:]
 
 
 def _read_texts(files: Sequence[str]) -> Iterator[str]:
     for path in files:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             yield f.read()
 
 
@@ -117,11 +156,21 @@ def check_out_dir(out_dir: str, overwrite: bool) -> list[str]:
     return ours
 
 
-def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: str, *, model_type: str = "unigram",
-          input_sentence_size: int = 1_000_000, num_threads: int = 2, overwrite: bool = False) -> Tokenizer:
+def train(corpus_files: Sequence[str], out_dir: str, vocab_size: Optional[int], family: str, *,
+          model_type: Optional[ModelType] = None, byte_fallback: bool = True, input_sentence_size: int = 1_000_000,
+          num_threads: int = 2, overwrite: bool = False) -> Tokenizer:
     """Train a tokenizer on UTF-8 text files with ``family``'s special-token layout, save it to ``out_dir``
     (model file + tokenizer_config.json) and return it loaded from there. ``family`` may also be a model
     family name (glm4-chatglm, glm-hf, glm4-hf: the GLM-4 tokenizer).
+
+    ``model_type``: ``"unigram"`` (the default for the SentencePiece families), ``"bpe"`` or ``"char"`` (one
+    id per distinct character of the corpus, no dummy-prefix space); GLM-4 is always byte-level ``"bpe"``.
+    ``byte_fallback``: 256 byte pieces encode any character the model lacks (off: such characters become
+    ``<unk>``); GLM-4 is byte-level and cannot turn it off.
+
+    The tokenizer has exactly ``vocab_size`` ids, specials included, or training is refused with the size
+    the corpus allows. A char model's size is set by the corpus: ``vocab_size=None`` takes it, an int must
+    equal it.
 
     ``out_dir`` must be new or empty; with ``overwrite`` it may hold a saved tokenizer (its model file,
     tokenizer_config.json and their temp files, nothing else), which the new one replaces."""
@@ -142,35 +191,38 @@ def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: st
             raise TokenizerError(f"train: {e}") from None
     out_dir = os.fspath(out_dir)
     previous = check_out_dir(out_dir, overwrite)
+    model_type = _check_model(family, model_type, byte_fallback)
     if family == "glm4":
         optional_import("tiktoken")  # fail before training, not after
-    if not isinstance(vocab_size, int):
+    if vocab_size is None and model_type != "char":
+        raise TokenizerError(f"train: a {model_type} model needs vocab_size (--vocab-size), the total number of ids "
+                             f"with the special tokens; only a char model takes its size from the corpus")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
         raise TokenizerError(f"train: vocab_size must be an int, got {vocab_size!r}")
     specials = APPENDED[family]
-    learned = vocab_size - specials
-    # SentencePiece reserves <unk> <s> </s> (+ <pad> and the 81 whitespace pieces for ChatGLM-6B) and
-    # 256 byte pieces, and then needs one piece per distinct character of the corpus; GLM-4's BPE starts
-    # from the 256 bytes and needs nothing per character.
-    floor = 256 if family == "glm4" else 259 + (82 if family == "chatglm" else 0)
-    if learned <= floor:
-        if family == "glm4":
-            need, least = f"{specials} special ids and {floor} byte tokens", f"more than {floor + specials}"
-        else:
-            need = f"{specials} special ids, {floor} base pieces and one piece per distinct character of the corpus"
-            least = f"at least {floor + specials} plus the corpus's number of distinct characters"
-        raise TokenizerError(f"train: vocab_size {vocab_size} is too small for {family}: it needs {need}, so use "
-                             f"{least} (a few hundred more for useful merges)")
+    if model_type != "char":
+        _check_floor(vocab_size, family, byte_fallback)  # type: ignore[arg-type]
     try:
         if family == "glm4":
-            tok: Tokenizer = GLM4Tokenizer(format_ranks(train_ranks(_read_texts(files), learned)), out_dir)
+            tok: Tokenizer = GLM4Tokenizer(format_ranks(train_ranks(_read_texts(files), vocab_size - specials)),
+                                           out_dir)
         else:
-            tok = _train_sentencepiece(files, out_dir, learned, family, model_type, input_sentence_size, num_threads)
+            learned = None if vocab_size is None else vocab_size - specials
+            tok = _train_sentencepiece(files, out_dir, learned, family, model_type, byte_fallback,
+                                       input_sentence_size, num_threads)
     except UnicodeDecodeError as e:
         raise TokenizerError(f"train: a corpus file is not UTF-8 text ({e}); convert it first") from None
     except CorpusTooSmall as e:
         raise TokenizerError(f"train: vocab_size {vocab_size} is too large for {family} on {files}: byte-level BPE "
                              f"finds only {e.available} tokens in this text, plus {specials} special ids, so use "
                              f"vocab_size <= {e.available + specials} or add text") from None
+    if vocab_size is not None and tok.vocab_size != vocab_size:
+        if model_type == "char":
+            raise _char_size_error(tok.vocab_size, vocab_size, family, byte_fallback, files)
+        # SentencePiece's hard vocabulary limit and the BPE trainer refuse this before it can happen
+        raise TokenizerError(f"train: {family} {model_type} training on {files} gave {tok.vocab_size} ids, not "
+                             f"vocab_size {vocab_size}; use vocab_size {tok.vocab_size}")
+    tok.model_type = model_type  # type: ignore[assignment]
     tok.save(out_dir)
     # Another family's model file or a crashed save's temp file from the tokenizer replaced here would
     # otherwise stay beside the new one.
@@ -180,17 +232,82 @@ def train(corpus_files: Sequence[str], out_dir: str, vocab_size: int, family: st
     return load(out_dir)
 
 
-def _train_sentencepiece(files: Sequence[str], out_dir: str, learned: int, family: str, model_type: str,
-                         input_sentence_size: int, num_threads: int) -> Tokenizer:
+def _check_model(family: str, model_type: object, byte_fallback: object) -> str:
+    """``model_type`` (None: the family's default) checked against the family, or TokenizerError."""
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise TokenizerError(f"train: model_type {model_type!r} is unknown; use one of {', '.join(MODEL_TYPES)}")
+    if not isinstance(byte_fallback, bool):
+        raise TokenizerError(f"train: byte_fallback must be True or False, got {byte_fallback!r}")
+    if family != "glm4":
+        return model_type or "unigram"
+    if model_type not in (None, "bpe"):
+        raise TokenizerError(f"train: the glm4 tokenizer is byte-level BPE (a tiktoken rank file), so it cannot be "
+                             f"a {model_type} model; leave model_type out (--model-type) or use 'bpe'")
+    if not byte_fallback:
+        raise TokenizerError("train: the glm4 tokenizer is byte-level BPE: every text is made of its 256 byte "
+                             "tokens, so there is no byte fallback to turn off; drop byte_fallback=False "
+                             "(--no-byte-fallback)")
+    return "bpe"
+
+
+def _reserved(family: str) -> int:
+    """SentencePiece pieces before any learned one: <unk> <s> </s>, and for ChatGLM-6B <pad> and its 81
+    whitespace pieces."""
+    return 3 + (1 + len(chatglm_whitespace_pieces()) if family == "chatglm" else 0)
+
+
+def _check_floor(vocab_size: int, family: str, byte_fallback: bool) -> None:
+    """Refuse, before training, a size below what the family holds before it learns anything."""
+    specials = APPENDED[family]
+    # GLM-4's BPE starts from the 256 bytes and needs nothing per character; SentencePiece needs its
+    # reserved pieces, the byte pieces, and one piece per distinct character of the corpus.
+    floor = BYTE_PIECES if family == "glm4" else _reserved(family) + (BYTE_PIECES if byte_fallback else 0)
+    if vocab_size - specials > floor:
+        return
+    if family == "glm4":
+        need, least = f"{specials} special ids and {floor} byte tokens", f"more than {floor + specials}"
+    else:
+        base = f"{floor} base pieces" if byte_fallback else f"{floor} reserved pieces"
+        need = f"{specials} special ids, {base} and one piece per distinct character of the corpus"
+        least = f"at least {floor + specials} plus the corpus's number of distinct characters"
+    raise TokenizerError(f"train: vocab_size {vocab_size} is too small for {family}: it needs {need}, so use "
+                         f"{least} (a few hundred more for useful merges)")
+
+
+def _char_size_error(n: int, vocab_size: int, family: str, byte_fallback: bool,
+                     files: Sequence[str]) -> TokenizerError:
+    specials, reserved = APPENDED[family], _reserved(family)
+    n_bytes = BYTE_PIECES if byte_fallback else 0
+    chars = n - specials - reserved - n_bytes
+    parts = f"{chars} characters + {reserved} reserved pieces"
+    parts += f" + {n_bytes} byte pieces" if byte_fallback else ""
+    return TokenizerError(f"train: a char model of {family} on {list(files)} has exactly {n} ids ({parts} + "
+                          f"{specials} special ids), not {vocab_size}; use vocab_size {n} (--vocab-size {n}), or "
+                          f"None (leave --vocab-size out) to take the size the corpus gives")
+
+
+def _train_sentencepiece(files: Sequence[str], out_dir: str, learned: Optional[int], family: str, model_type: str,
+                         byte_fallback: bool, input_sentence_size: int, num_threads: int) -> Tokenizer:
     buf = io.BytesIO()
     chatglm = family == "chatglm"
+    char = model_type == "char"
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(files, family), model_writer=buf, vocab_size=learned, model_type=model_type,
-            character_coverage=1.0, byte_fallback=True,
+            sentence_iterator=_sentences(files, family), model_writer=buf, model_type=model_type,
+            # a char model keeps every character however many there are (the size check follows)
+            vocab_size=(1 << 20) if char else learned,
+            character_coverage=1.0, byte_fallback=byte_fallback,
             # exact round trips: no NFKC, keep runs of spaces, whitespace-only pieces allowed
             normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-            add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3 if chatglm else -1, pad_piece="<pad>",
+            # a char model maps one character to one id, so no "▁" is put before the text
+            add_dummy_prefix=not char,
+            # "\n" is always a piece, so line breaks survive without byte fallback even when the corpus has
+            # none; ChatGLM-6B writes them as its "<n>" piece.
+            required_chars="" if chatglm else "\n",
+            # a character without a piece (no byte fallback) decodes as U+FFFD, as undecodable bytes do
+            unk_surface="\ufffd",
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3 if chatglm else -1, pad_piece="<pad>",
             user_defined_symbols=chatglm_whitespace_pieces() if chatglm else [],
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True, num_threads=num_threads,
             minloglevel=2)
@@ -203,10 +320,13 @@ def _train_sentencepiece(files: Sequence[str], out_dir: str, learned: int, famil
     return cls(model, out_dir)
 
 
-def _sentencepiece_error(message: str, learned: int, family: str, files: Sequence[str]) -> TokenizerError:
+def _sentencepiece_error(message: str, learned: Optional[int], family: str, files: Sequence[str]) -> TokenizerError:
     """SentencePiece's failure, as advice in terms of ``vocab_size`` (its own text names trainer flags
     that glm does not have). Its two size checks say which way to move and how far."""
     specials = APPENDED[family]
+    if learned is None:
+        return TokenizerError(f"train: SentencePiece could not train a char model for {family} on {list(files)}: "
+                              f"{message}")
     vocab_size = learned + specials
     # trainer_interface.cc: "Vocabulary size is smaller than required_chars. {vocab} vs {chars + reserved}."
     small = re.search(r"smaller than required_chars\D*(\d+) vs (\d+)", message)

@@ -38,68 +38,60 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // two multiplies; larger tiles amortise the per-tile softmax bookkeeping.
 constexpr int64_t kBK = 128;
 
-// 2^x for x <= 0, exactly 0 below -126 (and for -inf). Round-to-nearest range reduction leaves
-// f in [-0.5, 0.5], where the degree-7 Taylor polynomial of 2^f is accurate to ~5e-9 relative, below
-// fp32 rounding. Written branch-free on plain floats so GCC vectorises the loops that call it.
 // max(a, b) that keeps a NaN from either side, so a NaN score poisons its row as it does in the
 // reference (std::max and `a > b ? a : b` drop it depending on the order of the operands).
 inline float max_keep_nan(float a, float b) { return (a != a || b <= a) ? a : b; }
-
-inline float exp2_neg(float x) {
-  const float xc = x < -126.0f ? -126.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const float t = xc + shifter;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  const float n = t - shifter;
-  const float f = xc - n;
-  float p = 1.5252733804059841e-05f;
-  p = p * f + 1.5403530393381606e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.6181291076284772e-03f;
-  p = p * f + 5.5504108664821580e-02f;
-  p = p * f + 2.4022650695910071e-01f;
-  p = p * f + 6.9314718055994531e-01f;
-  p = p * f + 1.0f;
-  const int32_t bits = ((ti - 0x4B400000) + 127) << 23;  // 2^n as a float's exponent field
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -126.0f ? 0.0f : p * scale;
-}
 
 // ---------------------------------------------------------------------------------------------
 // The one matrix-multiply micro-kernel everything uses:
 //     C[M x N] (+)= A * B,   A(r, k) = A[r * sar + k * sak],   B row-major [K x N] (row stride ldb).
 // A is only ever broadcast one scalar at a time, so it may be read transposed for free (that is how
 // P^T dO and dS^T Q are formed without transposing anything). N is a multiple of 16 (callers pad).
-// An RB x (16 NV) block of C stays in registers (v16 vectors, cpu_vec.h) across the whole K loop.
+// An RB x NV block of C (NV registers of kVecWidth columns per row) stays in registers across the
+// whole K loop. The block must fit the register file with room for the NV vectors of B loaded per k
+// and the broadcast A value, or the compiler spills accumulators on every k:
+//   AVX-512 (32 registers of 16): 8 rows x 2 registers = 32 columns (16 + 2 + 1 registers);
+//   AVX2 (16 registers of 8):     6 rows x 2 registers = 16 columns (12 + 2 + 1);
+//   SSE (16 registers of 4):      3 rows x 4 registers = 16 columns (12 + 4 + 1).
+#if defined(__AVX512F__)
+constexpr int kRB = 8;
+constexpr int kWideNV = 2;
+#elif defined(__AVX__)
+constexpr int kRB = 6;
+constexpr int kWideNV = 2;
+#else
+constexpr int kRB = 3;
+constexpr int kWideNV = 4;
+#endif
+constexpr int kNV16 = 16 / kVecWidth;  // registers per 16 columns, the padding unit of N
+static_assert(kWideNV % kNV16 == 0, "the wide block is a whole number of 16-column units");
+
 template <int RB, int NV>
 inline void mm_block(int64_t K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb,
                      float* C, int64_t ldc, bool accumulate) {
-  v16 c[RB][NV];
+  vreg c[RB][NV];
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) c[r][j] = accumulate ? loadv(C + r * ldc + 16 * j) : v16{};
+    for (int j = 0; j < NV; ++j) c[r][j] = accumulate ? loadr(C + r * ldc + kVecWidth * j) : vreg{};
   for (int64_t k = 0; k < K; ++k) {
-    v16 b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = loadv(B + k * ldb + 16 * j);
+    vreg b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = loadr(B + k * ldb + kVecWidth * j);
     for (int r = 0; r < RB; ++r) {
       const float a = A[r * sar + k * sak];
       for (int j = 0; j < NV; ++j) c[r][j] += a * b[j];
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) storev(C + r * ldc + 16 * j, c[r][j]);
+    for (int j = 0; j < NV; ++j) storer(C + r * ldc + kVecWidth * j, c[r][j]);
 }
 
-// RB = 8 rows at a time: 16 accumulators (of 32 AVX-512 registers) for two vectors of columns.
 template <int NV>
 inline void mm_rows(int64_t rows, int64_t K, const float* A, int64_t sar, int64_t sak, const float* B,
                     int64_t ldb, float* C, int64_t ldc, bool acc) {
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) mm_block<8, NV>(K, A + r * sar, sar, sak, B, ldb, C + r * ldc, ldc, acc);
+  for (; r + kRB <= rows; r += kRB) mm_block<kRB, NV>(K, A + r * sar, sar, sak, B, ldb, C + r * ldc, ldc, acc);
   const float* a = A + r * sar;
   float* c = C + r * ldc;
-  switch (rows - r) {
+  switch (rows - r) {  // fewer than kRB rows left
     case 7: mm_block<7, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
     case 6: mm_block<6, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
     case 5: mm_block<5, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
@@ -113,9 +105,10 @@ inline void mm_rows(int64_t rows, int64_t K, const float* A, int64_t sar, int64_
 
 void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t sar, int64_t sak, const float* B,
             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t wide = kWideNV * kVecWidth, narrow = kNV16 * kVecWidth;
   int64_t j = 0;
-  for (; j + 32 <= N; j += 32) mm_rows<2>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
-  if (j < N) mm_rows<1>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + wide <= N; j += wide) mm_rows<kWideNV>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < N; j += narrow) mm_rows<kNV16>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -548,27 +541,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               glse.numel() == p.B * p.n * p.Tq,
               "glm attention bwd: stats must be the forward's fp32 [B,n,Tq,2] and grad_lse [B,n,Tq]");
   auto dq = at::empty_like(q);
+  auto dk = at::empty_like(k), dv = at::empty_like(v);
   const int64_t G = p.group(), dpad = p.dpad, d = p.d;
-  const int64_t Tkp = round_up(std::max<int64_t>(p.Tk, 1), kBK);
-  // Per query head dK, dV (fp32, padded): summed per group afterwards.
-  // Uninitialised: every key tile of every head is written (its sums, or zeros when no query sees it).
-  const at::Tensor per_head = at::empty({2 * p.B * p.n * Tkp * dpad}, q.options().dtype(at::kFloat));
-  float* dkh = per_head.data_ptr<float>();
-  float* dvh = dkh + p.B * p.n * Tkp * dpad;
+  // Key tiles are computed 16 keys wide at a time (the short last one too), so K^T and V^T need
+  // only that much padding.
+  const int64_t Tkp = round_up(std::max<int64_t>(p.Tk, 1), 16);
   if (q.numel() == 0 || p.Tk == 0) {
-    return {dq.zero_(), at::zeros_like(k), at::zeros_like(v)};
+    return {dq.zero_(), dk.zero_(), dv.zero_()};
   }
-  // fp32 copies of each (sample, KV head)'s keys as rows and K, V transposed, zero-padded to
-  // [Tkp x dpad] / [dpad x Tkp]: made once for all the group's query heads by ATen's (vectorised,
-  // parallel) strided copy, instead of a scalar transpose per query head.
+  // fp32 inputs whose rows are already dpad wide are read in place: K as the rows of dQ += dS K, and,
+  // without head groups, dK and dV written straight into the outputs. Otherwise fp32 copies / per
+  // query head buffers (each head's dK, dV summed over its group at the end).
+  // Every buffer is allocated uninitialised: the allocations are the size of the inputs, and
+  // zero-filling them cost as much as the products at short lengths.
+  const bool direct = q.scalar_type() == at::kFloat && d == dpad;
+  const bool in_place = direct && G == 1;
   const auto f32 = q.options().dtype(at::kFloat);
-  const at::Tensor k_rows = at::empty({p.B, p.g, Tkp, dpad}, f32), k_t = at::empty({p.B, p.g, dpad, Tkp}, f32),
-                   v_t = at::empty({p.B, p.g, dpad, Tkp}, f32);
-  k_rows.narrow(2, 0, p.Tk).narrow(3, 0, d).copy_(k);
+  const at::Tensor per_head = in_place ? at::Tensor() : at::empty({2 * p.B * p.n * p.Tk * dpad}, f32);
+  float* dkh = in_place ? dk.data_ptr<float>() : per_head.data_ptr<float>();
+  float* dvh = in_place ? dv.data_ptr<float>() : dkh + p.B * p.n * p.Tk * dpad;
+  // K and V transposed, [dpad x Tkp] per (sample, KV head), zero-padded, made once for all the
+  // group's query heads by ATen's (vectorised, parallel) strided copy; K's rows likewise unless
+  // read in place.
+  const at::Tensor k_rows = direct ? at::Tensor() : at::empty({p.B, p.g, p.Tk, dpad}, f32);
+  const at::Tensor k_t = at::empty({p.B, p.g, dpad, Tkp}, f32), v_t = at::empty({p.B, p.g, dpad, Tkp}, f32);
+  if (!direct) k_rows.narrow(3, 0, d).copy_(k);
   k_t.narrow(2, 0, d).narrow(3, 0, p.Tk).copy_(k.transpose(2, 3));
   v_t.narrow(2, 0, d).narrow(3, 0, p.Tk).copy_(v.transpose(2, 3));
   if (Tkp > p.Tk) {
-    k_rows.narrow(2, p.Tk, Tkp - p.Tk).zero_();
     k_t.narrow(3, p.Tk, Tkp - p.Tk).zero_();
     v_t.narrow(3, p.Tk, Tkp - p.Tk).zero_();
   }
@@ -577,6 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     k_t.narrow(2, d, dpad - d).zero_();
     v_t.narrow(2, d, dpad - d).zero_();
   }
+  const float* k_rows_p = direct ? k.data_ptr<float>() : k_rows.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_bwd", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* dop = dout.data_ptr<scalar_t>();
@@ -615,13 +616,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         s.LL[t] = statp[2 * ((b * p.n + h) * p.Tq + t) + 1];
         s.rr[t] = row_range(p, b, t);
       }
-      const float* Kf = k_rows.data_ptr<float>() + (b * p.g + kh) * Tkp * dpad;
+      const float* Kf = k_rows_p + (b * p.g + kh) * p.Tk * dpad;
       const float* KT = k_t.data_ptr<float>() + (b * p.g + kh) * dpad * Tkp;
       const float* VT = v_t.data_ptr<float>() + (b * p.g + kh) * dpad * Tkp;
-      float* dKh = dkh + (b * p.n + h) * Tkp * dpad;
-      float* dVh = dvh + (b * p.n + h) * Tkp * dpad;
+      float* dKh = dkh + (b * p.n + h) * p.Tk * dpad;
+      float* dVh = dvh + (b * p.n + h) * p.Tk * dpad;
       for (int64_t j0 = 0; j0 < p.Tk; j0 += kBK) {
-        const int64_t j1 = std::min(j0 + kBK, p.Tk), nk = j1 - j0;
+        // A short last tile is computed nkp = nk rounded up to 16 keys wide, not kBK: at Tk = 64 the
+        // full width doubled every product of the backward.
+        const int64_t j1 = std::min(j0 + kBK, p.Tk), nk = j1 - j0, nkp = round_up(nk, 16);
         bool touched = false;
         for (int64_t t0 = 0; t0 < p.Tq; t0 += kBQ) {
           const int64_t nt = std::min(kBQ, p.Tq - t0);
@@ -636,8 +639,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           float* dP = s.dP.data();
           const float* Qi = s.Q.data() + t0 * dpad;
           const float* dOi = s.dO.data() + t0 * dpad;
-          matmul(nt, kBK, dpad, s.Qc.data() + t0 * dpad, dpad, 1, KT + j0, Tkp, P, kBK, false);
-          matmul(nt, kBK, dpad, dOi, dpad, 1, VT + j0, Tkp, dP, kBK, false);
+          matmul(nt, nkp, dpad, s.Qc.data() + t0 * dpad, dpad, 1, KT + j0, Tkp, P, kBK, false);
+          matmul(nt, nkp, dpad, dOi, dpad, 1, VT + j0, Tkp, dP, kBK, false);
           for (int64_t r = 0; r < nt; ++r) {
             const RowRange& x = s.rr[t0 + r];
             float* pr = P + r * kBK;
@@ -648,7 +651,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               std::fill(dpr, dpr + kBK, 0.0f);
               continue;
             }
-            for (int64_t c = 0; c < kBK; ++c) {
+            for (int64_t c = 0; c < nkp; ++c) {
               const float e = exp2_neg((pr[c] - m2) - ll);
               pr[c] = e;
               dpr[c] = p.scale * e * (dpr[c] - D);
@@ -659,16 +662,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             }
           }
           // dV_j += P^T dO_i ; dK_j += dS^T Q_i ; dQ_i += dS K_j
-          matmul(kBK, dpad, nt, P, 1, kBK, dOi, dpad, s.dV.data(), dpad, true);
-          matmul(kBK, dpad, nt, dP, 1, kBK, Qi, dpad, s.dK.data(), dpad, true);
-          matmul(nt, dpad, kBK, dP, kBK, 1, Kf + j0 * dpad, dpad, s.dQ.data() + t0 * dpad, dpad, true);
+          matmul(nkp, dpad, nt, P, 1, kBK, dOi, dpad, s.dV.data(), dpad, true);
+          matmul(nkp, dpad, nt, dP, 1, kBK, Qi, dpad, s.dK.data(), dpad, true);
+          // (nk, not nkp: K has only Tk rows; dS is zero past nk.)
+          matmul(nt, dpad, nk, dP, kBK, 1, Kf + j0 * dpad, dpad, s.dQ.data() + t0 * dpad, dpad, true);
         }
         if (touched) {
-          std::copy(s.dK.begin(), s.dK.end(), dKh + j0 * dpad);
-          std::copy(s.dV.begin(), s.dV.end(), dVh + j0 * dpad);
+          std::copy(s.dK.begin(), s.dK.begin() + nk * dpad, dKh + j0 * dpad);
+          std::copy(s.dV.begin(), s.dV.begin() + nk * dpad, dVh + j0 * dpad);
         } else {
-          std::fill(dKh + j0 * dpad, dKh + (j0 + kBK) * dpad, 0.0f);
-          std::fill(dVh + j0 * dpad, dVh + (j0 + kBK) * dpad, 0.0f);
+          std::fill(dKh + j0 * dpad, dKh + j1 * dpad, 0.0f);
+          std::fill(dVh + j0 * dpad, dVh + j1 * dpad, 0.0f);
         }
       }
       scalar_t* dqo = dqp + qo;
@@ -676,8 +680,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         for (int64_t c = 0; c < d; ++c) dqo[t * d + c] = static_cast<scalar_t>(s.dQ[t * dpad + c]);
     });
   });
+  if (in_place) return {dq, dk, dv};
   // Sum the per-head dK, dV over each group's query heads.
-  auto dk = at::empty_like(k), dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "glm_attention_bwd_reduce", [&] {
     scalar_t* dkp = dk.data_ptr<scalar_t>();
     scalar_t* dvp = dv.data_ptr<scalar_t>();
@@ -688,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         std::fill(ak.begin(), ak.end(), 0.0f);
         std::fill(av.begin(), av.end(), 0.0f);
         for (int64_t hh = 0; hh < G; ++hh) {
-          const int64_t off = ((b * p.n + kh * G + hh) * Tkp + j) * dpad;
+          const int64_t off = ((b * p.n + kh * G + hh) * p.Tk + j) * dpad;
           for (int64_t c = 0; c < d; ++c) { ak[c] += dkh[off + c]; av[c] += dvh[off + c]; }
         }
         for (int64_t c = 0; c < d; ++c) {

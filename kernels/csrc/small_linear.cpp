@@ -23,41 +23,37 @@ namespace {
 
 constexpr int64_t kLinearMaxRows = 8;
 
-// 16 consecutive weights widened to fp32 in one vector (bf16: zero-extend and shift into the top half).
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+// kVecWidth consecutive weights widened to fp32 in one register (bf16: zero-extend and shift into the
+// top half). Register-wide, not v16: with arrays of v16 accumulators GCC spilled to the stack on AVX2,
+// which made this kernel 2.6-4x slower than F.linear there.
+typedef uint16_t u16xW __attribute__((vector_size(2 * kVecWidth)));
+typedef uint32_t u32xW __attribute__((vector_size(4 * kVecWidth)));
 
-inline v16 load_widen(const float* p) { return loadv(p); }
+inline vreg load_widen(const float* p) { return loadr(p); }
 
-inline v16 load_widen(const at::BFloat16* p) {
-  u16x16 h;
+inline vreg load_widen(const at::BFloat16* p) {
+  u16xW h;
   std::memcpy(&h, p, sizeof h);
-  const u32x16 wide = __builtin_convertvector(h, u32x16) << 16;
-  v16 f;
+  const u32xW wide = __builtin_convertvector(h, u32xW) << 16;
+  vreg f;
   std::memcpy(&f, &wide, sizeof f);
   return f;
 }
 
 template <typename T>
-inline v16 load_widen(const T* p) {
-  v16 f;
-  for (int l = 0; l < 16; ++l) f[l] = to_f(p[l]);
+inline vreg load_widen(const T* p) {
+  vreg f;
+  for (int l = 0; l < kVecWidth; ++l) f[l] = to_f(p[l]);
   return f;
 }
 
-// Sum of the 16 lanes as a halving tree (three vector adds and a short scalar tail).
-inline float hsum(const v16& v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  const v8 s8 = lo + hi;
-  v4 a, b;
-  std::memcpy(&a, &s8, 16);
-  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + 16, 16);
-  const v4 s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+// Sum of the lanes as a halving tree (lane l + lane l + w, w = width/2, width/4, ...).
+inline float hsum(const vreg& v) {
+  float lanes[kVecWidth];
+  std::memcpy(lanes, &v, sizeof v);
+  for (int w = kVecWidth / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  return lanes[0];
 }
 
 template <typename T, int M>
@@ -65,16 +61,16 @@ void linear_rows(const float* x, int64_t kpad, const T* w, int64_t swn, int64_t 
                  const T* bias, T* y, int64_t N) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * swn;
-    v16 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = v16{};
+    vreg acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = vreg{};
     int64_t k = 0;
     // Prefetch the weight row two ahead: at 8 rows the loop is compute-heavy enough that the
     // hardware prefetcher alone leaves the memory bus idle between rows.
     const char* ahead = reinterpret_cast<const char*>(wr + 2 * swn);
-    for (; k + 16 <= K; k += 16) {
+    for (; k + kVecWidth <= K; k += kVecWidth) {
       if (n + 2 < n1) __builtin_prefetch(ahead + k * sizeof(T), 0, 0);
-      const v16 wv = load_widen(wr + k);
-      for (int m = 0; m < M; ++m) acc[m] += wv * loadv(x + m * kpad + k);
+      const vreg wv = load_widen(wr + k);
+      for (int m = 0; m < M; ++m) acc[m] += wv * loadr(x + m * kpad + k);
     }
     for (int m = 0; m < M; ++m) {
       float sum = hsum(acc[m]);
