@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The venv is not activated by make, so `glm` is not on PATH afterwards; install and demo say how.
 GLM_ON_PATH := glm is installed in $(VENV)/bin, not on your PATH: run ". $(VENV)/bin/activate" to use the glm command (or call $(VENV)/bin/glm)
 
-.PHONY: venv install lint test test-all demo kernels gpu-check clean
+.PHONY: venv install lint test test-all demo demo-finetune kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ demo: $(VENV)/.installed
 	PYTHONUNBUFFERED=1 $(PY) -m glm demo
 	@echo '$(GLM_ON_PATH)'
 
+# Fine-tunes make demo's model (trained first when runs/demo has none) on embedded toy instructions and a toy
+# classification task, and shows answers and held-out accuracy before and after.
+demo-finetune: $(VENV)/.installed
+	PYTHONUNBUFFERED=1 $(PY) -m glm demo-finetune
+	@echo '$(GLM_ON_PATH)'
+
 # On a GPU machine: builds the C++ and CUDA kernels into $(PYTHON)'s environment, whose torch must be
 # a CUDA build (the CPU venv above never is), e.g. `make kernels PYTHON=python`. The CUDA kernels
 # target the GPUs present (TORCH_CUDA_ARCH_LIST="8.0;9.0" to choose); tests: `pytest -m cuda`.
@@ -55,7 +61,7 @@ kernels:
 	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 	@$(PYTHON) -c "import glm.kernels as k; print('glm.kernels devices:', sorted(k.devices()), '| CUDA kernels:', k.cuda_load_error() or 'built')"
 
-# On a GPU machine, everything issue 9 asks to measure in one go: build, the CUDA tests, then the
+# On a GPU machine, every GPU measurement in one go: build, the CUDA tests, then the
 # attention and decode benchmarks, published as the committed records (benchmarks/results/*_cuda.json,
 # with the device name).
 gpu-check: kernels

@@ -1,9 +1,11 @@
 """glm: one clean PyTorch model for the GLM family (GLM, ChatGLM-6B/2/3, GLM-4, Glm, Glm4)."""
 from . import kernels  # noqa: E402,F401  registers the 'fused' attention backend when the kernels are built
+from . import lora as lora  # glm.lora.apply / merge / remove (the explicit re-export)
 from .attention import BACKENDS, attention
 from .checkpoint import CheckpointError, CheckpointReader
 from .config import FAMILIES, ConfigError, GLMConfig
 from .errors import InputError
+from .formats import ptuning_checkpoint  # noqa: F401  THUDM's P-tuning files (also loads glm.ptuning)
 
 # `glm.generate` is the function (the call used everywhere); the module's other entry points are
 # exported here too, since the name no longer reaches the module: `glm.stream`, or `from glm.generate import ...`.

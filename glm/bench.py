@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from .errors import BenchError
 from .files import atomic_write
 
-SUITES = ("attention", "decode", "train", "convert", "demo")
+SUITES = ("attention", "decode", "train", "convert", "demo", "finetune")
 
 # Arguments that make each suite a smoke run of a few seconds (tests, first try on a new machine).
 QUICK = {
@@ -32,6 +32,7 @@ QUICK = {
               "--quality-steps", "2"],
     "convert": ["--gb", "0.02", "--shard-size", "8MB", "--repeats", "1"],
     "demo": ["--steps", "20", "--eval-examples", "8"],
+    "finetune": ["--small", "--steps", "1"],
 }
 # Suites whose scripts judge goals; a smoke run tells them not to (tiny sizes say nothing about a goal).
 JUDGES_GOALS = ("attention", "convert")
@@ -147,6 +148,9 @@ records). This page is regenerated from them by `glm bench report`.
     ("demo", "`make demo`'s run (`glm.demo.DEMO`): held-out blank-infilling exact match on the fill's first word "
              "and on the whole fill; the record also has the held-out loss, steps and seconds",
      "the most-frequent-answer baseline"),
+    ("finetune", "fine-tuning step tokens/s, trainable parameters, optimizer state and peak RSS of full, LoRA and "
+                 "P-tuning v2 on a 122M GLM-4-shaped model",
+     "glm full fine-tuning; peft + transformers `GlmForCausalLM` LoRA, same weights and batches"),
 ))
 
 

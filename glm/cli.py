@@ -80,12 +80,12 @@ def _check_generation_args(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .hub import from_pretrained
+    from .hub import from_pretrained, tokenizer_folder
     from .tokenizer import load
 
     _check_generation_args(args)
     model = from_pretrained(args.dir, dtype=args.dtype, device=args.device)
-    tok = load(args.tokenizer or args.dir)
+    tok = load(args.tokenizer or tokenizer_folder(args.dir))
     # Fewer tokenizer ids than embedding rows is normal (padded vocabularies); more is a mismatch
     # that would otherwise fail mid-generation.
     if tok.vocab_size > model.config.vocab_size:
@@ -281,6 +281,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_config(args: argparse.Namespace):
+    """The FinetuneConfig of ``glm finetune``'s flags; a flag left out keeps FinetuneConfig's default."""
+    from .finetune import FinetuneConfig
+
+    given = {k: v for k, v in vars(args).items() if k in FINETUNE_FLAGS}
+    labels = given.get("labels")
+    if "verbalizers" in given:
+        if len(given["verbalizers"]) != len(labels or ()):
+            raise ArgumentError(f"--verbalizers takes one text per label: {len(labels or ())} labels, "
+                                f"{len(given['verbalizers'])} verbalizers")
+        given["verbalizers"] = dict(zip(labels, given["verbalizers"]))
+    for name in ("labels", "lora_targets", "betas"):
+        if name in given:
+            given[name] = tuple(given[name])
+    return FinetuneConfig(base=args.base, data=args.data, out_dir=args.out, eval_data=args.eval,
+                          progress=not args.quiet, verify=not args.no_verify, **given)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    summary = finetune(_finetune_config(args))
+    print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from .finetune import merge_lora
+
+    print(f"wrote {merge_lora(args.src, args.dst, format=args.format, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .finetune import load_classifier
+
+    _check_text("--text", args.text)
+    classify = load_classifier(args.dir, device=args.device)
+    for label, p in sorted(classify([args.text])[0].items(), key=lambda kv: -kv[1]):
+        print(f"{label}\t{p:.4f}")
+    return 0
+
+
+def cmd_demo_finetune(args: argparse.Namespace) -> int:
+    from .demo import FinetuneDemo, finetune_demo
+
+    finetune_demo(FinetuneDemo(out_dir=args.out, base_run=args.base_run))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
@@ -374,6 +424,71 @@ def _add_train_args(s: argparse.ArgumentParser, **defaults) -> None:
                    help="no progress bar (on a terminal) or progress lines (in a log) on stderr")
 
 
+# The flags of `glm finetune` that are FinetuneConfig fields of the same name. Left out, a flag is absent from
+# the namespace (argparse.SUPPRESS), so the dataclass's default applies: one place holds the defaults, and
+# `glm --help` does not import the fine-tuning code to show them.
+FINETUNE_FLAGS = ("method", "task", "tokenizer", "max_source_len", "max_target_len", "labels", "verbalizers",
+                  "template", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_mlp", "pre_seq_len",
+                  "prefix_projection", "prefix_hidden_size", "prefix_dropout", "steps", "batch_size", "lr", "warmup",
+                  "min_lr_ratio", "weight_decay", "betas", "grad_clip", "eval_every", "ckpt_every", "keep_last",
+                  "seed", "device", "dtype", "resume", "overwrite")
+
+
+def _add_finetune_args(s: argparse.ArgumentParser) -> None:
+    s.argument_default = argparse.SUPPRESS
+    s.add_argument("base", help="the model to fine-tune: a checkpoint folder (any format glm reads) or a run folder")
+    s.add_argument("--data", required=True, help='training JSONL: chat rows {"messages": [...]} or '
+                                                 '{"prompt", "response"} (sft); {"text", "label"} (cloze, head)')
+    s.add_argument("--eval", default=None, help="held-out JSONL in the same form (eval loss, or accuracy)")
+    s.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, model/")
+    s.add_argument("--method", choices=("full", "lora", "ptuning"),
+                   help="full: every weight; lora: low-rank adapters (default); ptuning: P-tuning v2 prefixes")
+    s.add_argument("--task", choices=("sft", "cloze", "head"),
+                   help="sft (default): chat / instruction tuning, loss on the assistant's tokens; cloze: GLM's "
+                        "classification by the blank-infilling score of each label's verbalizer; head: a linear "
+                        "head on the final hidden state")
+    s.add_argument("--tokenizer", help="tokenizer folder (default: BASE's)")
+    s.add_argument("--max-source-len", type=int, help="sft: prompt tokens kept (default 1024)")
+    s.add_argument("--max-target-len", type=int, help="sft: response tokens kept (default 128)")
+    s.add_argument("--labels", nargs="+", help="cloze / head: the class labels")
+    s.add_argument("--verbalizers", nargs="+",
+                   help="cloze: the text that fills the blank for each label, in --labels order (default: the label)")
+    s.add_argument("--template", help="cloze / head: the prompt, with {text} and one [MASK] (default '{text} [MASK]')")
+    s.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
+    s.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha / r (default 16)")
+    s.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
+    s.add_argument("--lora-targets", nargs="+",
+                   help="module names as peft writes them for the release (e.g. q_proj v_proj, or query_key_value); "
+                        "default: the attention projections")
+    s.add_argument("--lora-mlp", action="store_true", help="with the default targets: the MLP projections too")
+    s.add_argument("--pre-seq-len", type=int, help="P-tuning prefix length (default 16)")
+    s.add_argument("--prefix-projection", action="store_true", help="P-tuning: the two-layer MLP reparametrisation")
+    s.add_argument("--prefix-hidden-size", type=int,
+                   help="P-tuning: that MLP's hidden size (default: the model's, the only one THUDM's files hold)")
+    s.add_argument("--prefix-dropout", type=float, help="P-tuning: dropout on the prefix (default 0)")
+    s.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    s.add_argument("--batch-size", type=int, help="rows per step (default 8)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default per method: full 5e-5, lora 1e-3, "
+                                            "ptuning 2e-2)")
+    s.add_argument("--warmup", type=int, help="linear warmup steps (default 0)")
+    s.add_argument("--min-lr-ratio", type=float, help="the cosine schedule ends at this share of --lr (default 0.1)")
+    s.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0)")
+    s.add_argument("--betas", nargs=2, type=float, metavar=("B1", "B2"), help="AdamW's moment decays (default 0.9 "
+                                                                             "0.999)")
+    s.add_argument("--grad-clip", type=float, help="max gradient norm (default 1)")
+    s.add_argument("--eval-every", type=int, help="evaluate on --eval every N steps (default: after the last step)")
+    s.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: after the last step)")
+    s.add_argument("--keep-last", type=int, help="checkpoints kept (default 2)")
+    s.add_argument("--seed", type=int, help="seed of the data order and of new weights (default 0)")
+    s.add_argument("--device", help="auto (CUDA when present; default), cpu or cuda")
+    s.add_argument("--dtype", help="the base model's dtype (default float32)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    s.add_argument("--overwrite", action="store_true", help="delete the fine-tuning run in OUT and start over")
+    s.add_argument("--no-verify", action="store_true", default=False,
+                   help="with --resume: skip the checkpoint's sha256 check")
+    s.add_argument("--quiet", action="store_true", default=False, help="no progress bar or progress lines")
+
+
 def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir", help="checkpoint folder (release format or glm's), with its tokenizer files")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder or file (default: DIR)")
@@ -456,6 +571,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (default runs/demo; an earlier demo there is replaced)")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("demo-finetune", help="fine-tune the demo model on embedded toy instructions and a toy "
+                                             "classification task; show answers and accuracy before and after")
+    s.add_argument("--out", default="runs/demo-finetune", help="run folder (default runs/demo-finetune; replaced)")
+    s.add_argument("--base-run", default="runs/demo",
+                   help="the pretrained demo run to start from, trained first when missing (default runs/demo)")
+    s.set_defaults(func=cmd_demo_finetune)
+
+    s = sub.add_parser("finetune", help="fine-tune a model: chat SFT or classification, full / LoRA / P-tuning v2",
+                       description="Fine-tune BASE (a model folder with its tokenizer) on --data (JSONL). The result "
+                                   "goes to OUT/model (a glm checkpoint, peft adapter files or THUDM P-tuning files); "
+                                   "glm chat / generate OUT load it with its base.")
+    _add_finetune_args(s)
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base and save a plain checkpoint")
+    s.add_argument("src", help="adapter folder (adapter_config.json + adapter_model.safetensors), or its run folder")
+    s.add_argument("dst", help="output folder")
+    s.add_argument("--format", choices=("glm", "hf"), default="glm",
+                   help="glm's format (default) or hf, the release's own that its reference code loads")
+    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
+    s.set_defaults(func=cmd_merge_lora)
+
+    s = sub.add_parser("classify", help="label probabilities from a classifier glm finetune --task cloze|head made")
+    s.add_argument("dir", help="the fine-tuning run folder (or its model/)")
+    s.add_argument("--text", required=True, help="the text to classify")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.set_defaults(func=cmd_classify)
 
     from .bench import SUITES
 

@@ -519,7 +519,7 @@ def read_corpus(folder: str) -> Corpus:
     train = read_documents([os.path.join(folder, "train.txt")], mode="lines")
     heldout = []
     path = os.path.join(folder, "heldout.jsonl")
-    for lineno, obj in _jsonl_objects(path):
+    for lineno, obj in jsonl_objects(path):
         missing = [k for k in ("text", "answer", "kind") if not isinstance(obj.get(k), str)]
         if missing:
             raise DataError(f"{path} line {lineno}: needs string fields {missing}; rewrite it with write_corpus")
@@ -550,10 +550,16 @@ def _expand(spec: str) -> list[str]:
     return [spec]
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
+    """A UTF-8 text file's text; a DataError naming the file (missing, a folder, unreadable, not UTF-8 with
+    the line, or holding nothing but whitespace)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; check the path (relative paths start at {os.getcwd()})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass a file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     try:
@@ -563,7 +569,7 @@ def _read_text(path: str) -> str:
         raise DataError(f"{path} line {line}: not valid UTF-8 (byte {e.start}: {e.reason}); re-save the file "
                         f"as UTF-8, e.g. iconv -f GB18030 -t UTF-8") from None
     if not text.strip():
-        raise DataError(f"{path}: the file is empty; remove it from the data specs or fill it")
+        raise DataError(f"{path}: the file is empty; remove it from the data or fill it")
     return text
 
 
@@ -593,26 +599,28 @@ def _blank_line_documents(text: str) -> list[str]:
     return docs
 
 
-def _jsonl_objects(path: str) -> list[tuple[int, dict]]:
+def jsonl_objects(path: str, example: str = '{"text": "..."}') -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSONL file; a DataError naming the file and line
+    for a line that is not a JSON object (``example`` shows what a line should be)."""
     out = []
-    for lineno, line in enumerate(_lines(_read_text(path)), start=1):
+    for lineno, line in enumerate(_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {lineno}: not valid JSON (column {e.colno}: {e.msg}); each line must be "
-                            f"one object such as {{\"text\": \"...\"}}") from None
+                            f"one object such as {example}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path} line {lineno}: a JSON {type(obj).__name__}, not an object; each line must be "
-                            f"one object such as {{\"text\": \"...\"}}")
+                            f"one object such as {example}")
         out.append((lineno, obj))
     return out
 
 
 def _jsonl_documents(path: str) -> list[str]:
     docs = []
-    for lineno, obj in _jsonl_objects(path):
+    for lineno, obj in jsonl_objects(path):
         text = obj.get("text")
         if not isinstance(text, str):
             what = "has no \"text\" field" if "text" not in obj else f"has a \"text\" of type {type(text).__name__}"
@@ -658,11 +666,11 @@ def read_documents(specs: Union[str, os.PathLike, Sequence[Union[str, os.PathLik
         if path.lower().endswith(".jsonl"):
             docs += _jsonl_documents(path)
         elif mode == "file":
-            docs.append(_read_text(path).rstrip("\r\n"))
+            docs.append(read_text(path).rstrip("\r\n"))
         elif mode == "blank-line":
-            docs += _blank_line_documents(_read_text(path))
+            docs += _blank_line_documents(read_text(path))
         else:
-            docs += [line for line in _lines(_read_text(path)) if line.strip()]
+            docs += [line for line in _lines(read_text(path)) if line.strip()]
     if not docs:
         raise DataError(f"read_documents: {specs} hold no documents; add text to them")
     return docs

@@ -10,14 +10,21 @@ as it is, with the measurements.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from typing import Optional
 
 import torch
 
+from .cloze import ClozeTask
 from .corpus import exact_match
 from .data import Objective
 from .errors import TrainingError
+from .finetune import FinetuneConfig, classification_scores, finetune, load_labelled, respond
+from .hub import from_pretrained
 from .run_folder import checkpoints, load_checkpoint
+from .tokenizer import load
+from .toy_tasks import classification_set, classification_task, instruction_set, write_jsonl
 from .train import TrainConfig, model_config_for, setting_changes, train
 
 MODE_NAMES = ("[MASK] spans", "[sMASK] sentences", "[gMASK] suffixes")
@@ -107,3 +114,85 @@ def print_summary(summary: dict, cfg: TrainConfig, seconds: float, show: int = 1
           f"(perplexity {summary.get('eval_ppl', float('nan')):.1f})")
     print(f"loss curve: {summary['plot']}\nmodel + tokenizer: {summary['model_dir']}\n"
           f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics']}")
+
+
+# ------------------------------------------------------------------------------------------------
+# make demo-finetune: the demo model, fine-tuned on the embedded toy tasks
+
+@dataclasses.dataclass
+class FinetuneDemo:
+    """`finetune_demo`'s settings: the pretrained demo run it starts from (trained first when missing),
+    the toy sets' sizes and the two fine-tuning runs."""
+    out_dir: str = "runs/demo-finetune"
+    base_run: str = "runs/demo"
+    seed: int = 0
+    instructions: tuple[int, int] = (200, 60)  # train, held-out questions
+    classification: tuple[int, int] = (200, 48)  # train, held-out sentences
+    task: str = "topic"
+    sft: dict = dataclasses.field(default_factory=lambda: dict(method="full", steps=300, batch_size=16, lr=1e-3,
+                                                               warmup=20))
+    cloze: dict = dataclasses.field(default_factory=lambda: dict(method="full", steps=100, batch_size=8, lr=1e-4))
+    progress: bool = True
+
+
+def _accuracy(model, tok, rows: list[dict]) -> tuple[float, list[str]]:
+    replies = [respond(model, tok, r["messages"][0]["content"]) for r in rows]
+    hits = sum(exact_match(reply, r["messages"][1]["content"]) for reply, r in zip(replies, rows))
+    return hits / max(len(rows), 1), replies
+
+
+def finetune_demo(cfg: Optional[FinetuneDemo] = None, show: int = 6) -> dict:
+    """Fine-tune the pretrained demo model on the embedded toy instruction set (chat SFT) and on a toy
+    classification task (GLM's cloze scoring and, for comparison, a head on the final hidden state);
+    print answers before and after and held-out accuracy against the base model and the
+    most-frequent-label baseline. Returns the numbers."""
+    cfg = cfg or FinetuneDemo()
+    t0 = time.perf_counter()
+    base = os.path.join(cfg.base_run, "model")
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        print(f"no pretrained demo model in {base}: training it first (make demo's run)")
+        demo(dataclasses.replace(DEMO, out_dir=cfg.base_run, progress=cfg.progress), show=0)
+    data = os.path.join(cfg.out_dir, "data")
+    train_q, held_q = instruction_set(cfg.seed, *cfg.instructions)
+    train_c, held_c = classification_set(cfg.seed, *cfg.classification, task=cfg.task)
+    paths = {name: write_jsonl(rows, os.path.join(data, name + ".jsonl")) for name, rows in
+             (("instructions", train_q), ("instructions_heldout", held_q), ("classification", train_c),
+              ("classification_heldout", held_c))}
+    model, tok = from_pretrained(base), load(base)
+    before, before_replies = _accuracy(model, tok, held_q)
+    toy = classification_task(cfg.task)
+    task = ClozeTask(template=toy.template, labels=list(toy.labels), verbalizers=dict(toy.verbalizers))
+    zero_shot = classification_scores(model, tok, task, load_labelled(paths["classification_heldout"], toy.labels))
+
+    common = dict(base=base, progress=cfg.progress, seed=cfg.seed, overwrite=True, device="cpu")
+    sft = finetune(FinetuneConfig(data=paths["instructions"], eval_data=paths["instructions_heldout"],
+                                  out_dir=os.path.join(cfg.out_dir, "instructions"), task="sft", **cfg.sft, **common))
+    after, after_replies = _accuracy(from_pretrained(sft["model_dir"]), tok, held_q)
+    results = {}
+    for kind in ("cloze", "head"):
+        results[kind] = finetune(FinetuneConfig(
+            data=paths["classification"], eval_data=paths["classification_heldout"],
+            out_dir=os.path.join(cfg.out_dir, kind), task=kind, labels=toy.labels, template=toy.template,
+            verbalizers=dict(toy.verbalizers), **cfg.cloze, **common))
+    seconds = time.perf_counter() - t0
+
+    print()
+    print(f"instruction tuning ({cfg.sft['method']}, {cfg.sft['steps']} steps on {len(train_q)} questions); "
+          f"held-out questions ask about items never fine-tuned on:")
+    for r, b, a in list(zip(held_q, before_replies, after_replies))[:show]:
+        print(f"  Q: {r['messages'][0]['content']}\n     before: {b!r}\n     after:  {a!r}   "
+              f"answer: {r['messages'][1]['content']!r}")
+    print(f"held-out exact match on {len(held_q)} questions: {after:.1%} after fine-tuning, {before:.1%} before")
+    print()
+    print(f"classification ({cfg.task}: {', '.join(toy.labels)}; {len(train_c)} training sentences, "
+          f"{len(held_c)} held out), held-out accuracy:")
+    rows = [("zero-shot cloze (the base model)", zero_shot["eval_accuracy"]),
+            (f"cloze, fine-tuned ({cfg.cloze['method']})", results["cloze"]["eval_accuracy"]),
+            (f"classification head ({cfg.cloze['method']})", results["head"]["eval_accuracy"]),
+            ("most-frequent-label baseline", zero_shot["baseline"])]
+    for name, acc in rows:
+        print(f"  {name:<38s}{acc:6.1%}")
+    print(f"\n{seconds:.0f} s; runs in {cfg.out_dir} (glm chat {sft['model_dir']} answers questions)")
+    return {"instructions_before": before, "instructions_after": after, "zero_shot": zero_shot["eval_accuracy"],
+            "cloze": results["cloze"]["eval_accuracy"], "head": results["head"]["eval_accuracy"],
+            "baseline": zero_shot["baseline"], "seconds": seconds, "sft_eval_loss": sft.get("eval_loss")}

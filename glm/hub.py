@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import formats
+from . import formats, lora
 from .checkpoint import (
     CheckpointReader,
     FileSlice,
@@ -34,7 +34,7 @@ from .config import GLMConfig
 from .devices import FLOAT_DTYPES, as_dtype, check_device
 from .errors import ArgumentError, CheckpointError, ConfigError, FileKindError, FormatError, KeyMismatchError
 from .files import parse_size, read_bounded, read_json
-from .formats import native
+from .formats import native, peft, ptuning_checkpoint
 from .formats.layout import DTYPE_NAMES, Mapping, rename
 from .model import GLM
 from .tokenizer.load import MODEL_FILES
@@ -158,6 +158,69 @@ def model_source(model: GLM) -> Source:
 # ---------------------------------------------------------------------------------------------
 # Loading a model
 
+def resolve_model_folder(path: "str | os.PathLike[str]") -> str:
+    """The folder to load for ``path``: ``path`` itself when it holds a model (a config.json, or a LoRA
+    adapter), else its ``model/`` subfolder when that exists: where `glm train` and `glm finetune` put
+    their result, so a run folder loads as its model."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "config.json")) or peft.is_adapter_folder(path):
+        return path
+    inner = os.path.join(path, "model")
+    return inner if os.path.isdir(inner) else path
+
+
+def adapter_base(folder: str, named: object, field_name: str) -> str:
+    """The base model folder an adapter or prefix folder names (peft's ``base_model_name_or_path``,
+    THUDM's ``_name_or_path``): absolute, or relative to ``folder``; an ArgumentError when it is not a
+    folder here (a hub id, or moved), saying how to load the two parts by hand."""
+    if isinstance(named, str) and named:
+        path = named if os.path.isabs(named) else os.path.join(folder, named)
+        if os.path.isdir(path):
+            return path
+    raise ArgumentError(f"{folder}: its {field_name} is {named!r}, which is not a model folder on this machine; "
+                        f"load the base yourself and add this folder to it: model = glm.from_pretrained(BASE), "
+                        f"then glm.formats.peft.load_adapter(model, {folder!r}) (LoRA) or "
+                        f"glm.formats.ptuning_checkpoint.load_prefix(model, {folder!r}) (P-tuning)")
+
+
+def tokenizer_folder(path: "str | os.PathLike[str]") -> str:
+    """Where the tokenizer of the model at ``path`` is: the model folder (`resolve_model_folder`) when it
+    holds tokenizer files, else, for an adapter or prefix folder saved without them, its base's."""
+    folder = resolve_model_folder(path)
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")) or any(
+            os.path.isfile(os.path.join(folder, name)) for name in MODEL_FILES):
+        return folder
+    if peft.is_adapter_folder(folder):
+        cfg = read_json(os.path.join(folder, peft.CONFIG_NAME))
+        return adapter_base(folder, cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None,
+                            "adapter_config.json base_model_name_or_path")
+    if ptuning_checkpoint.is_prefix_folder(folder):
+        base = ptuning_checkpoint.base_of(folder)
+        return adapter_base(folder, base, "config.json base_model_name_or_path")
+    return folder
+
+
+def _with_adapter(folder: str, **load_args) -> Optional[GLM]:
+    """A LoRA adapter folder (peft's layout) or a P-tuning folder (THUDM's) loaded onto the base model it
+    names; None when ``folder`` is neither."""
+    if peft.is_adapter_folder(folder):
+        cfg = read_json(os.path.join(folder, peft.CONFIG_NAME))
+        base = adapter_base(folder, cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None,
+                            "adapter_config.json base_model_name_or_path")
+        model = from_pretrained(base, **load_args)
+        peft.load_adapter(model, folder)
+        return model.eval()
+    if ptuning_checkpoint.is_prefix_folder(folder):
+        # glm records the base as base_model_name_or_path; THUDM's trainer leaves it in _name_or_path.
+        cfg = read_json(os.path.join(folder, "config.json"))
+        named = ptuning_checkpoint.base_of(folder) or (cfg.get("_name_or_path") if isinstance(cfg, dict) else None)
+        base = adapter_base(folder, named, "config.json base_model_name_or_path (or _name_or_path)")
+        model = from_pretrained(base, **load_args)
+        ptuning_checkpoint.load_prefix(model, folder)
+        return model.eval()
+    return None
+
+
 def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str | None" = torch.float32,
                     device: "torch.device | str" = "cpu", backend: str = "auto", verify: bool = True,
                     **config_overrides) -> GLM:
@@ -170,8 +233,15 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     fields that do not change shapes, e.g. ``rope_inv_freq_dtype=None`` to keep RoPE frequencies exact.
     A folder glm wrote has its weight files checked against the sha256 record written with them
     (``glm_checksums.json``); ``verify=False`` skips that pass over the bytes.
+
+    A LoRA adapter folder (peft's files) or a P-tuning folder (THUDM's) loads as the base model it names
+    with the adapter or prefix applied; a run folder of `glm train` / `glm finetune` loads as its
+    ``model/`` (`resolve_model_folder`).
     """
-    folder = os.fspath(folder)
+    folder = resolve_model_folder(folder)
+    adapted = _with_adapter(folder, dtype=dtype, device=device, backend=backend, verify=verify, **config_overrides)
+    if adapted is not None:
+        return adapted
     if "torch_dtype" in config_overrides:
         raise ArgumentError("from_pretrained takes dtype=, not transformers' torch_dtype=")
     unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(GLMConfig)})
@@ -396,7 +466,17 @@ def convert_checkpoint(src: str, dst: str, *, verify: bool = True, **kwargs) -> 
 def save_pretrained(model: GLM, dst: str, *, format: str = "glm", family: Optional[str] = None,
                     **kwargs) -> ConvertSummary:
     """Save a `glm.GLM` as a checkpoint folder: glm's format, or a release format the reference code
-    and transformers load (``format="hf"``; ``family`` picks e.g. ``glm-hf`` for a GLM-4 model)."""
+    and transformers load (``format="hf"``; ``family`` picks e.g. ``glm-hf`` for a GLM-4 model).
+
+    A model carrying unmerged LoRA adapters or a P-tuning prefix is refused: a checkpoint holds the base
+    weights only, so saving would drop them without a word (merged adapters are in the weights)."""
+    if lora.has_lora(model) and not lora.is_merged(model):
+        raise ArgumentError("the model carries LoRA adapters, which a checkpoint cannot hold: fold them in first "
+                            "(glm.lora.remove(model), or glm merge-lora) or save them on their own "
+                            "(glm.formats.peft.save_adapter)")
+    if model.prefix_encoder is not None:
+        raise ArgumentError("the model carries a P-tuning prefix, which a checkpoint cannot hold: save it on its "
+                            "own (glm.formats.ptuning_checkpoint.save_prefix), or glm.ptuning.remove(model) first")
     return write_from(model_source(model), dst, to=format, family=family, **kwargs)
 
 

@@ -9,6 +9,9 @@ The static decode step (``GLM.forward(..., static=True)``, which CUDA graphs rep
 host-side ``length``: it writes the new token at the device tensor ``slot`` and attends over the
 whole buffer, masked by the device tensors ``kv_start`` (left padding) and ``kv_len`` (filled
 slots). `begin_static_step` sets them from ``length`` before each step; `advance` follows it.
+
+A model with a P-tuning prefix writes the prefix's keys into the cache at prefill (`PrefixKV`), after
+each row's left padding; ``length`` counts them, the position ids do not.
 """
 from __future__ import annotations
 
@@ -95,12 +98,57 @@ class KVCache:
         self.length += new_tokens
         self.last_position_ids = last_position_ids
 
-    def record_call(self, position_ids: Tensor, pad_left: Optional[Tensor], prefix_len: Optional[Tensor]) -> None:
-        """After a forward (not a static step) wrote the keys of tokens at ``position_ids`` ``[B, S, T]``:
-        the structure of the keys (on the first call, the prefill) and the new length. A call of no
-        tokens leaves the cache as it was."""
+    def record_call(self, position_ids: Tensor, pad_left: Optional[Tensor], prefix_len: Optional[Tensor],
+                    learned: int = 0) -> None:
+        """After a forward (not a static step) wrote the keys of tokens at ``position_ids`` ``[B, S, T]``,
+        and at prefill ``learned`` keys of a `PrefixKV` besides: the structure of the keys (on the first
+        call, the prefill) and the new length. A call of no tokens leaves the cache as it was."""
         if position_ids.shape[-1] == 0:
             return
         if self.length == 0:
             self.set_structure(pad_left, prefix_len)
-        self.advance(position_ids.shape[-1], position_ids[:, :, -1])
+        self.advance(position_ids.shape[-1] + learned, position_ids[:, :, -1])
+
+
+class PrefixKV:
+    """Learned keys and values in front of a fresh sequence (P-tuning v2), for the layers to attend to.
+
+    Each row's keys are laid out ``[left pads | prefix | tokens]``: after the pads, so that ``kv_start``
+    (= ``pad_left``) hides exactly the pads, and before every real token, so that causal attention alone
+    shows the prefix to every real query, as the references' all-visible prefix columns do. The caller
+    shifts the queries (``q_offset``) and a bidirectional ``prefix_len`` by the prefix length. The keys
+    are not rotated: they enter after RoPE, as the references concatenate their past keys.
+
+    It stands in for the cache at the call that starts a sequence: `update` puts the prefix in front
+    of the layer's new keys and hands all of them to ``cache`` when there is one, so the cache holds
+    the prefix from then on and decoding goes on as without it.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor, pad_left: Optional[Tensor], cache: Optional[KVCache]):
+        self.k, self.v = k, v  # [layers, B or 1, g, P, d]
+        self.pad_left, self.cache = pad_left, cache
+        self.index: Optional[Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+    def _layout(self, tokens: int) -> Tensor:
+        """Index into ``cat(prefix, keys)`` that moves the prefix after each row's left pads, ``[B, 1, P + T, 1]``."""
+        P = self.length
+        s = torch.arange(P + tokens, device=self.pad_left.device).view(1, -1)
+        pads = self.pad_left.view(-1, 1).to(s.dtype)
+        index = torch.where(s < pads, P + s, torch.where(s < pads + P, s - pads, s))
+        return index[:, None, :, None]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``k, v`` ``[B, g, T, d]`` of the tokens -> the keys/values ``[B, g, P + T, d]`` they attend to
+        (written to the cache too when there is one)."""
+        B = k.shape[0]
+        k = torch.cat((self.k[layer].to(k.dtype).expand(B, -1, -1, -1), k), dim=2)
+        v = torch.cat((self.v[layer].to(v.dtype).expand(B, -1, -1, -1), v), dim=2)
+        if self.pad_left is not None:
+            if self.index is None:
+                self.index = self._layout(k.shape[2] - self.length)
+            k, v = k.gather(2, self.index.expand_as(k)), v.gather(2, self.index.expand_as(v))
+        return (k, v) if self.cache is None else self.cache.update(layer, k, v)

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from . import kernels, positions
 from .attention import Mask, attention
 from .config import GLMConfig
-from .errors import InputError
-from .kv_cache import KVCache
+from .errors import CacheFullError, InputError
+from .kv_cache import KVCache, PrefixKV
 
 # Embedding and gather take int64 or int32 indices; other integer dtypes fail deep inside torch, and
 # float or bool ids would be silently truncated or read as 0/1.
@@ -126,9 +126,10 @@ class Attention(nn.Module):
         self.out = Linear(self.n * self.d, cfg.hidden_size, bias=cfg.out_bias)
 
     def forward(self, x: Tensor, rotary: Optional[Rotary], cos_sin: Optional[tuple[Tensor, Tensor]], layer: int,
-                cache: Optional[KVCache], mask: Mask, backend: str, static: bool = False) -> Tensor:
+                cache: "Optional[KVCache | PrefixKV]", mask: Mask, backend: str, static: bool = False) -> Tensor:
         """x ``[B, T, hidden]``; keys and values of the ``T`` tokens go into ``cache`` (layer ``layer``)
-        first: after the cached ones, or at ``cache.slot`` for a ``static`` step."""
+        first: after the cached ones (behind a P-tuning prefix, for a `PrefixKV`), or at ``cache.slot``
+        for a ``static`` step."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split((self.n * self.d, self.g * self.d, self.g * self.d), dim=-1)
         q = q.view(B, T, self.n, self.d).transpose(1, 2)
@@ -228,6 +229,10 @@ class GLM(nn.Module):
       masked by ``cache.kv_start`` / ``cache.kv_len``. The caller brackets it with
       ``cache.begin_static_step()`` and ``cache.advance(1, position_ids)`` (host bookkeeping a graph
       would not replay); `glm.generate.StaticDecoder` does. Its checks read host metadata only.
+
+    With a P-tuning prefix (``prefix_encoder``, set by `glm.ptuning.apply`), every sequence a call starts
+    attends to the prefix's keys and values first (`glm.kv_cache.PrefixKV`); position ids and
+    ``prefix_len`` still count the tokens only, and ``new_cache`` reserves the prefix's slots.
     """
 
     # glm.hub's save_pretrained, which registers itself when imported (the model layer cannot import it).
@@ -249,6 +254,9 @@ class GLM(nn.Module):
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.backend = "auto"
+        # P-tuning v2's learned prefix (glm.ptuning): called with (batch, dtype), it returns the keys and
+        # values [layers, batch or 1, g, pre_seq_len, d] that every sequence starts with.
+        self.prefix_encoder: Optional[nn.Module] = None
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------
@@ -273,6 +281,11 @@ class GLM(nn.Module):
         """Recompute non-persistent buffers (after building on the meta device and loading)."""
         if self.rotary is not None:
             self.rotary.reset_buffers(device)
+
+    @property
+    def prefix_slots(self) -> int:
+        """Key slots the P-tuning prefix takes in front of each sequence (0 without one)."""
+        return 0 if self.prefix_encoder is None else self.prefix_encoder.pre_seq_len
 
     @property
     def output_weight(self) -> Tensor:
@@ -419,9 +432,12 @@ class GLM(nn.Module):
 
     def _call_inputs(self, input_ids: Tensor, position_ids: Optional[Tensor], prefix_len: Optional[Tensor],
                      pad_left: Optional[Tensor], doc_start: Optional[Tensor], cache: Optional[KVCache],
-                     check: bool) -> tuple[Tensor, Mask, Optional[Tensor], Optional[Tensor]]:
+                     check: bool) -> tuple[Tensor, Mask, Optional[Tensor], Optional[Tensor],
+                                           "Optional[KVCache | PrefixKV]"]:
         """Position ids ``[B, S, T]``, mask, left padding and prefix length of a call that is not a static
-        step: those given, else (decoding) the cache's, else the rules of `glm.positions`."""
+        step: those given, else (decoding) the cache's, else the rules of `glm.positions`; and where the
+        layers' keys go: the cache, or a `PrefixKV` in front of it when this call starts a sequence of a
+        model with a P-tuning prefix (the mask then counts the prefix's slots)."""
         start = cache.length if cache is not None else 0
         if start > 0:  # decoding: the structure of the cached keys was fixed at prefill
             pad_left = cache.pad_left if pad_left is None else pad_left
@@ -435,9 +451,21 @@ class GLM(nn.Module):
                 # A prefix of 0 everywhere is plain causal (causal LM batches carry one): without it the
                 # attention takes its causal fast paths instead of building a mask in every layer.
                 prefix_len = None
+        keys, learned = cache, (self.prefix_slots if start == 0 else 0)
+        if learned:
+            if doc_start is not None:
+                raise InputError("doc_start (documents packed in one row) cannot be used with a P-tuning prefix, "
+                                 "which every sequence starts with; give one document per row (pad_left or "
+                                 "right padding)")
+            if cache is not None and input_ids.shape[1] + learned > cache.max_len:
+                raise CacheFullError(f"the KV cache holds {cache.max_len} slots, fewer than the {learned} of the "
+                                 f"P-tuning prefix plus {input_ids.shape[1]} tokens; make it with "
+                                 f"model.new_cache(batch, max_len), which reserves the prefix's slots")
+            keys = PrefixKV(*self.prefix_encoder(input_ids.shape[0], self.embed.weight.dtype), pad_left, cache)
+            prefix_len = None if prefix_len is None else prefix_len + learned
         mask = Mask(causal=True, prefix_len=prefix_len, kv_start=pad_left if doc_start is None else doc_start,
-                    q_offset=start)
-        return position_ids, mask, pad_left, prefix_len
+                    q_offset=start + learned)
+        return position_ids, mask, pad_left, prefix_len, keys
 
     # ------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None, *,
@@ -450,10 +478,11 @@ class GLM(nn.Module):
         if check:  # before anything reads them: a list or a float tensor would otherwise fail deep in torch
             self.check_input_types(input_ids, position_ids, prefix_len=prefix_len, pad_left=pad_left,
                                    doc_start=doc_start, cache=cache)
+        keys = cache
         if static:
             position_ids, mask = self._static_step_inputs(input_ids, position_ids, cache)
         else:
-            position_ids, mask, pad_left, prefix_len = self._call_inputs(
+            position_ids, mask, pad_left, prefix_len, keys = self._call_inputs(
                 input_ids, position_ids, prefix_len, pad_left, doc_start, cache, check)
 
         x = self.embed(input_ids)
@@ -463,9 +492,9 @@ class GLM(nn.Module):
         else:
             cos_sin = self.rotary.cos_sin(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rotary, cos_sin, i, cache, mask, backend or self.backend, static)
+            x = layer(x, self.rotary, cos_sin, i, keys, mask, backend or self.backend, static)
         if cache is not None and not static:
-            cache.record_call(position_ids, pad_left, prefix_len)
+            cache.record_call(position_ids, pad_left, prefix_len, learned=0 if keys is cache else keys.length)
         return self._head(x, last_only, logits_at, return_hidden)
 
     def _head(self, x: Tensor, last_only: bool, logits_at: Optional[Tensor], return_hidden: bool) -> Tensor:
@@ -485,7 +514,8 @@ class GLM(nn.Module):
         return x if return_hidden else kernels.linear(x, self.output_weight)
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
-        return KVCache.for_model(self, batch, max_len, dtype)
+        """A cache for ``max_len`` tokens per row (plus the P-tuning prefix's slots, when there is one)."""
+        return KVCache.for_model(self, batch, max_len + self.prefix_slots, dtype)
 
     def save_pretrained(self, folder: str, *, format: str = "glm", family: Optional[str] = None, **kwargs):
         """Write this model as a checkpoint folder (glm's format, or ``format="hf"`` for the release

@@ -409,7 +409,7 @@ def _setup_distributed(device: torch.device) -> tuple[int, int]:
     return rank, world
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", _dist_info()[2])
@@ -805,16 +805,16 @@ def _progress_every(steps: int) -> int:
     return max(1, min(100, math.ceil(steps / 10)))
 
 
-class _Progress:
+class Progress:
     """Progress on stderr: a tqdm bar on a terminal; in a log file or pipe, a plain line every
     `_progress_every` steps instead of a bar nobody sees until the end; nothing when not ``show``."""
 
-    def __init__(self, steps: int, start: int, show: bool) -> None:
-        self.steps, self.bar, self.every = steps, None, 0
+    def __init__(self, steps: int, start: int, show: bool, desc: str = "train") -> None:
+        self.steps, self.bar, self.every, self.desc = steps, None, 0, desc
         if show and _is_terminal(sys.stderr):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True)
         elif show:
             self.every = _progress_every(steps)
 
@@ -824,8 +824,8 @@ class _Progress:
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}")
             self.bar.update(1)
         elif self.every and (step % self.every == 0 or step == self.steps):
-            print(f"train: step {step}/{self.steps} ({step / self.steps:.0%})  loss {loss:.4f}  {speed:.0f} tokens/s  "
-                  f"{elapsed:.0f} s", file=sys.stderr, flush=True)
+            print(f"{self.desc}: step {step}/{self.steps} ({step / self.steps:.0%})  loss {loss:.4f}  "
+                  f"{speed:.0f} tokens/s  {elapsed:.0f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -858,7 +858,7 @@ class _Run:
 def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
     """Run (or resume) a pretraining run; returns a summary. See the module docstring."""
     cfg.validate()
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     rank, world = _setup_distributed(device)
     if cfg.batch_size % world:
         raise ArgumentError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
@@ -872,15 +872,14 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, float], None]] =
 def _train_locked(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, rank: int, world: int,
                   on_step: Optional[Callable[[int, float], None]]) -> dict:
     run = _start_run(cfg, model_cfg, device, rank, world)
-    progress = _Progress(cfg.steps, run.start, show=cfg.progress and run.is_main)
+    progress = Progress(cfg.steps, run.start, show=cfg.progress and run.is_main)
     t_start, tokens_seen = time.perf_counter(), 0
     summary: dict[str, Any] = {}
     for step in range(run.start, cfg.steps):
         loss, lr, grad_norm, tokens = _step(run, step)
         tokens_seen += tokens
         elapsed = time.perf_counter() - t_start
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+        record = step_record(step + 1, loss, lr, grad_norm, tokens_seen, elapsed)
         if on_step is not None:
             on_step(step + 1, loss)
         done = step + 1 == cfg.steps
@@ -900,6 +899,12 @@ def _train_locked(cfg: TrainConfig, model_cfg: GLMConfig, device: torch.device, 
         # saved was seen to abort once in CI (gloo, "terminate called without an active exception").
         torch.distributed.barrier()
     return summary
+
+
+def step_record(step: int, loss: float, lr: float, grad_norm: float, tokens_seen: int, elapsed: float) -> dict:
+    """The metrics.jsonl record of one optimizer step (the trainers' shared format)."""
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
 
 
 def _due(every: int, step: int, done: bool) -> bool:

@@ -49,14 +49,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 MODEL_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny models' ops take microseconds: a second intra-op thread buys nothing, and when the other
-    # core is busy every op waits on the thread barrier (measured ~7 ms an op, 100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def random_doc(rng: np.random.Generator, n: int) -> list[int]:

@@ -1,5 +1,6 @@
 """`make demo`: what it prints, the objective mix it trains with, and blank fills that end at <eop>."""
 import dataclasses
+import os
 import re
 
 import pytest
@@ -125,3 +126,24 @@ def test_summary_prints_whole_fill_accuracy_and_baseline(capsys):
 def test_real_demo_beats_the_baseline_on_whole_fills(tmp_path):
     s = demo(dataclasses.replace(DEMO, out_dir=str(tmp_path / "demo"), progress=False))
     assert s["exact_match"] > s["baseline"]
+
+
+def test_finetune_demo_prints_before_after_and_baselines(tmp_path, capsys):
+    # The demo's path end to end on a tiny pretrained model (1 step of the demo's own run, small sets):
+    # the numbers it prints are the ones it returns; the real run is measured in docs/finetune.md.
+    from glm.demo import FinetuneDemo, finetune_demo
+
+    base_run = str(tmp_path / "demo")
+    demo(dataclasses.replace(DEMO, out_dir=base_run, steps=2, ckpt_every=2, eval_examples=2, progress=False), show=0)
+    cfg = FinetuneDemo(out_dir=str(tmp_path / "ft"), base_run=base_run, instructions=(8, 4), classification=(8, 8),
+                       sft=dict(method="lora", steps=2, batch_size=4), cloze=dict(method="full", steps=2, batch_size=4),
+                       progress=False)
+    s = finetune_demo(cfg, show=2)
+    out = capsys.readouterr().out
+    assert f"held-out exact match on 4 questions: {s['instructions_after']:.1%} after fine-tuning, " \
+           f"{s['instructions_before']:.1%} before" in out
+    for name in ("zero-shot cloze (the base model)", "cloze, fine-tuned (full)", "classification head (full)",
+                 "most-frequent-label baseline"):
+        assert re.search(re.escape(name) + r"\s+\d+\.\d%", out), name
+    assert s["baseline"] == 0.25 and out.count("before:") == 2
+    assert os.path.isfile(os.path.join(cfg.out_dir, "instructions", "model", "adapter_config.json"))

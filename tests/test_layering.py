@@ -22,12 +22,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("glm.errors", "glm.files", "glm.devices", "glm.checkpoint", "glm.tuning"),
     ("glm.config",),
     ("glm.kernels", "glm.kernels.ops", "glm.attention", "glm.kv_cache", "glm.positions"),
-    ("glm.model",),
+    ("glm.model", "glm.lora", "glm.ptuning"),
     ("glm.formats", "glm.formats.*", "glm.presets"),
     ("glm.tokenizer", "glm.tokenizer.*"),
     ("glm.hub",),
     ("glm.data", "glm.corpus", "glm.generate", "glm.parity", "glm.train", "glm.run_folder", "glm.demo",
-     "glm.bench"),
+     "glm.bench", "glm.sft", "glm.toy_tasks", "glm.cloze", "glm.finetune"),
     ("glm.cli", "glm.__main__", "glm"),
 ]
 # Modules whose function-level imports of project modules are intended (see the module docstring).

@@ -18,7 +18,7 @@ from . import chatglm6b
 from . import chatglm2
 from . import transformers_glm
 # isort: on
-from . import native
+from . import native, peft
 from .layout import Mapping
 from .registry import (
     FORMATS,
@@ -33,4 +33,4 @@ from .registry import (
 )
 
 __all__ = ["FORMATS", "Format", "Mapping", "register", "get", "detect", "config_from_hf", "config_to_hf",
-           "mappings", "retarget", "glm_original", "chatglm6b", "chatglm2", "transformers_glm", "native"]
+           "mappings", "retarget", "glm_original", "chatglm6b", "chatglm2", "transformers_glm", "native", "peft"]
