@@ -5,10 +5,12 @@ from .attention import BACKENDS, attention
 from .checkpoint import CheckpointError, CheckpointReader
 from .config import FAMILIES, ConfigError, GLMConfig
 from .errors import InputError
+from .finetune import FinetuneConfig, finetune
 from .formats import ptuning_checkpoint  # noqa: F401  THUDM's P-tuning files (also loads glm.ptuning)
 
-# `glm.generate` is the function (the call used everywhere); the module's other entry points are
-# exported here too, since the name no longer reaches the module: `glm.stream`, or `from glm.generate import ...`.
+# `glm.generate` and `glm.finetune` are the functions (the calls used everywhere); the modules' other entry
+# points are exported here too, since the names no longer reach the modules: `glm.stream`,
+# `glm.FinetuneConfig`, or `from glm.generate import ...`.
 from .generate import (
                        SamplingConfig,
                        generate,
@@ -29,4 +31,4 @@ __version__ = "0.1.0"
 __all__ = ["GLM", "GLMConfig", "KVCache", "from_pretrained", "preset", "PRESETS", "FAMILIES", "attention",
            "BACKENDS", "lm_loss", "generate", "infill", "infill_ids", "stream", "stream_infill", "stream_text",
            "release_cuda_graphs", "left_pad", "SamplingConfig", "ConfigError", "CheckpointError", "CheckpointReader",
-           "InputError"]
+           "InputError", "finetune", "FinetuneConfig", "lora"]
