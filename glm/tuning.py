@@ -34,6 +34,7 @@ MAX_ENTRIES = 4096
 _lock = threading.RLock()
 _memo: dict[str, str] = {}  # key -> choice made in this process
 _disk: Optional[dict[str, dict]] = None  # the cache file's entries for this machine, read once
+_generation = 0  # bumped by inject / forget (see generation)
 _builds: dict[str, str] = {}
 _enabled: Optional[bool] = None  # None: follow GLM_TUNING
 
@@ -161,13 +162,22 @@ def choose(key: str, measure: Callable[[], dict[str, float]]) -> Optional[str]:
 
 def inject(table: dict[str, str]) -> None:
     """Set choices by hand for this process (they win over the cache and are never measured)."""
+    global _generation
     with _lock:
         _memo.update(table)
+        _generation += 1
 
 
 def forget() -> None:
     """Drop this process's choices and its copy of the cache (tests)."""
-    global _disk
+    global _disk, _generation
     with _lock:
         _memo.clear()
         _disk = None
+        _generation += 1
+
+
+def generation() -> int:
+    """A number that changes whenever `inject` or `forget` changes the choices: a caller that keeps its own
+    copy of choices for speed drops it when this moves."""
+    return _generation

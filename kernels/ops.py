@@ -32,6 +32,7 @@ import importlib.util
 import math
 import os
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -224,10 +225,60 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, pre
 SMALL_LINEAR_MAX_ROWS = 8
 
 
+def linear_calibration_key(rows: int, weight: Tensor) -> str:
+    """The shape bucket of a few-row linear call, as `glm.tuning` stores its choice: the exact weight shape
+    (a model has a handful) and row count, dtype and thread count."""
+    out_f, in_f = weight.shape
+    return (f"linear|cpu|{str(weight.dtype).replace('torch.', '')}|rows{rows}|{out_f}x{in_f}"
+            f"|threads{torch.get_num_threads()}")
+
+
+def _measure_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], repeats: int = 5) -> dict[str, float]:
+    """Seconds per call of ``small_linear`` and ``F.linear`` on the call's own tensors (the weight is what
+    streams; x is a few rows), calls alternated, best of ``repeats`` each after a warm-up."""
+    paths = {"small_linear": lambda: torch.ops.glm.small_linear(x, weight, bias),
+             "torch": lambda: torch.nn.functional.linear(x, weight, bias)}
+    best = {name: float("inf") for name in paths}
+    for fn in paths.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+# Choices already made in this process, by (rows, shape, dtype, threads): a decode step calls linear about a
+# hundred times, so the lookup must cost less than a dictionary access under a lock. Dropped when
+# glm.tuning's choices change (inject / forget).
+_linear_choice: dict[tuple, bool] = {}
+_linear_generation = [-1]
+
+
+def _small_linear_wins(x2: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether this machine measured ``glm::small_linear`` faster than ``F.linear`` for the call's bucket
+    (measured once per bucket and machine, `glm.tuning`). Without a measurement (``GLM_TUNING=off``, or
+    while torch.compile traces) it is F.linear: the kernel wins on some CPUs and loses 2x on others, so
+    it is never the default unmeasured."""
+    if _linear_generation[0] != tuning.generation():
+        _linear_choice.clear()
+        _linear_generation[0] = tuning.generation()
+    ident = (x2.shape[0], tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    won = _linear_choice.get(ident)
+    if won is None:
+        if torch.compiler.is_compiling():
+            return False
+        choice = tuning.choose(linear_calibration_key(x2.shape[0], weight),
+                               lambda: _measure_linear(x2, weight, bias))
+        won = _linear_choice[ident] = choice == "small_linear"
+    return won
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear``, through the multi-threaded small-batch kernel ``glm::small_linear`` when that is
-    faster: few rows (decode), CPU, no gradient needed. The result equals F.linear's up to fp32
-    summation order."""
+    """``F.linear``, through the multi-threaded small-batch kernel ``glm::small_linear`` where this machine
+    measured it faster: few rows (decode), CPU, no gradient needed (`_small_linear_wins`). The result
+    equals F.linear's up to fp32 summation order."""
     # Cheapest tests first: in training (a gradient needed) this is F.linear after two of them.
     if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                      or (bias is not None and bias.requires_grad))) or _load_error is not None:
@@ -235,8 +286,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype
             and 0 < rows <= SMALL_LINEAR_MAX_ROWS):
-        y = torch.ops.glm.small_linear(x.reshape(rows, x.shape[-1]), weight, bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        x2 = x.reshape(rows, x.shape[-1])
+        if _small_linear_wins(x2, weight, bias):
+            return torch.ops.glm.small_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -785,25 +785,63 @@ def test_small_linear_matches_linear(dtype, M, K, N, bias, transposed, seed):
 
 
 @needs_kernels
-def test_linear_routes_few_rows_without_grad_to_the_kernel():
+def test_linear_routes_few_rows_without_grad_to_the_kernel_where_measured_faster():
+    from glm import tuning
+    from glm.kernels.ops import linear_calibration_key
+
     w, b = torch.randn(64, 32), torch.randn(64)
-    for rows, expect_kernel in ((1, True), (kernels.SMALL_LINEAR_MAX_ROWS, True),
-                                (kernels.SMALL_LINEAR_MAX_ROWS + 1, False)):
-        x = torch.randn(1, rows, 32)
-        with torch.no_grad(), OpRecorder() as rec:
-            y = kernels.linear(x, w, b)
-        assert ("glm::small_linear" in rec.names) == expect_kernel, rows
-        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    # A gradient to compute: torch's linear, differentiable.
+    for winner in ("small_linear", "torch"):
+        tuning.forget()
+        tuning.inject({linear_calibration_key(r, w): winner for r in range(1, kernels.SMALL_LINEAR_MAX_ROWS + 1)})
+        for rows, expect_kernel in ((1, winner == "small_linear"), (kernels.SMALL_LINEAR_MAX_ROWS, winner ==
+                                                                      "small_linear"),
+                                    (kernels.SMALL_LINEAR_MAX_ROWS + 1, False)):
+            x = torch.randn(1, rows, 32)
+            with torch.no_grad(), OpRecorder() as rec:
+                y = kernels.linear(x, w, b)
+            assert ("glm::small_linear" in rec.names) == expect_kernel, (winner, rows)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    # Nothing measured (GLM_TUNING=off in the suite, nothing injected): torch's linear, never the kernel.
+    tuning.forget()
+    with torch.no_grad(), OpRecorder() as rec:
+        kernels.linear(torch.randn(1, 1, 32), w, b)
+    assert "glm::small_linear" not in rec.names
+    tuning.inject({linear_calibration_key(1, w): "small_linear"})
+    # A gradient to compute: torch's linear, differentiable, whatever was measured.
     wg = w.clone().requires_grad_()
     with OpRecorder() as rec:
         y = kernels.linear(torch.randn(1, 1, 32), wg, b)
     assert "glm::small_linear" not in rec.names
     y.sum().backward()
     assert wg.grad is not None
+    tuning.forget()
     torch.library.opcheck(torch.ops.glm.small_linear.default, (torch.randn(3, 40), torch.randn(24, 40), None))
     torch.library.opcheck(torch.ops.glm.small_linear.default, (torch.randn(1, 40), torch.randn(24, 40),
                                                                torch.randn(24)))
+
+
+@needs_kernels
+def test_linear_measures_once_per_bucket_and_keeps_the_choice():
+    from glm import tuning
+    from glm.kernels.ops import _measure_linear, linear_calibration_key
+
+    w, x = torch.randn(48, 40), torch.randn(2, 40)
+    times = _measure_linear(x, w, None, repeats=2)
+    assert set(times) == {"small_linear", "torch"} and all(t > 0 for t in times.values())
+    tuning.forget()
+    tuning.set_enabled(True)
+    try:
+        with torch.no_grad():
+            kernels.linear(x, w)
+        choice = tuning.lookup(linear_calibration_key(2, w))
+        assert choice in ("small_linear", "torch")
+        with torch.no_grad(), OpRecorder() as rec:  # the same bucket again: no new measurement, the same path
+            kernels.linear(x, w)
+        assert ("glm::small_linear" in rec.names) == (choice == "small_linear")
+        assert rec.names.count("glm::small_linear") <= 1
+    finally:
+        tuning.set_enabled(None)
+        tuning.forget()
 
 
 @needs_kernels
