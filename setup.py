@@ -28,7 +28,8 @@ else:
     march = os.environ.get("GLM_KERNELS_MARCH", "native")
     ext_modules.append(CppExtension(
         "glm.kernels._C",
-        ["kernels/csrc/attention_cpu.cpp", "kernels/csrc/small_linear.cpp", "kernels/csrc/elementwise_cpu.cpp"],
+        ["kernels/csrc/attention_cpu.cpp", "kernels/csrc/small_linear.cpp", "kernels/csrc/elementwise_cpu.cpp",
+         "kernels/csrc/quant_cpu.cpp"],
         # -fopenmp: at::parallel_for's OpenMP loop is inlined from the header. No -ffast-math: the
         # kernels rely on -inf for masked scores.
         extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",

@@ -26,9 +26,10 @@ from .hub import from_pretrained
 from .kv_cache import KVCache
 from .model import GLM, lm_loss
 from .presets import PRESETS, preset
+from .quant import quantize
 
 __version__ = "0.1.0"
 __all__ = ["GLM", "GLMConfig", "KVCache", "from_pretrained", "preset", "PRESETS", "FAMILIES", "attention",
            "BACKENDS", "lm_loss", "generate", "infill", "infill_ids", "stream", "stream_infill", "stream_text",
            "release_cuda_graphs", "left_pad", "SamplingConfig", "ConfigError", "CheckpointError", "CheckpointReader",
-           "InputError", "finetune", "FinetuneConfig", "lora"]
+           "InputError", "finetune", "FinetuneConfig", "lora", "quantize"]

@@ -10,6 +10,9 @@ ops in the ``glm`` namespace, each with a CPU kernel (C++) and, where built, a C
   for a few query rows against a long KV cache.
 - ``glm::small_linear(x [M, K], weight [N, K], bias?) -> [M, N]``: a linear layer for a few rows
   (decode), bandwidth-bound and split over all threads (:func:`linear` routes to it). CPU only.
+- ``glm::int8_linear`` / ``glm::int4_linear(x [M, K], qweight, scales [N, G], bias?) -> [M, N]``: the
+  weight-only quantized linears, dequantizing in registers (``kernels/csrc/quant_cpu.cpp``; :func:`int8_linear`,
+  :func:`int4_linear` route to them and keep the references beside them). CPU only.
 - ``glm::rms_norm``, ``glm::rope``, ``glm::swiglu`` and their backwards (``kernels/csrc/elementwise_cpu.cpp``):
   the model's elementwise layers in one pass each, fp32 on CPU (:func:`rms_norm`, :func:`rope`,
   :func:`swiglu` route to them and keep the plain-PyTorch references beside them).
@@ -290,6 +293,94 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if _small_linear_wins(x2, weight, bias):
             return torch.ops.glm.small_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight-only quantized linears (kernels/csrc/quant_cpu.cpp). Layout: qweight int8 [N, K] (int8) or
+# [N, K / 2] (int4: column 2j in the high nibble of byte j, 2j + 1 in the low one, both sign-extended,
+# THUDM's packing); scales [N, G] or [N] in fp32 / fp16 / bf16; W[n, k] = q[n, k] * scales[n, k // (K / G)].
+
+# Up to this many rows the quantized linears take the C++ kernels (a pass over the packed weights);
+# beyond, a product is compute-bound and dequantize-then-F.linear (BLAS) is faster on the test machine.
+QUANT_LINEAR_MAX_ROWS = 8
+
+
+def unpack_int4(qweight: Tensor) -> Tensor:
+    """int8 ``[N, K / 2]`` packed nibbles -> int8 ``[N, K]`` in [-8, 7] (high nibble first)."""
+    high = qweight >> 4  # arithmetic shift of an int8: the sign-extended high nibble
+    low = (qweight << 4) >> 4  # int8 shifts wrap, so this sign-extends the low nibble
+    return torch.stack((high, low), dim=-1).flatten(-2)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int8 ``[N, K]`` in [-8, 7] -> int8 ``[N, K / 2]``, column 2j in the high nibble (undoes :func:`unpack_int4`)."""
+    pairs = q.to(torch.int8).unflatten(-1, (-1, 2))
+    return (pairs[..., 0] << 4) | (pairs[..., 1] & 0xF)
+
+
+def dequantize_weight(qweight: Tensor, scales: Tensor, bits: int) -> Tensor:
+    """The fp32 weight ``[N, K]`` that ``qweight`` and ``scales`` encode (exact: an int8 times an fp16 or bf16
+    scale is representable in fp32)."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    s = scales.float().reshape(scales.shape[0], -1)
+    return (q.float().unflatten(-1, (s.shape[1], -1)) * s[..., None]).flatten(-2)
+
+
+def _quant_linear_reference(bits: int, x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    w = dequantize_weight(qweight, scales, bits).to(x.device)
+    b = None if bias is None else bias.float()
+    return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
+
+
+def int8_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear`` of x with the dequantized int8 weight, in fp32, the result in x's dtype (differentiable in x)."""
+    return _quant_linear_reference(8, x, qweight, scales, bias)
+
+
+def int4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear`` of x with the dequantized int4 weight, in fp32, the result in x's dtype (differentiable in x)."""
+    return _quant_linear_reference(4, x, qweight, scales, bias)
+
+
+def _quant_linear(bits: int, x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (_load_error is None and x.device.type == "cpu" and x.dtype in DTYPES and 0 < rows <= QUANT_LINEAR_MAX_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+        op = torch.ops.glm.int4_linear if bits == 4 else torch.ops.glm.int8_linear
+        return op(x.reshape(rows, x.shape[-1]), qweight, scales, bias).view(*x.shape[:-1], qweight.shape[0])
+    return _quant_linear_reference(bits, x, qweight, scales, bias)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x [..., K]`` times the int8 weight ``qweight [N, K]`` with ``scales [N, G]`` (+ bias) -> ``[..., N]`` in x's
+    dtype. Up to QUANT_LINEAR_MAX_ROWS rows on CPU without a gradient to x: ``glm::int8_linear``, dequantizing in
+    registers; otherwise :func:`int8_linear_reference`."""
+    return _quant_linear(8, x, qweight, scales, bias)
+
+
+def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`int8_linear` for packed int4 weights, ``qweight [N, K / 2]`` (``glm::int4_linear``)."""
+    return _quant_linear(4, x, qweight, scales, bias)
+
+
+if available():
+    def _quant_linear_fake(bits: int, x, qweight, scales, bias):
+        name = f"glm::int{bits}_linear"
+        torch._check(x.dim() == 2, lambda: f"{name}: x must be [M, K]")
+        torch._check(qweight.dim() == 2 and qweight.dtype == torch.int8, lambda: f"{name}: qweight must be 2-D int8")
+        torch._check(qweight.shape[1] * (2 if bits == 4 else 1) == x.shape[1],
+                     lambda: f"{name}: qweight {tuple(qweight.shape)} does not match x {tuple(x.shape)}")
+        torch._check(scales.dim() in (1, 2) and scales.shape[0] == qweight.shape[0],
+                     lambda: f"{name}: scales must be [N, G] or [N]")
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    @torch.library.register_fake("glm::int8_linear")
+    def _int8_linear_fake(x, qweight, scales, bias):
+        return _quant_linear_fake(8, x, qweight, scales, bias)
+
+    @torch.library.register_fake("glm::int4_linear")
+    def _int4_linear_fake(x, qweight, scales, bias):
+        return _quant_linear_fake(4, x, qweight, scales, bias)
 
 
 # ------------------------------------------------------------------------------------------------

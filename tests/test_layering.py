@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("glm.errors", "glm.files", "glm.devices", "glm.checkpoint", "glm.tuning"),
     ("glm.config",),
     ("glm.kernels", "glm.kernels.ops", "glm.attention", "glm.kv_cache", "glm.positions"),
-    ("glm.model", "glm.lora", "glm.ptuning"),
+    ("glm.model", "glm.lora", "glm.ptuning", "glm.quant"),
     ("glm.formats", "glm.formats.*", "glm.presets"),
     ("glm.tokenizer", "glm.tokenizer.*"),
     ("glm.hub",),

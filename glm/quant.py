@@ -1,0 +1,357 @@
+"""Weight-only INT8 / INT4 quantization of a `GLM`'s linear layers, in THUDM's own layout.
+
+    import glm
+    glm.quantize(model, bits=4, group_size=32)   # in place: attention and MLP projections become QuantLinear
+
+A quantized weight is symmetric integers times a float scale: ``W[o, i] = q[o, i] · scales[o, i // group_size]``
+(one scale per output row when ``group_size`` is None). The layout is the one ChatGLM-6B / ChatGLM2-6B's
+``quantization.py`` stores, so their ``-int4`` / ``-int8`` releases load without repacking:
+
+- ``scale = max|W| over the row (or group) / (2^(bits-1) - 1)``, ``q = round(W / scale)`` with torch.round
+  (half to even): values in [-127, 127] or [-7, 7];
+- ``qweight`` int8 ``[out, in]``; for 4 bits ``[out, in/2]``, input column ``2j`` in the high nibble and ``2j+1``
+  in the low one, both two's-complement nibbles (`pack_int4`);
+- dequantizing is ``q.to(scales.dtype) * scales`` (THUDM's ``extract_weight_to_half``), bit for bit.
+
+glm's ``scales`` are ``[out, groups]`` (THUDM's ``weight_scale`` is ``[out]``, i.e. one group). Their dtype is part
+of the format: fp32 by default, fp16 as ChatGLM-6B stores it, the model's dtype as ChatGLM2/3 do; casting the
+model (``.half()``, ``.to(bfloat16)``) changes the compute dtype but leaves scales and integers as they are.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .errors import CheckpointError, InputError
+from .lora import has_lora
+from .model import GLM
+
+BITS = (4, 8)
+# The projections of every block that `quantize` replaces: THUDM's quantize() replaces the same four
+# (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) in every ChatGLM release, and they hold all of a
+# block's matrix weights in every family.
+LAYER_MODULES = ("attn.qkv", "attn.out", "mlp.w_in", "mlp.w_out")
+# Rows up to which the compiled CPU kernels (glm::int8_linear / int4_linear) are used: decode and small batches;
+# past it the weight is dequantized once per call and multiplied by torch's GEMM.
+KERNEL_MAX_ROWS = 8
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The format: packing, quantizing, dequantizing
+def pack_int4(q: Tensor) -> Tensor:
+    """int8 values in [-8, 7], ``[out, in]`` (``in`` even) -> ``[out, in/2]`` int8, two per byte: column ``2j``
+    in the high nibble, ``2j+1`` in the low one (THUDM's compress_int4_weight)."""
+    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] % 2:
+        raise InputError(f"pack_int4 takes an int8 [out, in] tensor with an even number of columns, got "
+                         f"{q.dtype} {tuple(q.shape)}")
+    return kernels.pack_int4(q)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """``[out, in/2]`` int8 -> ``[out, in]`` int8 in [-8, 7]: the high nibble (column ``2j``) is ``byte >> 4``
+    on the signed byte, the low one ``(byte << 4) >> 4``: both sign-extended, as THUDM's CPU kernel reads them."""
+    if packed.dtype != torch.int8 or packed.dim() != 2:
+        raise InputError(f"unpack_int4 takes an int8 [out, in/2] tensor, got {packed.dtype} {tuple(packed.shape)}")
+    return kernels.unpack_int4(packed)
+
+
+def check_scheme(bits: int, group_size: Optional[int], in_features: Optional[int] = None,
+                 where: str = "the layer") -> None:
+    """InputError unless ``bits`` is 4 or 8 and ``group_size`` (None: per output row) divides ``in_features``
+    (and is even for 4 bits, so that a group is whole bytes)."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise InputError(f"bits must be 8 or 4 (weight-only INT8 / INT4), got {bits!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1):
+        raise InputError(f"group_size must be a positive number of input columns (32, 64, 128 are usual) or None "
+                         f"for one scale per output row, got {group_size!r}")
+    if bits == 4 and group_size is not None and group_size % 2:
+        raise InputError(f"group_size must be even for 4 bits (two values share a byte), got {group_size}")
+    if in_features is None:
+        return
+    if bits == 4 and in_features % 2:
+        raise InputError(f"{where} has {in_features} input features, an odd number, which INT4 cannot pack two per "
+                         f"byte; use bits=8")
+    if group_size is not None and in_features % group_size:
+        raise InputError(f"group_size {group_size} does not divide the {in_features} input features of {where}; "
+                         f"use a divisor of {in_features} (or group_size=None for one scale per output row)")
+
+
+def quantize_weight(w: Tensor, bits: int, group_size: Optional[int] = None,
+                    scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """Float ``w`` ``[out, in]`` -> (``qweight``, ``scales`` ``[out, groups]`` in ``scale_dtype``, default
+    ``w``'s dtype). As THUDM's QuantizedLinear: the scale is computed in ``w``'s dtype and then rounded to
+    ``scale_dtype``, and ``w`` is divided by the rounded scale (torch's type promotion) and rounded half to even."""
+    if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise InputError(f"quantize_weight takes a float [out, in] weight, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    out_f, in_f = w.shape
+    check_scheme(bits, group_size, in_f, "the weight")
+    groups = 1 if group_size is None else in_f // group_size
+    wg = w.reshape(out_f, groups, in_f // groups)
+    scales = (wg.abs().amax(dim=-1) / _qmax(bits)).to(scale_dtype or w.dtype)  # [out, groups]
+    # An all-zero row (or group) has scale 0: divide by 1 there so its integers are 0, not NaN cast to int8.
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    q = torch.round(wg / safe[..., None])
+    # The reference has no clamp; the scale's rounding moves max|W|/scale by at most a quarter step, so
+    # this only guards the int8 cast (subnormal fp16 scales of near-zero rows).
+    q = q.clamp_(-_qmax(bits), _qmax(bits)).to(torch.int8).reshape(out_f, in_f)
+    return (pack_int4(q) if bits == 4 else q), scales
+
+
+def dequantize(qweight: Tensor, scales: Tensor, bits: int, group_size: Optional[int] = None,
+               dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The float weight ``[out, in]``: ``q.to(scales.dtype) * scale`` (THUDM's extract_weight_to_half for one
+    scale per row, bit for bit), then cast to ``dtype`` if given. ``scales`` is ``[out, groups]`` or ``[out]``."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    out_f, in_f = q.shape
+    s = scales.reshape(out_f, -1)
+    groups = s.shape[1]
+    if group_size is not None and groups * group_size != in_f or group_size is None and groups != 1:
+        raise InputError(f"scales {tuple(scales.shape)} do not fit a [{out_f}, {in_f}] weight with "
+                         f"group_size {group_size}")
+    w = (q.reshape(out_f, groups, in_f // groups).to(s.dtype) * s[..., None]).reshape(out_f, in_f)
+    return w if dtype is None else w.to(dtype)
+
+
+def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor], bits: int,
+                     group_size: Optional[int]) -> Tensor:
+    """``F.linear(x, dequantize(...), bias)`` in ``x``'s dtype: through glm's CPU kernels (which dequantize in
+    registers and never build the float weight) for a few rows on CPU when they are built, else through the
+    dequantized weight."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    op = "int4_linear" if bits == 4 else "int8_linear"
+    if (0 < rows <= KERNEL_MAX_ROWS and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
+            and hasattr(torch.ops.glm, op)
+            and not (torch.is_grad_enabled() and (x.requires_grad or bias is not None and bias.requires_grad))
+            and (bias is None or bias.dtype == x.dtype)):
+        y = getattr(torch.ops.glm, op)(x.reshape(rows, x.shape[-1]), qweight, scales, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return F.linear(x, dequantize(qweight, scales, bits, group_size, x.dtype), bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+class QuantLinear(nn.Module):
+    """A linear layer with a weight-only quantized weight: buffers ``qweight`` (int8 ``[out, in]``, or
+    ``[out, in/2]`` packed for 4 bits) and ``scales`` ``[out, groups]``, an optional float ``bias``. Its weights
+    are not parameters: training the base through it is refused (`check_trainable`); LoRA adapters on a
+    quantized base are the way to fine-tune one."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: Optional[int] = None,
+                 bias: bool = False, *, scale_dtype: torch.dtype = torch.float32,
+                 dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None):
+        super().__init__()
+        check_scheme(bits, group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size is None else in_features // group_size
+        cols = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        # Carries the compute dtype through .half() / .to(dtype) (the module has no float weight to say it).
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: Optional[int] = None,
+                    scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
+        """``linear``'s weight quantized (scales in ``scale_dtype``, default fp32); the bias is shared."""
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, bits, group_size, bias=False,
+                  scale_dtype=scale_dtype or torch.float32, dtype=w.dtype, device=w.device)
+        mod.qweight, mod.scales = quantize_weight(w, bits, group_size, scale_dtype or torch.float32)
+        mod.bias = linear.bias
+        return mod
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype_probe.dtype
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight in the compute dtype (a new tensor each call: writing to it changes nothing)."""
+        return dequantize(self.qweight, self.scales, self.bits, self.group_size, self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantized_linear(x, self.qweight, self.scales, self.bias, self.bits, self.group_size)
+
+    def _apply(self, fn, recurse=True):
+        # A dtype cast must not round the scales (they are part of the stored format, and a round trip
+        # through bf16 would change every weight); a device move does move them.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, scales={self.scales.dtype}")
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table quantized row-wise (``embeddings=True``): each looked-up row is dequantized alone.
+    ``weight`` is the whole dequantized table (a tied output head reads it)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: Optional[int] = None, *,
+                 scale_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32,
+                 device: "torch.device | str | None" = None):
+        super().__init__()
+        check_scheme(bits, group_size, embedding_dim, "the embedding")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size is None else embedding_dim // group_size
+        cols = embedding_dim // 2 if bits == 4 else embedding_dim
+        self.register_buffer("qweight", torch.zeros(num_embeddings, cols, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(num_embeddings, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: Optional[int] = None,
+                       scale_dtype: Optional[torch.dtype] = None) -> "QuantEmbedding":
+        w = emb.weight.detach()
+        mod = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, scale_dtype=scale_dtype or torch.float32,
+                  dtype=w.dtype, device=w.device)
+        mod.qweight, mod.scales = quantize_weight(w, bits, group_size, scale_dtype or torch.float32)
+        return mod
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype_probe.dtype
+
+    @property
+    def weight(self) -> Tensor:
+        return dequantize(self.qweight, self.scales, self.bits, self.group_size, self.compute_dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.group_size, self.compute_dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    _apply = QuantLinear._apply
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
+                f"scales={self.scales.dtype}")
+
+
+QUANT_MODULES = (QuantLinear, QuantEmbedding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models
+def _targets(model: GLM, embeddings: bool, lm_head: bool) -> list[tuple[str, nn.Module]]:
+    """(dotted name, module) of every module ``quantize`` replaces, in model order."""
+    out = []
+    if embeddings:
+        out.append(("embed", model.embed))
+    for i, block in enumerate(model.layers):
+        for name in LAYER_MODULES:
+            out.append((f"layers.{i}.{name}", block.get_submodule(name)))
+    if lm_head and model.lm_head is not None:
+        out.append(("lm_head", model.lm_head))
+    return out
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return getattr(model, "quantization", None) is not None or any(
+        isinstance(m, QUANT_MODULES) for m in model.modules())
+
+
+def quantize(model: GLM, bits: int = 8, group_size: Optional[int] = None, *, embeddings: bool = False,
+             lm_head: bool = False, scale_dtype: torch.dtype = torch.float32) -> GLM:
+    """Replace ``model``'s attention and MLP projections (``layers.{i}.attn.qkv / attn.out / mlp.w_in /
+    mlp.w_out``) with `QuantLinear` of ``bits`` (8 or 4) and ``group_size`` (None: one scale per output row;
+    else a divisor of each layer's input features, even for 4 bits), in place. ``embeddings`` quantizes the
+    token embedding row-wise too, ``lm_head`` an untied output head; both stay float by default. Every layer
+    is checked before any is changed. Records the scheme in ``model.quantization``. A model on the meta
+    device gets quantized modules of the right shapes (to load a quantized checkpoint into)."""
+    if not isinstance(model, GLM):
+        raise InputError(f"quantize takes a glm.GLM model, got {type(model).__name__}")
+    if is_quantized(model):
+        raise InputError(f"the model is already quantized ({model.quantization}); quantize the full-precision "
+                         f"model (load it again without quantize=)")
+    if has_lora(model):
+        raise InputError("the model carries LoRA adapters; merge them first (glm.lora.merge then glm.lora.remove) "
+                         "and quantize the merged model")
+    check_scheme(bits, group_size)
+    if scale_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(f"scale_dtype must be torch.float32, float16 or bfloat16, got {scale_dtype!r}")
+    targets = _targets(model, embeddings, lm_head)
+    for name, mod in targets:
+        check_scheme(bits, group_size, mod.embedding_dim if name == "embed" else mod.in_features, name)
+    for name, mod in targets:
+        with torch.no_grad():
+            new = (QuantEmbedding.from_embedding(mod, bits, group_size, scale_dtype) if name == "embed"
+                   else QuantLinear.from_linear(mod, bits, group_size, scale_dtype))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    model.quantization = {"bits": bits, "group_size": group_size, "embeddings": embeddings,
+                          "lm_head": lm_head and model.lm_head is not None}
+    return model
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Refuse to train a quantized model's own weights: they are integers, not parameters."""
+    if is_quantized(model) and not has_lora(model):
+        raise InputError("the model's linear weights are quantized (integers with scales) and cannot be trained; "
+                         "train LoRA adapters on it (glm.lora.apply) or fine-tune the full-precision model and "
+                         "quantize the result")
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
+
+
+def quantized_state_dict(model: GLM) -> dict[str, Tensor]:
+    """Every tensor of a quantized model by name (``...qweight`` int8, ``...scales``, biases and the float
+    weights): `load_quantized_state_dict` on a model quantized with the same scheme restores it exactly."""
+    if not is_quantized(model):
+        raise InputError("the model is not quantized; use model.state_dict() (or glm.quantize it first)")
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def load_quantized_state_dict(model: GLM, state_dict: dict[str, Tensor]) -> GLM:
+    """Copy ``state_dict`` into ``model`` (quantized with the same scheme, e.g. on the meta device): every key
+    present with its shape and dtype, checked before anything is copied. Scales keep the file's dtype."""
+    if not is_quantized(model):
+        raise InputError("load_quantized_state_dict needs a quantized model: glm.quantize(model, bits, group_size) "
+                         "with the checkpoint's scheme first")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    if missing or extra:
+        raise CheckpointError(f"the quantized checkpoint does not match the model's {model.quantization} layout: "
+                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+                              f"{extra[:4]}{'...' if len(extra) > 4 else ''}; check its quantization scheme")
+    scale_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for k, t in own.items():
+        src = state_dict[k]
+        if tuple(src.shape) != tuple(t.shape):
+            raise CheckpointError(f"tensor {k} has shape {tuple(src.shape)}, the quantization scheme "
+                                  f"{model.quantization} needs {tuple(t.shape)}")
+        if k.endswith("qweight") and src.dtype != torch.int8:
+            raise CheckpointError(f"tensor {k} is {src.dtype}; quantized weights are int8")
+        if k.endswith("scales") and src.dtype not in scale_dtypes:
+            raise CheckpointError(f"tensor {k} is {src.dtype}; scales are float32, float16 or bfloat16")
+    # A model built on the meta device takes the file's tensors themselves; a real one copies into its own.
+    meta = any(t.is_meta for t in own.values())
+    mods = quantized_modules(model)
+    for name, m in mods.items():
+        # Scales keep the file's dtype (fp16 in ChatGLM-6B's releases): assigned, not copied into the
+        # module's buffer, whose dtype may differ.
+        src = state_dict[f"{name}.scales"]
+        m.scales = src if meta else src.to(m.qweight.device, copy=True)
+    scale_keys = {f"{name}.scales" for name in mods}
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in scale_keys}, strict=False, assign=meta)
+    return model
