@@ -141,37 +141,22 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[
 
 # ----------------------------------------------------------------------------------------------
 # Modules
-class QuantLinear(nn.Module):
-    """A linear layer with a weight-only quantized weight: buffers ``qweight`` (int8 ``[out, in]``, or
-    ``[out, in/2]`` packed for 4 bits) and ``scales`` ``[out, groups]``, an optional float ``bias``. Its weights
-    are not parameters: training the base through it is refused (`check_trainable`); LoRA adapters on a
-    quantized base are the way to fine-tune one."""
+class _QuantizedWeight(nn.Module):
+    """The stored format both quantized modules share: buffers ``qweight`` (int8 ``[rows, cols]``, or
+    ``[rows, cols/2]`` packed for 4 bits) and ``scales`` ``[rows, groups]``, and the compute dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: Optional[int] = None,
-                 bias: bool = False, *, scale_dtype: torch.dtype = torch.float32,
-                 dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None):
-        super().__init__()
-        check_scheme(bits, group_size, in_features)
-        self.in_features, self.out_features = in_features, out_features
+    def _init_weight(self, rows: int, cols: int, bits: int, group_size: Optional[int], scale_dtype: torch.dtype,
+                     dtype: torch.dtype, device: "torch.device | str | None") -> None:
         self.bits, self.group_size = bits, group_size
-        groups = 1 if group_size is None else in_features // group_size
-        cols = in_features // 2 if bits == 4 else in_features
-        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        groups = 1 if group_size is None else cols // group_size
+        stored = cols // 2 if bits == 4 else cols
+        self.register_buffer("qweight", torch.zeros(rows, stored, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(rows, groups, dtype=scale_dtype, device=device))
         # Carries the compute dtype through .half() / .to(dtype) (the module has no float weight to say it).
         self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: Optional[int] = None,
-                    scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
-        """``linear``'s weight quantized (scales in ``scale_dtype``, default fp32); the bias is shared."""
-        w = linear.weight.detach()
-        mod = cls(linear.in_features, linear.out_features, bits, group_size, bias=False,
-                  scale_dtype=scale_dtype or torch.float32, dtype=w.dtype, device=w.device)
-        mod.qweight, mod.scales = quantize_weight(w, bits, group_size, scale_dtype or torch.float32)
-        mod.bias = linear.bias
-        return mod
+    def _quantize_from(self, w: Tensor, scale_dtype: torch.dtype) -> None:
+        self.qweight, self.scales = quantize_weight(w.detach(), self.bits, self.group_size, scale_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -182,9 +167,6 @@ class QuantLinear(nn.Module):
         """The dequantized weight in the compute dtype (a new tensor each call: writing to it changes nothing)."""
         return dequantize(self.qweight, self.scales, self.bits, self.group_size, self.compute_dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return quantized_linear(x, self.qweight, self.scales, self.bias, self.bits, self.group_size)
-
     def _apply(self, fn, recurse=True):
         # A dtype cast must not round the scales (they are part of the stored format, and a round trip
         # through bf16 would change every weight); a device move does move them.
@@ -194,12 +176,41 @@ class QuantLinear(nn.Module):
             self.scales = scales.to(self.scales.device)
         return self
 
+
+class QuantLinear(_QuantizedWeight):
+    """A linear layer with a weight-only quantized weight (``qweight`` ``[out, in]``, ``scales`` ``[out, groups]``)
+    and an optional float ``bias``. Its weights are not parameters: training the base through it is refused
+    (`check_trainable`); LoRA adapters on a quantized base are the way to fine-tune one."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: Optional[int] = None,
+                 bias: bool = False, *, scale_dtype: torch.dtype = torch.float32,
+                 dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None):
+        super().__init__()
+        check_scheme(bits, group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self._init_weight(out_features, in_features, bits, group_size, scale_dtype, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: Optional[int] = None,
+                    scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
+        """``linear``'s weight quantized (scales in ``scale_dtype``, default fp32); the bias is shared."""
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, bits, group_size, bias=False,
+                  scale_dtype=scale_dtype or torch.float32, dtype=w.dtype, device=w.device)
+        mod._quantize_from(w, scale_dtype or torch.float32)
+        mod.bias = linear.bias
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantized_linear(x, self.qweight, self.scales, self.bias, self.bits, self.group_size)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, scales={self.scales.dtype}")
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_QuantizedWeight):
     """An embedding table quantized row-wise (``embeddings=True``): each looked-up row is dequantized alone.
     ``weight`` is the whole dequantized table (a tied output head reads it)."""
 
@@ -209,36 +220,21 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         check_scheme(bits, group_size, embedding_dim, "the embedding")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.bits, self.group_size = bits, group_size
-        groups = 1 if group_size is None else embedding_dim // group_size
-        cols = embedding_dim // 2 if bits == 4 else embedding_dim
-        self.register_buffer("qweight", torch.zeros(num_embeddings, cols, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.zeros(num_embeddings, groups, dtype=scale_dtype, device=device))
-        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self._init_weight(num_embeddings, embedding_dim, bits, group_size, scale_dtype, dtype, device)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: Optional[int] = None,
                        scale_dtype: Optional[torch.dtype] = None) -> "QuantEmbedding":
-        w = emb.weight.detach()
+        w = emb.weight
         mod = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, scale_dtype=scale_dtype or torch.float32,
                   dtype=w.dtype, device=w.device)
-        mod.qweight, mod.scales = quantize_weight(w, bits, group_size, scale_dtype or torch.float32)
+        mod._quantize_from(w, scale_dtype or torch.float32)
         return mod
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.dtype_probe.dtype
-
-    @property
-    def weight(self) -> Tensor:
-        return dequantize(self.qweight, self.scales, self.bits, self.group_size, self.compute_dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
         rows = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.group_size, self.compute_dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
-
-    _apply = QuantLinear._apply
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
