@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 import safetensors.torch
 import torch
 
-from . import lora, ptuning, sft
+from . import lora, ptuning, quant, sft
 from .cloze import ClassificationHead, ClozeTask, accuracy, cloze_loss, head_loss, head_predict, predict
 from .corpus import jsonl_objects
 from .errors import ArgumentError, DataError, TrainingError
@@ -94,6 +94,10 @@ class FinetuneConfig:
     prefix_projection: bool = False
     prefix_hidden_size: Optional[int] = None  # the MLP's width; None: the model's hidden size, THUDM's layout
     prefix_dropout: float = 0.0
+    # the base loaded weight-only quantized ("int8" / "int4"; glm.quant), with adapters trained over it in
+    # the compute dtype (QLoRA's arrangement); full fine-tuning needs the float base
+    quantize: Optional[str] = None
+    group_size: Optional[int] = None
     # optimisation
     steps: int = 200
     batch_size: int = 8
@@ -153,6 +157,14 @@ class FinetuneConfig:
                 raise bad(name, f"must lie in [0, 1), got {getattr(self, name)!r}")
         if self.task != "sft" and not self.labels:
             raise bad("labels", f"is required for task {self.task!r}: the classes, e.g. --labels positive negative")
+        if self.quantize not in (None, "int8", "int4"):
+            raise bad("quantize", f"must be 'int8' or 'int4' (or unset for the float base), got {self.quantize!r}")
+        if self.quantize is not None and self.method == "full":
+            raise bad("quantize", "cannot go with method 'full': quantized weights are integers and do not train; "
+                                  "use --method lora or ptuning over the quantized base, or fine-tune in full "
+                                  "precision and quantize the result (glm quantize)")
+        if self.group_size is not None and self.quantize is None:
+            raise bad("group_size", "applies only with --quantize int8|int4")
         if self.resume and self.overwrite:
             raise ArgumentError("--resume continues the run in OUT and --overwrite deletes it: pass one of them")
         for name in ("data", "eval_data"):
@@ -169,7 +181,7 @@ class FinetuneConfig:
 RUN_FIELDS = ("base", "data", "method", "task", "tokenizer", "max_source_len", "max_target_len", "template", "labels",
               "verbalizers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_mlp", "pre_seq_len",
               "prefix_projection", "prefix_hidden_size", "prefix_dropout", "batch_size", "seed", "lr", "warmup",
-              "min_lr_ratio", "weight_decay", "betas", "grad_clip", "dtype")
+              "min_lr_ratio", "weight_decay", "betas", "grad_clip", "dtype", "quantize", "group_size")
 
 
 def _plain(value: Any) -> Any:
@@ -397,6 +409,8 @@ def _start(cfg: FinetuneConfig, device: torch.device) -> _Run:
         print(f"--resume: no checkpoint in {cfg.out_dir}; starting from step 0")
     base = resolve_model_folder(cfg.base)
     model = from_pretrained(base, dtype=cfg.dtype, device=device)
+    if cfg.quantize is not None:
+        quant.quantize(model, bits=quant.SCHEME_BITS[cfg.quantize], group_size=cfg.group_size)
     if lora.lora_parameters(model) or getattr(model, "prefix_encoder", None) is not None:
         raise ArgumentError(f"FinetuneConfig.base ({cfg.base}) is itself an adapter or a prefix; fine-tune from a "
                             f"full model (merge an adapter first with glm merge-lora)")
@@ -405,6 +419,7 @@ def _start(cfg: FinetuneConfig, device: torch.device) -> _Run:
     eval_rows = _load_data(cfg, tok, model, cfg.eval_data)
     torch.manual_seed(cfg.seed)
     _apply_method(model, cfg)
+    lora.check_trainable(model)
     head = None
     if cfg.task == "head":
         head = ClassificationHead(model.config.hidden_size, len(cfg.labels or ())).to(device)

@@ -31,6 +31,7 @@ from . import kernels
 from .config import GLMConfig
 from .errors import InputError
 from .model import GLM, Linear
+from .quant import QuantLinear, is_quantized
 
 Part = Literal["all", "q", "k", "v"]
 
@@ -168,31 +169,20 @@ class LoraAdapter(nn.Module):
         return (self.B.detach().float() @ self.A.detach().float()) * self.scaling
 
 
-class LoraLinear(Linear):
-    """A `glm.model.Linear` with adapters on row slices of its output. It holds the base module's own weight
-    and bias, so their state_dict names do not change; the adapters sit under ``lora.<target name>``."""
+class _Adapted:
+    """What both adapted projections share: adapters under ``lora`` on row slices of the output, added to the
+    base projection's result unless folded into the weights (``merged``)."""
 
-    def __init__(self, base: Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+    lora: nn.ModuleDict
+    merged: bool
+    out_features: int
+
+    def _init_adapted(self, base: nn.Module) -> None:
         self.lora = nn.ModuleDict()
         self.merged = False
         self.train(base.training)
 
-    def plain(self) -> Linear:
-        """A plain `Linear` holding this module's weight and bias (the adapters left out)."""
-        lin = Linear.__new__(Linear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        lin.weight = self.weight
-        lin.register_parameter("bias", self.bias)
-        lin.train(self.training)
-        return lin
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = kernels.linear(x, self.weight, self.bias)
+    def _with_adapters(self, y: Tensor, x: Tensor) -> Tensor:
         if self.merged or not len(self.lora):
             return y
         ads = sorted(self.lora.values(), key=lambda a: a.start)
@@ -210,6 +200,35 @@ class LoraLinear(Linear):
             pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
         return y + torch.cat(pieces, dim=-1)
 
+
+class LoraLinear(_Adapted, Linear):
+    """A `glm.model.Linear` with adapters on row slices of its output. It holds the base module's own weight
+    and bias, so their state_dict names do not change; the adapters sit under ``lora.<target name>``."""
+
+    def __init__(self, base: Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self._init_adapted(base)
+
+    def plain(self) -> Linear:
+        """A plain `Linear` holding this module's weight and bias (the adapters left out)."""
+        lin = Linear.__new__(Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight = self.weight
+        lin.register_parameter("bias", self.bias)
+        lin.train(self.training)
+        return lin
+
+    def adapter_like(self) -> Tensor:
+        """An empty tensor of the dtype and device adapters on this projection take."""
+        return self.weight.new_empty(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._with_adapters(kernels.linear(x, self.weight, self.bias), x)
+
     def _fold(self, sign: int) -> None:
         with torch.no_grad():
             for a in self.lora.values():
@@ -217,13 +236,65 @@ class LoraLinear(Linear):
                 w.copy_((w.float() + sign * a.delta()).to(w.dtype))
 
 
+class QuantLoraLinear(_Adapted, QuantLinear):
+    """A `glm.quant.QuantLinear` with adapters (LoRA over a frozen quantized base, as QLoRA trains): the
+    integers, scales and bias stay the base module's own tensors under their own names; the adapters run in
+    the compute dtype beside the quantized product. They cannot be folded into integer weights."""
+
+    def __init__(self, base: QuantLinear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.bits, self.group_size = base.bits, base.group_size
+        self.register_buffer("qweight", base.qweight)
+        self.register_buffer("scales", base.scales)
+        self.register_buffer("dtype_probe", base.dtype_probe, persistent=False)
+        self.register_parameter("bias", base.bias)
+        self._init_adapted(base)
+
+    def plain(self) -> QuantLinear:
+        """A plain `QuantLinear` holding this module's tensors (the adapters left out)."""
+        mod = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(mod)
+        mod.in_features, mod.out_features = self.in_features, self.out_features
+        mod.bits, mod.group_size = self.bits, self.group_size
+        mod.register_buffer("qweight", self.qweight)
+        mod.register_buffer("scales", self.scales)
+        mod.register_buffer("dtype_probe", self.dtype_probe, persistent=False)
+        mod.register_parameter("bias", self.bias)
+        mod.train(self.training)
+        return mod
+
+    def adapter_like(self) -> Tensor:
+        return torch.empty(0, dtype=self.compute_dtype, device=self.qweight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._with_adapters(QuantLinear.forward(self, x), x)
+
+    def _fold(self, sign: int) -> None:
+        raise InputError("the adapters sit on a quantized base, and integer weights cannot absorb them; to get one "
+                         "merged model, load the full-precision base, add the adapter to it "
+                         "(glm.from_pretrained(ADAPTER_FOLDER) with the float base, or glm.formats.peft.load_adapter),"
+                         " merge it (glm.lora.remove), then quantize the result")
+
+
+ADAPTED = (LoraLinear, QuantLoraLinear)
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Refuse to train a quantized model's own weights: they are integers with scales, not parameters."""
+    if is_quantized(model) and not has_lora(model) and getattr(model, "prefix_encoder", None) is None:
+        raise InputError("the model's linear weights are quantized (integers with scales) and cannot be trained; "
+                         "train LoRA adapters on it (glm.lora.apply, glm finetune --method lora) or P-tuning v2, or "
+                         "fine-tune the full-precision model and quantize the result")
+
+
 # ---------------------------------------------------------------------------------------------
 # The model-level API
 
-def lora_modules(model: GLM) -> Iterator[tuple[str, LoraLinear]]:
+def lora_modules(model: GLM) -> Iterator[tuple[str, "LoraLinear | QuantLoraLinear"]]:
     """(name, module) of every projection that carries adapters."""
     for name, mod in model.named_modules():
-        if isinstance(mod, LoraLinear):
+        if isinstance(mod, ADAPTED):
             yield name, mod
 
 
@@ -234,7 +305,7 @@ def has_lora(model: GLM) -> bool:
 def adapter(model: GLM, layer: int, target: Target) -> LoraAdapter:
     """The adapter of ``target`` in layer ``layer`` (KeyError if there is none)."""
     mod = model.get_submodule(f"layers.{layer}.{target.module}")
-    if not isinstance(mod, LoraLinear) or target.name not in mod.lora:
+    if not isinstance(mod, ADAPTED) or target.name not in mod.lora:
         raise KeyError(f"layers.{layer}.{target.module}.lora.{target.name}")
     return mod.lora[target.name]
 
@@ -282,13 +353,13 @@ def apply(model: GLM, cfg: LoraConfig, family: Optional[str] = None, *, seed: Op
         for t in targets:
             path = f"layers.{i}.{t.module}"
             mod = model.get_submodule(path)
-            if not isinstance(mod, LoraLinear):
+            if not isinstance(mod, ADAPTED):
                 parent, child = path.rsplit(".", 1)
-                mod = LoraLinear(mod)
+                mod = QuantLoraLinear(mod) if isinstance(mod, QuantLinear) else LoraLinear(mod)
                 setattr(model.get_submodule(parent), child, mod)
             start, stop = rows(model.config, mod, t.part)
             # A seeded init draws on the CPU (a CPU generator), then moves to the weight's device.
-            w = mod.weight
+            w = mod.adapter_like()
             like = torch.empty(0, dtype=w.dtype, device="cpu" if gen is not None and not w.is_meta else w.device)
             a = LoraAdapter(mod.in_features, start, stop, cfg.r, cfg.scaling, cfg.dropout, like, gen)
             mod.lora[t.name] = a.to(w.device)
@@ -299,7 +370,7 @@ def apply(model: GLM, cfg: LoraConfig, family: Optional[str] = None, *, seed: Op
     return model
 
 
-def _require(model: GLM, what: str) -> list[LoraLinear]:
+def _require(model: GLM, what: str) -> list["LoraLinear | QuantLoraLinear"]:
     mods = [m for _, m in lora_modules(model)]
     if not mods:
         raise InputError(f"{what}: the model has no LoRA adapters (glm.lora.apply or "
@@ -310,7 +381,11 @@ def _require(model: GLM, what: str) -> list[LoraLinear]:
 def merge(model: GLM) -> GLM:
     """Fold every adapter's ``scaling · B A`` into its base weight rows; the forward then runs no adapter.
     A no-op on a merged model."""
-    for m in _require(model, "merge"):
+    mods = _require(model, "merge")
+    for m in mods:
+        if isinstance(m, QuantLoraLinear):
+            m._fold(+1)  # refuses, before any float projection is changed
+    for m in mods:
         if not m.merged:
             m._fold(+1)
             m.merged = True
@@ -368,4 +443,4 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 __all__ = ["LoraConfig", "Target", "Naming", "NAMINGS", "register_naming", "naming", "apply", "merge", "unmerge",
            "is_merged", "remove", "discard", "lora_parameters", "trainable_parameters", "has_lora", "adapter",
-           "applied_targets", "lora_modules", "LoraLinear", "LoraAdapter", "resolve_targets", "rows"]
+           "applied_targets", "lora_modules", "LoraLinear", "QuantLoraLinear", "LoraAdapter", "check_trainable", "resolve_targets", "rows"]

@@ -511,7 +511,14 @@ class GLM(nn.Module):
             every = x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(logits_at.all())
             x = x.flatten(0, 1) if every else x[logits_at]
         x = self.final_norm(x)
-        return x if return_hidden else kernels.linear(x, self.output_weight)
+        if return_hidden:
+            return x
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        # A tied head reads the embedding table; a quantized table (glm.quant) projects with its integers
+        # directly instead of materialising the whole dequantized table each call.
+        project = getattr(self.embed, "project", None)
+        return project(x) if project is not None else kernels.linear(x, self.embed.weight)
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
         """A cache for ``max_len`` tokens per row (plus the P-tuning prefix's slots, when there is one)."""

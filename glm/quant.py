@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from . import kernels
 from .errors import CheckpointError, InputError
-from .lora import has_lora
-from .model import GLM
+from .model import GLM, Linear
 
 BITS = (4, 8)
+# The names the loaders and the CLI take for the two schemes (``quantize="int4"``, ``--quantize int4``).
+SCHEME_BITS = {"int8": 8, "int4": 4}
 # The projections of every block that `quantize` replaces: THUDM's quantize() replaces the same four
 # (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) in every ChatGLM release, and they hold all of a
 # block's matrix weights in every family.
@@ -180,7 +181,7 @@ class _QuantizedWeight(nn.Module):
 class QuantLinear(_QuantizedWeight):
     """A linear layer with a weight-only quantized weight (``qweight`` ``[out, in]``, ``scales`` ``[out, groups]``)
     and an optional float ``bias``. Its weights are not parameters: training the base through it is refused
-    (`check_trainable`); LoRA adapters on a quantized base are the way to fine-tune one."""
+    (`glm.lora.check_trainable`); LoRA adapters on a quantized base are the way to fine-tune one."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: Optional[int] = None,
                  bias: bool = False, *, scale_dtype: torch.dtype = torch.float32,
@@ -236,6 +237,11 @@ class QuantEmbedding(_QuantizedWeight):
         rows = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.group_size, self.compute_dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
+    def project(self, x: Tensor) -> Tensor:
+        """``x @ table^T``: the output head of a model whose head is tied to this table (ChatGLM-6B-int4 with
+        quantized embeddings shares the integers and scales with its lm_head), through the quantized linear."""
+        return quantized_linear(x, self.qweight, self.scales, None, self.bits, self.group_size)
+
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
                 f"scales={self.scales.dtype}")
@@ -277,13 +283,16 @@ def quantize(model: GLM, bits: int = 8, group_size: Optional[int] = None, *, emb
     if is_quantized(model):
         raise InputError(f"the model is already quantized ({model.quantization}); quantize the full-precision "
                          f"model (load it again without quantize=)")
-    if has_lora(model):
-        raise InputError("the model carries LoRA adapters; merge them first (glm.lora.merge then glm.lora.remove) "
-                         "and quantize the merged model")
     check_scheme(bits, group_size)
     if scale_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InputError(f"scale_dtype must be torch.float32, float16 or bfloat16, got {scale_dtype!r}")
     targets = _targets(model, embeddings, lm_head)
+    for name, mod in targets:
+        # A LoRA-adapted projection (glm.lora wraps them) would lose its adapters here.
+        if type(mod) not in (Linear, nn.Embedding):
+            raise InputError(f"{name} is a {type(mod).__name__}, not a plain projection: a model carrying LoRA "
+                             f"adapters is quantized after merging them (glm.lora.remove(model)), or load the base "
+                             f"quantized and apply the adapters to it")
     for name, mod in targets:
         check_scheme(bits, group_size, mod.embedding_dim if name == "embed" else mod.in_features, name)
     for name, mod in targets:
@@ -295,14 +304,6 @@ def quantize(model: GLM, bits: int = 8, group_size: Optional[int] = None, *, emb
     model.quantization = {"bits": bits, "group_size": group_size, "embeddings": embeddings,
                           "lm_head": lm_head and model.lm_head is not None}
     return model
-
-
-def check_trainable(model: nn.Module) -> None:
-    """Refuse to train a quantized model's own weights: they are integers, not parameters."""
-    if is_quantized(model) and not has_lora(model):
-        raise InputError("the model's linear weights are quantized (integers with scales) and cannot be trained; "
-                         "train LoRA adapters on it (glm.lora.apply) or fine-tune the full-precision model and "
-                         "quantize the result")
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -269,12 +269,6 @@ def test_quantizing_twice_or_with_lora_is_refused():
         quant.quantize(lora_model, 8)
 
 
-def test_training_a_quantized_base_is_refused():
-    quant.check_trainable(tiny_model())  # a float model trains
-    with pytest.raises(InputError, match="LoRA adapters"):
-        quant.check_trainable(quant.quantize(tiny_model(), 8))
-
-
 def test_load_refuses_missing_or_misshaped_scales():
     q = quant.quantize(tiny_model(), 4, 32)
     sd = quant.quantized_state_dict(q)
