@@ -308,6 +308,19 @@ def test_round_trip_exceptions(trained, family):
         assert tok.decode(tok.encode("a<n>b<|tab|>c<|blank_3|>d")) == "a\nb\tc   d"
 
 
+@pytest.mark.parametrize("family", SP_FAMILIES)
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(text=st.lists(st.one_of(CHUNKS, st.sampled_from(["\u2581", "\u2581\u2581", "a\u2581b", " \u2581 "])),
+                     max_size=10).map("".join))
+def test_round_trip_guaranteed_form(trained, family, text):
+    """What docs/tokenizers.md guarantees for text that holds U+2581 (as glm's own sources do): the text
+    with each U+2581 as a space."""
+    tok, _ = trained(family)
+    if family == "chatglm":
+        assume(not any(p in text for p in CHATGLM_PLACEHOLDERS))
+    assert tok.decode(tok.encode(text)) == text.replace("\u2581", " ")
+
+
 def test_chatglm6b_whitespace_pieces(trained):
     tok, folder = trained("chatglm")
     model = spm.SentencePieceProcessor(model_file=os.path.join(folder, "ice_text.model"))

@@ -10,11 +10,14 @@ import json
 import operator
 import os
 import re
-from typing import Iterable, Literal, Mapping, Optional, Sequence, get_args
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union, get_args
 
 from glm import formats
 from glm.errors import TokenizerError
 from glm.files import atomic_write
+
+from .chat_template import TEMPLATE_DIR, TEMPLATE_FILE, render, template_for
+from .tools import attach_tools
 
 FAMILIES = ("glm", "chatglm", "chatglm2", "chatglm3", "glm4")
 CONFIG_NAME = "tokenizer_config.json"
@@ -78,6 +81,9 @@ class Tokenizer:
     # not turn the "sop" inside "desktop" into the sop token, so these are reachable via token_id() only.
     unsplittable: frozenset = frozenset()
     roles_in_chat: frozenset = frozenset()
+    # How the chat format describes tools on a system message ("glm4": the glm-4-9b-chat tool prompt;
+    # "chatglm3": the JSON appended to the system text); None: the format has no tools.
+    tool_format: Optional[str] = None
     # The model file's kind, "unigram", "bpe" or "char" (glm.tokenizer.train records it in
     # tokenizer_config.json; None for a SentencePiece release file, whose trainer settings glm does not
     # read), and whether it has the 256 byte pieces that encode characters it lacks (read from the file).
@@ -130,6 +136,11 @@ class Tokenizer:
 
     def _model_bytes(self) -> bytes:
         raise NotImplementedError
+
+    def _model_files(self) -> dict[str, bytes]:
+        """File name -> bytes of everything save() writes besides tokenizer_config.json (a GPT-2 BPE
+        tokenizer is two files, vocab.json and merges.txt)."""
+        return {self.model_file: self._model_bytes()}
 
     def _config_extra(self) -> dict:
         return {}
@@ -196,19 +207,32 @@ class Tokenizer:
                 out.extend(self.encode_continuation(part) if continuation and i == 0 else self.encode(part))
         return out
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Ids -> text. Runs of text ids are decoded together; a special token becomes its string
-        (or nothing with ``skip_special_tokens``)."""
+    def _checked_ids(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` as a list of ints, each a valid id of this tokenizer; TokenizerError otherwise. The
+        checks run in C (map, min, max): no Python work per id unless an id is bad."""
+        if hasattr(ids, "tolist") and not isinstance(ids, list):
+            ids = ids.tolist()  # a tensor or array: one conversion instead of one 0-d object per element
         ids = list(ids)
         try:
             # operator.index takes ints, numpy ints and integer 0-d tensors; int() would truncate 2.7 to 2
-            ids = [operator.index(i) for i in ids]
+            ids = list(map(operator.index, ids))
         except TypeError:
             raise TokenizerError(f"decode: ids must be integers, got {ids[:5]!r}") from None
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
+        size = self.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= size):
+            bad = [i for i in ids if not 0 <= i < size]
             raise TokenizerError(f"ids {bad[:5]} are outside this {self.family} tokenizer's vocabulary "
-                                 f"(0..{self.vocab_size - 1}, {self.source}); were they made by another tokenizer?")
+                                 f"(0..{size - 1}, {self.source}); were they made by another tokenizer?")
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Ids -> text. Runs of text ids are decoded together; a special token becomes its string
+        (or nothing with ``skip_special_tokens``)."""
+        ids = self._checked_ids(ids)
+        if not ids:
+            return ""
+        if self._id_to_special.keys().isdisjoint(ids):
+            return self._decode_text(ids)
         pieces: list[str] = []
         run: list[int] = []
         for i in ids:
@@ -236,9 +260,50 @@ class Tokenizer:
             raise TokenizerError(f"the {self.family} family has no chat format; build prompts with build_inputs()")
         return self._chat(_conversation(query, history, system, messages, self.family, self.roles_in_chat))
 
+    def apply_chat_template(self, messages: Sequence[Message], tools: Optional[Sequence[Mapping[str, Any]]] = None,
+                            add_generation_prompt: bool = True, tokenize: bool = True, *,
+                            chat_template: Optional[str] = None, **kwargs: Any) -> Union[list[int], str]:
+        """The conversation as the release's chat template renders it (the text, or its ids with
+        ``tokenize``), the way transformers' ``apply_chat_template`` does.
+
+        Where the tokenizer's folder has a Jinja template (tokenizer_config.json ``chat_template``,
+        ``chat_template.jinja``), it is rendered as transformers renders it (see glm.tokenizer.chat_template)
+        and tokenized as transformers tokenizes it: no added prefix, each special-token string in the text
+        becomes its id. ``tools`` reach the template as its ``tools`` variable, exactly as in transformers
+        (glm-4-9b-chat's template reads tools only from a message's own ``"tools"`` key: see
+        glm.tokenizer.tools.chat_prompt_ids). ``chat_template`` is a template name or a Jinja text;
+        ``kwargs`` are further template variables.
+
+        Without a template, glm's own chat format of the family (:meth:`chat_ids`) is the prompt, with
+        ``tools`` put on the system message; ``tokenize=False`` gives that prompt decoded."""
+        templates = template_for(os.path.dirname(os.path.abspath(self.source)))
+        text: Optional[str] = None
+        if chat_template is not None and (templates is None or chat_template not in templates.templates):
+            text, where = chat_template, "the chat_template argument"
+        elif templates is not None:
+            text, where = templates.select(chat_template, tools)
+        if text is not None:
+            variables = templates.variables if templates is not None else {}
+            rendered = render(text, messages, where=where, tools=tools, add_generation_prompt=add_generation_prompt,
+                              variables=variables, **kwargs)
+            return self.encode_with_specials(rendered) if tokenize else rendered
+        if tools and self.tool_format is None:
+            raise TokenizerError(f"the {self.family} chat format has no tools ({self.source} has no chat template "
+                                 f"either); call without tools")
+        ids = self.chat_ids(messages=attach_tools(messages, tools))
+        if not add_generation_prompt:
+            assistant = self.special_tokens.get("<|assistant|>")
+            if assistant is None or ids[-1] != assistant:
+                raise TokenizerError(f"the {self.family} chat format always ends with the prompt for the reply; "
+                                     f"call with add_generation_prompt=True")
+            ids = ids[:-1]
+        return ids if tokenize else self.decode(ids)
+
     def save(self, folder: str) -> None:
-        """Write the model file and tokenizer_config.json into ``folder`` (created if missing); each file
-        goes to a temp file beside it, is fsynced and renamed into place."""
+        """Write the model files, the chat templates of the folder this tokenizer was read from (as
+        they were found: tokenizer_config.json's ``chat_template`` or ``.jinja`` files) and
+        tokenizer_config.json into ``folder`` (created if missing); each file goes to a temp file
+        beside it, is fsynced and renamed into place."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         config = {FAMILY_KEY: self.family, "model_file": self.model_file,
@@ -246,9 +311,26 @@ class Tokenizer:
                   **self._config_extra()}
         config.update({k: v for k, v in (("model_type", self.model_type), ("byte_fallback", self.byte_fallback))
                        if v is not None})
-        # The model file first: a crash between the two renames leaves a config that still names a
-        # complete model file, never a config pointing at a half-written one.
-        atomic_write(os.path.join(folder, self.model_file), self._model_bytes())
+        files = self._model_files()
+        templates = template_for(os.path.dirname(os.path.abspath(self.source)))
+        if templates is not None:
+            template_files, template_config = templates.saved_form()
+            files.update({name: text.encode() for name, text in template_files.items()})
+            # the template's special-token variables, where the family's own keys do not already set them
+            config.update({k: v for k, v in template_config.items() if k not in config})
+        # A template file already in the folder would win over the one saved here (transformers reads
+        # the files first), so the saved tokenizer would render another template.
+        stale = [os.path.join(folder, p) for p in (TEMPLATE_FILE, TEMPLATE_DIR)
+                 if os.path.lexists(os.path.join(folder, p)) and not any(n.split(os.sep)[0] == p for n in files)]
+        if stale:
+            raise TokenizerError(f"{stale[0]}: a chat template that is not this tokenizer's would override the saved "
+                                 f"one; remove it or save into another folder")
+        # Every other file before tokenizer_config.json: a crash between the renames leaves a config that
+        # names only complete files, never one pointing at a half-written model file.
+        for name, data in files.items():
+            path = os.path.join(folder, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, data)
         atomic_write(os.path.join(folder, CONFIG_NAME),
                      (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
 
@@ -264,7 +346,12 @@ def _conversation(query: Optional[str], history: Sequence, system: Optional[str]
     if messages is not None:
         if query is not None or history or system is not None:
             raise TokenizerError("chat_ids: pass either messages=[...] or query/history/system, not both")
-        msgs = [dict(m) for m in messages]
+        # A key whose value is None counts as absent, as in transformers' apply_chat_template (an OpenAI
+        # style message has content None next to its tool calls).
+        msgs = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
+        for m in msgs:
+            if "tools" in m and "content" not in m:
+                m["content"] = ""  # a system message that only carries tools
     else:
         if not isinstance(query, str):
             raise TokenizerError("chat_ids: query must be a string (or pass messages=[{'role': ..., 'content': ...}])")

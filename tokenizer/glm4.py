@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from glm.errors import CorpusTooSmall
 
 from .base import Tokenizer, TokenizerError, check_text
+from .tools import glm4_tool_prompt
 
 # The cl100k-style pre-tokenisation regex of the release.
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -76,6 +77,7 @@ class GLM4Tokenizer(Tokenizer):
     family = "glm4"
     model_file = "tokenizer.model"
     roles_in_chat = frozenset({"system", "user", "assistant", "observation"})
+    tool_format = "glm4"
     model_type = "bpe"
     byte_fallback = True  # byte-level: every text is its UTF-8 bytes
 
@@ -109,14 +111,20 @@ class GLM4Tokenizer(Tokenizer):
         return [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"], *ids]
 
     def _chat(self, messages: list[dict]) -> list[int]:
-        # glm-4-9b-chat template: [gMASK]<sop>, then <|role|>{metadata}\n{content} per message, then the
-        # generation prompt <|assistant|> with no newline. The template is rendered to text and tokenized
-        # with the specials split out, so each message's text is one encode() call.
+        # glm-4-9b-chat template: [gMASK]<sop>, then per message its tools block (a message with "tools":
+        # <|system|> + the tool prompt) and <|role|>{metadata}\n{content}, then the generation prompt
+        # <|assistant|> with no newline. The template is rendered to text and tokenized with the specials
+        # split out; every piece of text here runs from one special token to the next, so each is one
+        # encode() call.
         ids = [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
-        for m in messages:
+        for i, m in enumerate(messages):
             if "tools" in m:
-                raise TokenizerError("chat_ids: the GLM-4 tools system prompt is not reproduced; render the tool "
-                                     "descriptions into a system message's content yourself")
+                try:
+                    prompt = glm4_tool_prompt(m["tools"])
+                except TokenizerError as e:
+                    raise TokenizerError(f"chat_ids: message {i}'s {e}") from None
+                ids.append(self.special_tokens["<|system|>"])
+                ids += self.encode(prompt)
             if not m["content"]:
                 # The release writes a message only `{% if item['content'] %}` (its apply_chat_template:
                 # `if item["content"]:`), so an empty message adds nothing, role token and metadata included.

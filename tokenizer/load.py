@@ -4,7 +4,9 @@ Signals, strongest first: an explicit ``family=``; the ``glm_tokenizer_family`` 
 the file's format (a tiktoken rank file is GLM-4; a SentencePiece model holding a ``[gMASK]`` piece is
 ChatGLM-6B's ice_text layout); the release's file name and ``tokenizer_class``/``auto_map`` names; for a
 plain SentencePiece ``tokenizer.model`` (ChatGLM2 and ChatGLM3 ship the same one), whether the folder
-configures ChatGLM3's role tokens.
+configures ChatGLM3's role tokens. Files the ``tokenizers`` library reads (tokenizer.json, vocab.json +
+merges.txt, vocab.txt) are told apart by name, then by content, and by ``tokenizer_class`` between
+GPT-2 and RoBERTa vocabularies.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from glm.files import JSON_LIMIT, FileKindError, read_bounded
 
 from .base import CONFIG_NAME, FAMILY_KEY, MODEL_TYPES, ModelType, Tokenizer, TokenizerError, canonical_family
 from .glm4 import GLM4Tokenizer, is_rank_file
+from .glm_english import EnglishKind, bpe_vocab_kind, class_kind, read_english
+from .hf_json import TokenizerJSONTokenizer, is_tokenizer_json
 from .sentencepiece_families import (
     CHATGLM3_ROLES,
     ChatGLM2Tokenizer,
@@ -25,8 +29,14 @@ from .sentencepiece_families import (
     load_sentencepiece,
 )
 
-# Files looked for in a folder, in this order.
-MODEL_FILES = ("ice_text.model", "cog-pretrain.model", "tokenizer.model")
+# Files looked for in a folder, in this order: a tokenizer.json is read only where no tokenizer.model is
+# beside it (glm-4-9b-chat-hf, GLM-4-0414), vocab.json is GLM-10B's GPT-2 BPE (with merges.txt) or
+# glm-roberta-large's, vocab.txt the WordPiece vocabulary of glm-large / glm-515m.
+MODEL_FILES = ("ice_text.model", "cog-pretrain.model", "tokenizer.model", "tokenizer.json", "vocab.json", "vocab.txt")
+# The files of each family, for load(family=...): original GLM's English releases are the glm family
+# with another vocabulary, GLM-4's transformers releases the glm4 family with another file.
+FAMILY_FILES = {"glm": ("cog-pretrain.model", "vocab.json", "vocab.txt"), "glm4": ("tokenizer.model", "tokenizer.json")}
+ENGLISH_FILES: dict[EnglishKind, str] = {"gpt2": "vocab.json", "roberta": "vocab.json", "bert": "vocab.txt"}
 CLASSES = {"glm": GLMTokenizer, "chatglm": ChatGLM6BTokenizer, "chatglm2": ChatGLM2Tokenizer,
            "chatglm3": ChatGLM3Tokenizer, "glm4": GLM4Tokenizer}
 # The releases' model files are 1-3 MB; past this a file is not a tokenizer model.
@@ -160,7 +170,8 @@ def chatglm_num_image_tokens(folder: str, cfg: dict, pieces: int) -> int:
 def load(path: str, family: Optional[str] = None) -> Tokenizer:
     """Load the tokenizer of a checkpoint folder or of one tokenizer file, picking its family (or use
     ``family=`` one of glm, chatglm, chatglm2, chatglm3, glm4, or a model family name: glm4-chatglm,
-    glm-hf and glm4-hf mean glm4)."""
+    glm-hf and glm4-hf mean glm4). A GLM-4 tokenizer.json is the glm4 family, original GLM's English
+    vocab.json + merges.txt / vocab.txt the glm family."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise TokenizerError(f"{path} does not exist; pass a checkpoint folder or a tokenizer file "
@@ -178,7 +189,13 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
         file = path
     else:
         # a known family looks only for its own file, so family="chatglm2" never picks up an ice_text.model
-        names = [CLASSES[family].model_file] if family is not None else list(MODEL_FILES)
+        if family is not None:
+            names = list(FAMILY_FILES.get(family, (CLASSES[family].model_file,)))
+        else:
+            names = list(MODEL_FILES)
+        kind = class_kind(cfg)
+        if kind is not None and ENGLISH_FILES[kind] in names:  # tokenizer_class decides between a folder's files
+            names.insert(0, ENGLISH_FILES[kind])
         if cfg.get("model_file") is not None:
             name = cfg["model_file"]
             # save() writes the bare file name; a path would read a file from outside the folder.
@@ -189,28 +206,60 @@ def load(path: str, family: Optional[str] = None) -> Tokenizer:
         # lexists, not isfile: a FIFO or a dangling link at a tokenizer file's name is refused by name below
         file = next((os.path.join(folder, n) for n in names if os.path.lexists(os.path.join(folder, n))), "")
         if not file:
-            extra = ""
-            if os.path.exists(os.path.join(folder, "merges.txt")):
-                extra = " (GLM-10B's GPT-2 vocab.json/merges.txt is not supported)"
-            elif os.path.exists(os.path.join(folder, "tokenizer.json")):
-                extra = (" (a tokenizer.json alone, as in glm-4-9b-chat-hf / GLM-4-0414, is not read: use the "
-                         "tiktoken tokenizer.model of THUDM/glm-4-9b-chat, the same vocabulary per GLM_SPEC §5.5)")
-            raise TokenizerError(f"{folder}: no tokenizer file; looked for {', '.join(dict.fromkeys(names))}{extra}. "
+            if os.path.lexists(os.path.join(folder, "merges.txt")) and "vocab.json" in names:
+                raise TokenizerError(f"{os.path.join(folder, 'merges.txt')}: there is no vocab.json beside it, and a "
+                                     f"GPT-2 BPE tokenizer needs both; copy the release's vocab.json into the folder")
+            raise TokenizerError(f"{folder}: no tokenizer file; looked for {', '.join(dict.fromkeys(names))}. "
                                  f"Copy the release's tokenizer file into the folder or pass its path")
+    if os.path.basename(file) == "merges.txt":  # a GPT-2 BPE is named by either of its two files
+        file = os.path.join(folder, "vocab.json")
     data = read_file(file, MODEL_FILE_LIMIT)
-    family = family or detect_family(file, data, cfg)
     where = os.path.join(folder, CONFIG_NAME)
-    if family == "chatglm":
-        sp = load_sentencepiece(data, file)
-        offset = chatglm_num_image_tokens(folder, cfg, sp.get_piece_size())
-        tok: Tokenizer = ChatGLM6BTokenizer(data, file, num_image_tokens=offset,
-                                            remove_space=_flag(cfg, "remove_space", where),
-                                            do_lower_case=_flag(cfg, "do_lower_case", where), sp=sp)
+    rust = _rust_backed(file, data, folder, cfg, family)
+    if rust is not None:
+        tok: Tokenizer = rust
     else:
-        tok = CLASSES[family](data, file, overrides=_added_tokens(folder, cfg))
+        family = family or detect_family(file, data, cfg)
+        if family == "chatglm":
+            sp = load_sentencepiece(data, file)
+            offset = chatglm_num_image_tokens(folder, cfg, sp.get_piece_size())
+            tok = ChatGLM6BTokenizer(data, file, num_image_tokens=offset,
+                                     remove_space=_flag(cfg, "remove_space", where),
+                                     do_lower_case=_flag(cfg, "do_lower_case", where), sp=sp)
+        else:
+            tok = CLASSES[family](data, file, overrides=_added_tokens(folder, cfg))
     if cfg.get(FAMILY_KEY) and cfg.get("model_type") is not None and tok.model_type is None:
         tok.model_type = _model_type(cfg["model_type"], where)
     return tok
+
+
+def _rust_backed(file: str, data: bytes, folder: str, cfg: dict, family: Optional[str]) -> Optional[Tokenizer]:
+    """The tokenizer of a file the ``tokenizers`` library reads (tokenizer.json, vocab.json + merges.txt,
+    vocab.txt), or None for a SentencePiece / tiktoken file. The file's name decides, then its content
+    (a tokenizer.json saved under another name)."""
+    name = os.path.basename(file)
+    kind: Optional[EnglishKind] = None
+    if name == "vocab.txt":
+        kind = "bert"
+    elif name == "vocab.json":
+        kind = class_kind(cfg) if class_kind(cfg) in ("gpt2", "roberta") else bpe_vocab_kind(data)
+    elif name != "tokenizer.json" and not is_tokenizer_json(data):
+        return None
+    wanted = "glm4" if kind is None else "glm"
+    if family is not None and family != wanted:
+        raise TokenizerError(f"{file} is a {wanted} tokenizer file, but family={family!r} was asked for (from "
+                             f"the argument or {os.path.join(folder, CONFIG_NAME)}); pass family={wanted!r} or "
+                             f"the folder of the {family} release")
+    if kind is None:
+        return TokenizerJSONTokenizer(data, file, cfg, _added_tokens(folder, cfg))
+    files = {name: data}
+    if kind != "bert":
+        merges = os.path.join(folder, "merges.txt")
+        if not os.path.lexists(merges):
+            raise TokenizerError(f"{file}: there is no merges.txt beside it, and a GPT-2 BPE tokenizer needs both; "
+                                 f"copy the release's merges.txt into the folder")
+        files["merges.txt"] = read_file(merges, MODEL_FILE_LIMIT)
+    return read_english(files, kind, file, cfg, _added_tokens(folder, cfg))
 
 
 def _model_type(value: object, where: str) -> ModelType:

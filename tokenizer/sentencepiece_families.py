@@ -232,6 +232,7 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
 class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     family = "chatglm3"
     roles_in_chat = frozenset({"system", "user", "assistant", "observation"})
+    tool_format = "chatglm3"
     appended = CHATGLM2_SPECIALS + CHATGLM3_ROLES
 
     def _eos_names(self, eos: str) -> tuple[str, ...]:
