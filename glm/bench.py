@@ -22,7 +22,9 @@ from typing import Optional, Sequence
 from .errors import BenchError
 from .files import atomic_write
 
-SUITES = ("attention", "decode", "train", "convert", "demo", "finetune")
+SUITES = ("attention", "decode", "train", "convert", "demo", "finetune", "quantize")
+# Suites that measure the host alone (disk and memory; the CPU kernels), and why; their record is <suite>_cpu.
+CPU_ONLY = {"convert": "measures disk and host memory", "quantize": "measures glm's CPU kernels"}
 
 # Arguments that make each suite a smoke run of a few seconds (tests, first try on a new machine).
 QUICK = {
@@ -33,9 +35,10 @@ QUICK = {
     "convert": ["--gb", "0.02", "--shard-size", "8MB", "--repeats", "1"],
     "demo": ["--steps", "20", "--eval-examples", "8"],
     "finetune": ["--small", "--steps", "1"],
+    "quantize": ["--small", "--new-tokens", "4", "--repeats", "1", "--no-load", "--quiet-wait", "0", "--reruns", "0"],
 }
 # Suites whose scripts judge goals; a smoke run tells them not to (tiny sizes say nothing about a goal).
-JUDGES_GOALS = ("attention", "convert")
+JUDGES_GOALS = ("attention", "convert", "quantize")
 SMOKE_NOTE = ("--quick is a smoke run at tiny sizes, not a measurement: goals are not judged and the record is not "
               "published")
 
@@ -61,15 +64,22 @@ def results_dir(*, quick: bool = False, publish: bool = False) -> str:
 
 
 def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, quick: bool = False,
-              publish: bool = False, extra: Sequence[str] = ()) -> dict:
+              publish: bool = False, extra: Sequence[str] = (), quantize: Optional[str] = None,
+              group_size: Optional[int] = None) -> dict:
     """Runs ``benchmarks/<suite>.py`` in a fresh process and returns the JSON record it wrote.
 
     The record goes to ``out``; without it to benchmarks/results/ with ``publish`` (the records the
-    docs quote), else to the untracked benchmarks/results/local/ (results/quick/ with ``quick``)."""
+    docs quote), else to the untracked benchmarks/results/local/ (results/quick/ with ``quick``).
+    ``quantize`` ("int8" / "int4", with ``group_size``) has the decode suite quantize its model first."""
     if suite not in SUITES:
         raise BenchError(f"unknown benchmark {suite!r}; choose one of {', '.join(SUITES)}")
-    if suite == "convert" and device != "cpu":
-        raise BenchError("the convert benchmark measures disk and host memory; it has no --device (use cpu)")
+    if suite in CPU_ONLY and device != "cpu":
+        raise BenchError(f"the {suite} benchmark {CPU_ONLY[suite]}; it has no --device (use cpu)")
+    if quantize is None and group_size is not None:
+        raise BenchError(f"--group-size {group_size} needs --quantize int8 or int4")
+    if quantize is not None and suite != "decode":
+        raise BenchError(f"--quantize applies to the decode suite, not {suite}"
+                         + (" (it measures every scheme itself)" if suite == "quantize" else ""))
     if publish and out:
         raise BenchError(f"--publish writes the committed records in benchmarks/results/ and --out names another "
                          f"folder ({out}); pass one of them")
@@ -78,13 +88,15 @@ def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, qui
     argv = [sys.executable, os.path.join(folder, f"{suite}.py"), "--out", out]
     if suite != "convert":
         argv += ["--device", device]
+    if quantize is not None:
+        argv += ["--quantize", quantize] + (["--group-size", str(group_size)] if group_size is not None else [])
     if quick:
         argv += QUICK[suite] + (["--smoke"] if suite in JUDGES_GOALS else [])
     argv += list(extra)
     rc = subprocess.run(argv, cwd=folder).returncode
     if rc != 0:
         raise BenchError(f"benchmarks/{suite}.py exited with status {rc} (its output is above)")
-    name = f"{suite}_{'cpu' if suite == 'convert' else device}.json"
+    name = f"{suite}_{'cpu' if suite in CPU_ONLY else device}.json"
     with open(os.path.join(out, name)) as f:
         return json.load(f)
 
@@ -151,6 +163,11 @@ records). This page is regenerated from them by `glm bench report`.
     ("finetune", "fine-tuning step tokens/s, trainable parameters, optimizer state and peak RSS of full, LoRA and "
                  "P-tuning v2 on a 122M GLM-4-shaped model",
      "glm full fine-tuning; peft + transformers `GlmForCausalLM` LoRA, same weights and batches"),
+    ("quantize", "batch-1 decode tokens/s on CPU of glm fp32, INT8 and INT4 (122M and ~1B GLM-4-shaped models, "
+                 "same random weights), with bytes per token against the copy bandwidth; peak RSS of "
+                 "`from_pretrained(quantize=)`; the demo model's held-out loss per scheme",
+     "glm fp32; transformers `GlmForCausalLM` fp32; PyTorch's `_weight_int8pack_mm` / "
+     "`_weight_int4pack_mm_for_cpu` on the same integers"),
 ))
 
 
@@ -165,8 +182,8 @@ def write_report(results: Optional[str] = None) -> str:
         parts.append(f"## {title}\n")
         found = False
         for suite in SUITES:
-            name = f"{suite}_{'cpu' if suite == 'convert' else device}"
-            if suite == "convert" and device != "cpu":
+            name = f"{suite}_{'cpu' if suite in CPU_ONLY else device}"
+            if suite in CPU_ONLY and device != "cpu":
                 continue
             record_path = os.path.join(results, name + ".json")
             if not os.path.exists(record_path):
@@ -184,11 +201,12 @@ def write_report(results: Optional[str] = None) -> str:
 
 
 def main(suite: str, *, device: str, out: Optional[str], quick: bool, extra: Sequence[str],
-         publish: bool = False) -> int:
+         publish: bool = False, quantize: Optional[str] = None, group_size: Optional[int] = None) -> int:
     if suite == "report":
         print(f"wrote {write_report(out)}")
         return 0
-    record = run_suite(suite, device=device, out=out, quick=quick, publish=publish, extra=extra)
+    record = run_suite(suite, device=device, out=out, quick=quick, publish=publish, extra=extra,
+                       quantize=quantize, group_size=group_size)
     print()
     print(summary_table(record))
     if quick:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -33,6 +34,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 143
     print(summary.line())
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import Terminated
+    from .hub import quantize_checkpoint
+    from .quant import check_scheme, describe
+
+    check_scheme(args.bits, args.group_size)  # before SRC is read
+    before, _ = _weights_on_disk(args.src)
+    try:
+        summary = quantize_checkpoint(args.src, args.dst, args.bits, args.group_size, embeddings=args.embeddings,
+                                      lm_head=args.lm_head, format=args.format, shard_size=args.shard_size,
+                                      overwrite=args.overwrite, progress=not args.quiet)
+    except Terminated:
+        # The writer removed its temp folder; exit as a process killed by SIGTERM would (128 + 15).
+        print(f"\nglm quantize: terminated (SIGTERM); {args.dst} was left as it was", file=sys.stderr)
+        return 143
+    # The scheme as written (a tied model has no separate head for --lm-head to quantize).
+    after, written = _weights_on_disk(summary.dst)
+    print(f"wrote {summary.dst} ({summary.format}, {summary.family}, {describe(written)}): weights "
+          f"{_bytes(before)} -> {_bytes(after)} ({before / max(after, 1):.2f}x smaller), {summary.tensors} "
+          f"tensors in {len(summary.files)} shard(s), {summary.seconds:.1f} s, peak RSS "
+          f"{summary.peak_rss_bytes / 1e9:.2f} GB")
+    return 0
+
+
+def _weights_on_disk(folder: str) -> tuple[int, Optional[dict]]:
+    """Bytes on disk of a checkpoint folder's weight files, and its quantization scheme (None: float), read
+    from its config and file headers."""
+    from .hub import open_source
+
+    source, reader = open_source(folder, verify=False)
+    with reader:
+        return sum(os.path.getsize(os.path.join(folder, f)) for f in reader.files()), source.quantization
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
 
 
 def _runnable_device(device: str) -> str:
@@ -79,12 +118,26 @@ def _check_generation_args(args: argparse.Namespace) -> None:
     _runnable_device(args.device)
 
 
+def _quantize_args(args: argparse.Namespace) -> dict:
+    """from_pretrained's quantize= / group_size= from --quantize / --group-size (none without --quantize),
+    checked before the model is read."""
+    from .quant import SCHEME_BITS, check_scheme
+
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise ArgumentError(f"--group-size {args.group_size} needs --quantize int8 or int4 (it sets the "
+                                f"quantization's group size)")
+        return {}
+    check_scheme(SCHEME_BITS[args.quantize], args.group_size)
+    return {"quantize": args.quantize, "group_size": args.group_size}
+
+
 def _load(args: argparse.Namespace):
     from .hub import from_pretrained, tokenizer_folder
     from .tokenizer import load
 
     _check_generation_args(args)
-    model = from_pretrained(args.dir, dtype=args.dtype, device=args.device)
+    model = from_pretrained(args.dir, dtype=args.dtype, device=args.device, **_quantize_args(args))
     tok = load(args.tokenizer or tokenizer_folder(args.dir))
     # Fewer tokenizer ids than embedding rows is normal (padded vocabularies); more is a mismatch
     # that would otherwise fail mid-generation.
@@ -160,17 +213,10 @@ def _chat_prompt(args: argparse.Namespace, model, tok, query: str,
     return None, 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive chat that keeps the history; `/reset` clears it; Ctrl-D (end of input) exits.
-    Reads plain lines, so it also works with a pipe: `printf 'hi\nmore\n' | glm chat DIR`."""
-    from .generate import stream_text
-
-    _check_text("--system", args.system)
-    model, tok = _load(args)
-    history: list[tuple[str, str]] = []
+def _chat_lines():
+    """The lines typed (or piped) into `glm chat`, stripped, skipping empty ones; a line of bytes that are not
+    valid UTF-8 is refused alone (read as lone surrogates) instead of ending the session."""
     interactive = sys.stdin.isatty()
-    # A line of bytes that are not valid text must not end the session: they are read as lone
-    # surrogates and that line alone is refused below.
     reconfigure = getattr(sys.stdin, "reconfigure", None)
     if reconfigure is not None:
         reconfigure(errors="surrogateescape")
@@ -183,7 +229,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line:
             if interactive:
                 print()
-            return 0
+            return
         query = line.strip()
         if not query:
             continue
@@ -192,19 +238,67 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except UnicodeEncodeError:
             print(f"(line {number} is not valid UTF-8 text; skipped it: send it again in UTF-8)", file=sys.stderr)
             continue
+        yield query
+
+
+def _tool_chat_prompt(args: argparse.Namespace, model, tok, messages: list[dict],
+                      tools: list[dict]) -> tuple[Optional[list[int]], int]:
+    """`_chat_prompt` for a conversation with tools: the prompt over the newest messages that leave room for
+    the reply (the tools always offered), and how many of the oldest messages it leaves out."""
+    from .tokenizer.tools import chat_prompt_ids
+
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    limit = model.config.max_positions
+    reply = _chat_reply_room(args, model)
+    for dropped in range(len(messages)):
+        ids = chat_prompt_ids(tok, system + messages[dropped:], tools)
+        if (len(ids) if model.config.position_streams == 2 else len(ids) + reply) <= limit:
+            return ids, dropped
+    return None, 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat that keeps the history; `/reset` clears it; Ctrl-D (end of input) exits.
+    Reads plain lines, so it also works with a pipe: `printf 'hi\nmore\n' | glm chat DIR`.
+
+    With ``--tools FILE`` the model is offered the tools (the release's chat template, or glm's chat format
+    where the folder has none); a reply that is a tool call (GLM-4: ``name`` then a JSON object) is shown as
+    one, and the next line typed is taken as the tool's result (an observation turn)."""
+    from .generate import stream_text
+    from .tokenizer.tools import ToolCall, load_tools, parse_reply
+
+    _check_text("--system", args.system)
+    tools = load_tools(args.tools) if args.tools else None
+    model, tok = _load(args)
+    if tools is not None and tok.tool_format is None:
+        raise ArgumentError(f"--tools: the {tok.family} chat format has no tool calling (GLM-4 and ChatGLM3 have); "
+                            f"drop --tools")
+    history: list[tuple[str, str]] = []  # (query, reply) turns of a chat without tools
+    messages: list[dict] = []  # a chat with tools: user, assistant (a call carries metadata) and observation turns
+    awaiting_result = False
+    for query in _chat_lines():
         if query == "/reset":
             history.clear()
+            messages.clear()
+            awaiting_result = False
             print("(history cleared)")
             continue
-        ids, dropped = _chat_prompt(args, model, tok, query, history)
+        if tools is None:
+            ids, dropped = _chat_prompt(args, model, tok, query, history)
+        else:
+            messages.append({"role": "observation" if awaiting_result else "user", "content": query})
+            ids, dropped = _tool_chat_prompt(args, model, tok, messages, tools)
         if ids is None:
+            if tools is not None:
+                messages.pop()
             print(f"(the message does not fit: with room for a {_chat_reply_room(args, model)}-token reply it "
                   f"needs more than the model's {model.config.max_positions} positions; send a shorter one)",
                   file=sys.stderr)
             continue
         if dropped:
-            del history[:dropped]
-            print(f"(dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}: the history outgrew the "
+            del (history if tools is None else messages)[:dropped]
+            unit = "turn" if tools is None else "message"
+            print(f"(dropped the {dropped} oldest {unit}{'s' if dropped > 1 else ''}: the history outgrew the "
                   f"model's {model.config.max_positions} positions)", file=sys.stderr)
         print("glm> ", end="", flush=True)
         reply = ""
@@ -212,7 +306,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             reply += piece
             print(piece, end="", flush=True)
         print()
-        history.append((query, reply.strip()))
+        if tools is None:
+            history.append((query, reply.strip()))
+            continue
+        parsed = parse_reply(reply, tools)
+        awaiting_result = isinstance(parsed, ToolCall)
+        if isinstance(parsed, ToolCall):
+            messages.append(parsed.message())
+            print(f"(tool call: {parsed.name} {parsed.arguments}; type the tool's result as the next line)")
+        else:
+            messages.append({"role": "assistant", "content": parsed})
+    return 0
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
@@ -335,7 +439,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(args.suite, device=args.device, out=args.out, quick=args.quick, extra=args.extra,
-                      publish=args.publish)
+                      publish=args.publish, quantize=args.quantize, group_size=args.group_size)
 
 
 def _eval_iters(text: str):
@@ -431,7 +535,7 @@ FINETUNE_FLAGS = ("method", "task", "tokenizer", "max_source_len", "max_target_l
                   "template", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_mlp", "pre_seq_len",
                   "prefix_projection", "prefix_hidden_size", "prefix_dropout", "steps", "batch_size", "lr", "warmup",
                   "min_lr_ratio", "weight_decay", "betas", "grad_clip", "eval_every", "ckpt_every", "keep_last",
-                  "seed", "device", "dtype", "resume", "overwrite")
+                  "seed", "device", "dtype", "resume", "overwrite", "quantize", "group_size")
 
 
 def _add_finetune_args(s: argparse.ArgumentParser) -> None:
@@ -482,6 +586,10 @@ def _add_finetune_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, help="seed of the data order and of new weights (default 0)")
     s.add_argument("--device", help="auto (CUDA when present; default), cpu or cuda")
     s.add_argument("--dtype", help="the base model's dtype (default float32)")
+    s.add_argument("--quantize", choices=("int8", "int4"),
+                   help="load the base weight-only quantized and train lora / ptuning over it (QLoRA's arrangement)")
+    s.add_argument("--group-size", type=int, help="with --quantize: one scale per GROUP_SIZE input columns "
+                                                  "(default: one per output row)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     s.add_argument("--overwrite", action="store_true", help="delete the fine-tuning run in OUT and start over")
     s.add_argument("--no-verify", action="store_true", default=False,
@@ -505,6 +613,15 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None, help="sampling seed")
     s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each decode step from a CUDA graph (default: on with a CUDA --device)")
+    _add_quantize_args(s, "quantize the model's linear layers while loading (weight-only, THUDM's layout; "
+                          "a folder that is already quantized loads as it is, without this flag)")
+
+
+def _add_quantize_args(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument("--quantize", choices=("int8", "int4"), default=None, help=what)
+    s.add_argument("--group-size", type=int, default=None,
+                   help="with --quantize: one scale per GROUP_SIZE input columns, a divisor of each layer's "
+                        "inputs such as 32, 64, 128 (default: one scale per output row)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -544,6 +661,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_convert)
 
+    s = sub.add_parser("quantize", help="quantize a checkpoint's linear weights to INT8 / INT4, shard by shard",
+                       description="Stream SRC (any format glm reads) into DST with the attention and MLP weights "
+                                   "quantized (weight-only, THUDM's INT8/INT4 layout: docs/quantization.md). DST is "
+                                   "written under DST.tmp-* and renamed into place at the end.")
+    s.add_argument("src", help="full-precision checkpoint folder")
+    s.add_argument("dst", help="destination folder: new or empty, or with --overwrite one glm wrote")
+    s.add_argument("--bits", type=int, required=True, metavar="{8,4}", help="8 (INT8) or 4 (INT4)")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="one scale per GROUP_SIZE input columns, a divisor of each layer's inputs such as 32, 64, "
+                        "128 (default: one scale per output row, THUDM's layout)")
+    s.add_argument("--embeddings", action="store_true", help="quantize the token embedding too, row by row")
+    s.add_argument("--lm-head", action="store_true", help="quantize an untied output head too")
+    s.add_argument("--format", "--to", dest="format", choices=("glm", "hf"), default="glm",
+                   help="glm's format (default) or hf: the release's own format in THUDM's -int8/-int4 layout "
+                        "(ChatGLM-6B, ChatGLM2/3, GLM-4 chatglm; per-row scales)")
+    s.add_argument("--shard-size", default="2GB", help="max bytes per output shard, e.g. 2GB, 500MB (default 2GB)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace DST (atomically) if glm wrote it and it holds only glm's files")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_quantize)
+
     s = sub.add_parser("generate", help="generate a continuation of a prompt, streamed")
     _add_model_args(s)
     s.add_argument("--prompt", required=True, help="prompt text (special tokens such as [gMASK] allowed)")
@@ -558,6 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="chat in the release's format; /reset clears the history, Ctrl-D exits")
     _add_model_args(s)
     s.add_argument("--system", default=None, help="system prompt (families with a system role)")
+    s.add_argument("--tools", default=None, metavar="TOOLS.json",
+                   help="offer the tools of this JSON file (a list of tools, or {\"tools\": [...]}; GLM-4: "
+                        "OpenAI-style function tools, python, simple_browser, cogview); a reply that calls one is "
+                        "shown as a call and the next line is taken as its result")
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("train", help="pretrain a small GLM (blank infilling by default); torchrun-aware",
@@ -615,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the record to benchmarks/results, replacing the committed one the docs quote")
     s.add_argument("--quick", action="store_true",
                    help="tiny sizes: a smoke run of a few seconds (not a measurement: goals are not judged)")
+    _add_quantize_args(s, "decode: quantize the benchmark's model (weight-only) before measuring it")
     s.set_defaults(func=cmd_bench)
 
     from .tokenizer import FAMILY_NAMES as TOKENIZER_FAMILIES

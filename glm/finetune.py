@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 import safetensors.torch
 import torch
 
-from . import lora, ptuning, quant, sft
+from . import lora, ptuning, sft
 from .cloze import ClassificationHead, ClozeTask, accuracy, cloze_loss, head_loss, head_predict, predict
 from .corpus import jsonl_objects
 from .errors import ArgumentError, DataError, TrainingError
@@ -408,9 +408,8 @@ def _start(cfg: FinetuneConfig, device: torch.device) -> _Run:
     elif cfg.resume:
         print(f"--resume: no checkpoint in {cfg.out_dir}; starting from step 0")
     base = resolve_model_folder(cfg.base)
-    model = from_pretrained(base, dtype=cfg.dtype, device=device)
-    if cfg.quantize is not None:
-        quant.quantize(model, bits=quant.SCHEME_BITS[cfg.quantize], group_size=cfg.group_size)
+    # Quantized as the shards stream in: the float base is never whole in memory.
+    model = from_pretrained(base, dtype=cfg.dtype, device=device, quantize=cfg.quantize, group_size=cfg.group_size)
     if lora.lora_parameters(model) or getattr(model, "prefix_encoder", None) is not None:
         raise ArgumentError(f"FinetuneConfig.base ({cfg.base}) is itself an adapter or a prefix; fine-tune from a "
                             f"full model (merge an adapter first with glm merge-lora)")

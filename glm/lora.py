@@ -443,4 +443,5 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 __all__ = ["LoraConfig", "Target", "Naming", "NAMINGS", "register_naming", "naming", "apply", "merge", "unmerge",
            "is_merged", "remove", "discard", "lora_parameters", "trainable_parameters", "has_lora", "adapter",
-           "applied_targets", "lora_modules", "LoraLinear", "QuantLoraLinear", "LoraAdapter", "check_trainable", "resolve_targets", "rows"]
+           "applied_targets", "lora_modules", "LoraLinear", "QuantLoraLinear", "LoraAdapter", "check_trainable",
+           "resolve_targets", "rows"]

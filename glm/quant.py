@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .config import GLMConfig
 from .errors import CheckpointError, InputError
+from .kernels.ops import quant_linear_kernel
 from .model import GLM, Linear
 
 BITS = (4, 8)
@@ -36,10 +38,10 @@ SCHEME_BITS = {"int8": 8, "int4": 4}
 # (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) in every ChatGLM release, and they hold all of a
 # block's matrix weights in every family.
 LAYER_MODULES = ("attn.qkv", "attn.out", "mlp.w_in", "mlp.w_out")
-# Rows up to which the compiled CPU kernels (glm::int8_linear / int4_linear) are used: decode and small batches;
-# past it the weight is dequantized once per call and multiplied by torch's GEMM.
-KERNEL_MAX_ROWS = 8
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# Rows up to which the compiled CPU kernels (glm::int8_linear / int4_linear) may take a layer (decode and small
+# batches), where this machine measured them faster than dequantizing; past it the weight is dequantized once per
+# call and multiplied by torch's GEMM.
+KERNEL_MAX_ROWS = kernels.QUANT_LINEAR_MAX_ROWS
 
 
 def _qmax(bits: int) -> int:
@@ -103,41 +105,39 @@ def quantize_weight(w: Tensor, bits: int, group_size: Optional[int] = None,
     # An all-zero row (or group) has scale 0: divide by 1 there so its integers are 0, not NaN cast to int8.
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
     q = torch.round(wg / safe[..., None])
-    # The reference has no clamp; the scale's rounding moves max|W|/scale by at most a quarter step, so
-    # this only guards the int8 cast (subnormal fp16 scales of near-zero rows).
+    # The reference has no clamp. In fp32 and fp16 the rounded scale keeps max|W|/scale within half a step of
+    # qmax, but a bf16 weight divided by its bf16 scale can land on 127.5 and round to 128, which THUDM's int8
+    # cast wraps to -128 (a sign flip); glm keeps such values at +qmax. The clamp also guards subnormal fp16
+    # scales of near-zero rows.
     q = q.clamp_(-_qmax(bits), _qmax(bits)).to(torch.int8).reshape(out_f, in_f)
     return (pack_int4(q) if bits == 4 else q), scales
 
 
 def dequantize(qweight: Tensor, scales: Tensor, bits: int, group_size: Optional[int] = None,
                dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The float weight ``[out, in]``: ``q.to(scales.dtype) * scale`` (THUDM's extract_weight_to_half for one
-    scale per row, bit for bit), then cast to ``dtype`` if given. ``scales`` is ``[out, groups]`` or ``[out]``."""
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    out_f, in_f = q.shape
-    s = scales.reshape(out_f, -1)
-    groups = s.shape[1]
+    """The float weight ``[out, in]`` in ``dtype`` (default: the scales' dtype): each ``q * scale`` rounded once
+    (``glm.kernels.dequantize_weight``; in the scales' dtype this is THUDM's extract_weight_to_half for one scale
+    per row, bit for bit). ``scales`` is ``[out, groups]`` or ``[out]``."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise InputError(f"dequantize takes an int8 [out, in] (or [out, in/2] for 4 bits) qweight, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    out_f, in_f = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
+    groups = scales.reshape(out_f, -1).shape[1] if scales.numel() else 0
     if group_size is not None and groups * group_size != in_f or group_size is None and groups != 1:
         raise InputError(f"scales {tuple(scales.shape)} do not fit a [{out_f}, {in_f}] weight with "
                          f"group_size {group_size}")
-    w = (q.reshape(out_f, groups, in_f // groups).to(s.dtype) * s[..., None]).reshape(out_f, in_f)
-    return w if dtype is None else w.to(dtype)
+    return kernels.dequantize_weight(qweight, scales, bits, dtype or scales.dtype)
 
 
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor], bits: int,
                      group_size: Optional[int]) -> Tensor:
-    """``F.linear(x, dequantize(...), bias)`` in ``x``'s dtype: through glm's CPU kernels (which dequantize in
-    registers and never build the float weight) for a few rows on CPU when they are built, else through the
-    dequantized weight."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    op = "int4_linear" if bits == 4 else "int8_linear"
-    if (0 < rows <= KERNEL_MAX_ROWS and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-            and hasattr(torch.ops.glm, op)
-            and not (torch.is_grad_enabled() and (x.requires_grad or bias is not None and bias.requires_grad))
-            and (bias is None or bias.dtype == x.dtype)):
-        y = getattr(torch.ops.glm, op)(x.reshape(rows, x.shape[-1]), qweight, scales, bias)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    return F.linear(x, dequantize(qweight, scales, bits, group_size, x.dtype), bias)
+    """``F.linear(x, dequantize(...), bias)`` in ``x``'s dtype. Up to KERNEL_MAX_ROWS rows on CPU with no gradient
+    to x, through glm's kernels (glm::int8_linear / int4_linear, which dequantize in registers and never build the
+    float weight) where this machine measured them faster for the call's bits, group size, rows, shape, dtypes
+    and threads (measured once, kept by glm.tuning; unmeasured, the kernels: `glm.kernels.ops.quant_kernel_wins`);
+    otherwise through the weight dequantized once per call."""
+    y = quant_linear_kernel(bits, x, qweight, scales, bias)
+    return y if y is not None else F.linear(x, dequantize(qweight, scales, bits, group_size, x.dtype), bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,3 +352,59 @@ def load_quantized_state_dict(model: GLM, state_dict: dict[str, Tensor]) -> GLM:
     scale_keys = {f"{name}.scales" for name in mods}
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in scale_keys}, strict=False, assign=meta)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: what the loaders and writers (glm.formats.quantized, glm.hub) ask of a scheme
+# The tensors a quantized module stores in place of its float ``weight``.
+QUANTIZED_TENSORS = ("qweight", "scales")
+
+
+def scheme(bits: int, group_size: Optional[int] = None, embeddings: bool = False, lm_head: bool = False) -> dict:
+    """The record `quantize` leaves in ``model.quantization`` (and glm's config.json keeps), checked."""
+    check_scheme(bits, group_size)
+    return {"bits": bits, "group_size": group_size, "embeddings": bool(embeddings), "lm_head": bool(lm_head)}
+
+
+def describe(quantization: dict) -> str:
+    """A scheme in words, for messages: "int4, group 32, embeddings quantized"."""
+    words = [f"int{quantization['bits']}",
+             "per-row scales" if quantization["group_size"] is None else f"group {quantization['group_size']}"]
+    words += [f"{part} quantized" for part in ("embeddings", "lm_head") if quantization[part]]
+    return ", ".join(words)
+
+
+def quantized_weights(cfg: GLMConfig, quantization: dict) -> dict[str, str]:
+    """Float weight name -> name of the module that holds it quantized, for every weight `quantize` with the
+    record ``quantization`` replaces in a model of ``cfg`` (the names `_targets` walks, without a model)."""
+    names = ["embed"] if quantization["embeddings"] else []
+    names += [f"layers.{i}.{m}" for i in range(cfg.num_layers) for m in LAYER_MODULES]
+    if quantization["lm_head"] and not cfg.tie_word_embeddings:
+        names.append("lm_head")
+    return {f"{n}.weight": n for n in names}
+
+
+def quantized_tensor_names(cfg: GLMConfig, quantization: Optional[dict]) -> set[str]:
+    """The ``qweight`` and ``scales`` names of a model of ``cfg`` quantized with ``quantization`` (none for None):
+    the tensors a conversion copies as they are, never cast."""
+    if quantization is None:
+        return set()
+    return {f"{m}.{t}" for m in quantized_weights(cfg, quantization).values() for t in QUANTIZED_TENSORS}
+
+
+def quantize_as(model: GLM, quantization: dict, scale_dtype: torch.dtype = torch.float32) -> GLM:
+    """`quantize` with a recorded scheme: on a model built on the meta device, the modules a quantized checkpoint
+    of that scheme loads into (the file's scales replace the ``scale_dtype`` placeholders)."""
+    return quantize(model, quantization["bits"], quantization["group_size"], embeddings=quantization["embeddings"],
+                    lm_head=quantization["lm_head"], scale_dtype=scale_dtype)
+
+
+def set_compute_dtypes(model: GLM, device: "torch.device | str", dtypes: dict[str, torch.dtype],
+                       default: torch.dtype) -> None:
+    """After loading into a model built on the meta device: give every quantized module its compute dtype on
+    ``device`` (``dtypes`` by module name: the dtype its float weight had before quantizing; else its bias's
+    dtype, else ``default``), which `quantize` takes from the float weight it replaces."""
+    for name, m in quantized_modules(model).items():
+        bias = getattr(m, "bias", None)
+        dtype = dtypes.get(name) or (bias.dtype if bias is not None else default)
+        m.dtype_probe = torch.empty(0, dtype=dtype, device=device)

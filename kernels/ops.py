@@ -36,7 +36,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -236,11 +236,9 @@ def linear_calibration_key(rows: int, weight: Tensor) -> str:
             f"|threads{torch.get_num_threads()}")
 
 
-def _measure_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], repeats: int = 5) -> dict[str, float]:
-    """Seconds per call of ``small_linear`` and ``F.linear`` on the call's own tensors (the weight is what
-    streams; x is a few rows), calls alternated, best of ``repeats`` each after a warm-up."""
-    paths = {"small_linear": lambda: torch.ops.glm.small_linear(x, weight, bias),
-             "torch": lambda: torch.nn.functional.linear(x, weight, bias)}
+def time_paths(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Seconds per call of each of ``paths`` (name -> call on the caller's own tensors), calls alternated, best
+    of ``repeats`` each after a warm-up: what `measured_choice` hands `glm.tuning`."""
     best = {name: float("inf") for name in paths}
     for fn in paths.values():
         fn()
@@ -252,30 +250,49 @@ def _measure_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], repeats: 
     return best
 
 
-# Choices already made in this process, by (rows, shape, dtype, threads): a decode step calls linear about a
-# hundred times, so the lookup must cost less than a dictionary access under a lock. Dropped when
-# glm.tuning's choices change (inject / forget).
-_linear_choice: dict[tuple, bool] = {}
-_linear_generation = [-1]
+class ChoiceMemo:
+    """Choices already made in this process by a call site, keyed by a tuple of what its bucket depends on: a
+    decode step makes about a hundred of them, so a lookup must cost less than a dictionary access under
+    glm.tuning's lock. Emptied when glm.tuning's choices change (inject / forget)."""
+
+    def __init__(self) -> None:
+        self.table: dict[tuple, Optional[str]] = {}
+        self.generation = -1
+
+
+def measured_choice(memo: ChoiceMemo, ident: tuple, key: Callable[[], str],
+                    measure: Callable[[], dict[str, float]]) -> Optional[str]:
+    """The path `glm.tuning` has (or now measures, once per bucket and machine) as the fastest for the bucket
+    ``key()``, remembered in ``memo`` under ``ident``. None without a measurement (``GLM_TUNING=off`` and
+    nothing cached, or while torch.compile traces, which must not time anything): the caller's default."""
+    if memo.generation != tuning.generation():
+        memo.table.clear()
+        memo.generation = tuning.generation()
+    if ident in memo.table:
+        return memo.table[ident]
+    if torch.compiler.is_compiling():
+        return None
+    choice = memo.table[ident] = tuning.choose(key(), measure)
+    return choice
+
+
+def _measure_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], repeats: int = 5) -> dict[str, float]:
+    """Seconds per call of ``small_linear`` and ``F.linear`` on the call's own tensors (the weight is what
+    streams; x is a few rows)."""
+    return time_paths({"small_linear": lambda: torch.ops.glm.small_linear(x, weight, bias),
+                       "torch": lambda: torch.nn.functional.linear(x, weight, bias)}, repeats)
+
+
+_linear_choices = ChoiceMemo()
 
 
 def _small_linear_wins(x2: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether this machine measured ``glm::small_linear`` faster than ``F.linear`` for the call's bucket
-    (measured once per bucket and machine, `glm.tuning`). Without a measurement (``GLM_TUNING=off``, or
-    while torch.compile traces) it is F.linear: the kernel wins on some CPUs and loses 2x on others, so
-    it is never the default unmeasured."""
-    if _linear_generation[0] != tuning.generation():
-        _linear_choice.clear()
-        _linear_generation[0] = tuning.generation()
+    (`measured_choice`). Without a measurement it is F.linear: the kernel wins on some CPUs and loses 2x
+    on others, so it is never the default unmeasured."""
     ident = (x2.shape[0], tuple(weight.shape), weight.dtype, torch.get_num_threads())
-    won = _linear_choice.get(ident)
-    if won is None:
-        if torch.compiler.is_compiling():
-            return False
-        choice = tuning.choose(linear_calibration_key(x2.shape[0], weight),
-                               lambda: _measure_linear(x2, weight, bias))
-        won = _linear_choice[ident] = choice == "small_linear"
-    return won
+    return measured_choice(_linear_choices, ident, lambda: linear_calibration_key(x2.shape[0], weight),
+                           lambda: _measure_linear(x2, weight, bias)) == "small_linear"
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -300,9 +317,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 # [N, K / 2] (int4: column 2j in the high nibble of byte j, 2j + 1 in the low one, both sign-extended,
 # THUDM's packing); scales [N, G] or [N] in fp32 / fp16 / bf16; W[n, k] = q[n, k] * scales[n, k // (K / G)].
 
-# Up to this many rows the quantized linears take the C++ kernels (a pass over the packed weights);
-# beyond, a product is compute-bound and dequantize-then-F.linear (BLAS) is faster on the test machine.
-QUANT_LINEAR_MAX_ROWS = 8
+# Up to this many rows the quantized linears consider the C++ kernels, measured per row count against
+# dequantize-then-F.linear (`quant_kernel_wins`); beyond, the weight is dequantized (a prompt's many rows
+# are a GEMM, and one calibration bucket per prompt length would be too many).
+QUANT_LINEAR_MAX_ROWS = 16
 
 
 def unpack_int4(qweight: Tensor) -> Tensor:
@@ -318,12 +336,16 @@ def pack_int4(q: Tensor) -> Tensor:
     return (pairs[..., 0] << 4) | (pairs[..., 1] & 0xF)
 
 
-def dequantize_weight(qweight: Tensor, scales: Tensor, bits: int) -> Tensor:
-    """The fp32 weight ``[N, K]`` that ``qweight`` and ``scales`` encode (exact: an int8 times an fp16 or bf16
-    scale is representable in fp32)."""
+def dequantize_weight(qweight: Tensor, scales: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight ``[N, K]`` that ``qweight`` and ``scales`` (``[N, G]`` or ``[N]``) encode, in ``dtype``. With fp16 /
+    bf16 scales each ``q * scale`` is exact in fp32 (an 8-bit integer times an 11- or 8-bit significand), so it is
+    rounded once to ``dtype``: formed in fp32, or directly in ``dtype`` when that is the scales' dtype (THUDM's
+    ``extract_weight_to_half``, bit for bit). With fp32 scales it is the fp32 product, then ``dtype``."""
     q = unpack_int4(qweight) if bits == 4 else qweight
-    s = scales.float().reshape(scales.shape[0], -1)
-    return (q.float().unflatten(-1, (s.shape[1], -1)) * s[..., None]).flatten(-2)
+    s = scales.reshape(scales.shape[0], -1)
+    work = dtype if dtype == scales.dtype else torch.float32
+    w = (q.unflatten(-1, (s.shape[1], -1)).to(work) * s.to(work)[..., None]).flatten(-2)
+    return w if w.dtype == dtype else w.to(dtype)
 
 
 def _quant_linear_reference(bits: int, x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -342,25 +364,74 @@ def int4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Opti
     return _quant_linear_reference(4, x, qweight, scales, bias)
 
 
-def _quant_linear(bits: int, x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+def quant_linear_calibration_key(bits: int, x2: Tensor, qweight: Tensor, scales: Tensor) -> str:
+    """The bucket of a few-row quantized linear call, as `glm.tuning` stores its choice: bits, group size (per
+    row, or the columns per group), rows, weight shape [N x K], the dtypes of x and of the scales, threads."""
+    K, groups = x2.shape[-1], scales.shape[1] if scales.dim() == 2 else 1
+    group = "row" if groups == 1 else f"g{K // groups}"
+    return (f"quant_linear|cpu|int{bits}|{group}|{str(x2.dtype).replace('torch.', '')}"
+            f"|scales-{str(scales.dtype).replace('torch.', '')}|rows{x2.shape[0]}|{qweight.shape[0]}x{K}"
+            f"|threads{torch.get_num_threads()}")
+
+
+def _measure_quant_linear(bits: int, x2: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor],
+                          repeats: int = 3) -> dict[str, float]:
+    """Seconds per call of the kernel and of dequantize-then-F.linear (in x's dtype, as glm.quant does it) on the
+    call's own tensors."""
+    op = torch.ops.glm.int4_linear if bits == 4 else torch.ops.glm.int8_linear
+    b = None if bias is None else bias.to(x2.dtype)
+    return time_paths({"kernel": lambda: op(x2, qweight, scales, bias),
+                       "dequantize": lambda: torch.nn.functional.linear(
+                           x2, dequantize_weight(qweight, scales, bits, x2.dtype), b)}, repeats)
+
+
+_quant_choices = ChoiceMemo()
+
+
+def quant_kernel_wins(bits: int, x2: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether ``glm::int{bits}_linear`` is the path for the call ``x2 [rows, K]``: where this machine measured it
+    faster than dequantize-then-F.linear for the call's bucket (`quant_linear_calibration_key`, measured once per
+    bucket and machine by `measured_choice`). Without a measurement it is the kernel: dequantizing writes the
+    whole float weight (4 or 8 times the integers' bytes) and reads it back on every call, after reading
+    the integers the kernel reads once, so it cannot beat the kernel by much, while on the machine glm is
+    measured on it took 9-85x the kernel's time at one row and 2.7-14x at 16 (docs/kernels.md)."""
+    ident = (bits, x2.shape[0], tuple(qweight.shape), tuple(scales.shape), scales.dtype, x2.dtype,
+             torch.get_num_threads())
+    return measured_choice(_quant_choices, ident, lambda: quant_linear_calibration_key(bits, x2, qweight, scales),
+                           lambda: _measure_quant_linear(bits, x2, qweight, scales, bias)) != "dequantize"
+
+
+def quant_linear_kernel(bits: int, x: Tensor, qweight: Tensor, scales: Tensor,
+                        bias: Optional[Tensor]) -> Optional[Tensor]:
+    """``x [..., K]`` times the quantized weight through ``glm::int{bits}_linear`` when the kernel applies (built,
+    CPU, a float x of 1 to QUANT_LINEAR_MAX_ROWS rows, no gradient to x or bias) and is the chosen path
+    (`quant_kernel_wins`); None otherwise, and the caller dequantizes."""
+    if _load_error is not None or x.device.type != "cpu" or x.dtype not in DTYPES:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (_load_error is None and x.device.type == "cpu" and x.dtype in DTYPES and 0 < rows <= QUANT_LINEAR_MAX_ROWS
-            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
-        op = torch.ops.glm.int4_linear if bits == 4 else torch.ops.glm.int8_linear
-        return op(x.reshape(rows, x.shape[-1]), qweight, scales, bias).view(*x.shape[:-1], qweight.shape[0])
-    return _quant_linear_reference(bits, x, qweight, scales, bias)
+    if not 0 < rows <= QUANT_LINEAR_MAX_ROWS:
+        return None
+    x2 = x.reshape(rows, x.shape[-1])
+    if not quant_kernel_wins(bits, x2, qweight, scales, bias):
+        return None
+    op = torch.ops.glm.int4_linear if bits == 4 else torch.ops.glm.int8_linear
+    return op(x2, qweight, scales, bias).view(*x.shape[:-1], qweight.shape[0])
 
 
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x [..., K]`` times the int8 weight ``qweight [N, K]`` with ``scales [N, G]`` (+ bias) -> ``[..., N]`` in x's
-    dtype. Up to QUANT_LINEAR_MAX_ROWS rows on CPU without a gradient to x: ``glm::int8_linear``, dequantizing in
-    registers; otherwise :func:`int8_linear_reference`."""
-    return _quant_linear(8, x, qweight, scales, bias)
+    dtype: ``glm::int8_linear`` (dequantizing in registers) where `quant_linear_kernel` takes it, otherwise
+    :func:`int8_linear_reference`."""
+    y = quant_linear_kernel(8, x, qweight, scales, bias)
+    return y if y is not None else _quant_linear_reference(8, x, qweight, scales, bias)
 
 
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """:func:`int8_linear` for packed int4 weights, ``qweight [N, K / 2]`` (``glm::int4_linear``)."""
-    return _quant_linear(4, x, qweight, scales, bias)
+    y = quant_linear_kernel(4, x, qweight, scales, bias)
+    return y if y is not None else _quant_linear_reference(4, x, qweight, scales, bias)
 
 
 if available():

@@ -211,7 +211,8 @@ def test_every_finetune_flag_reaches_the_config(tmp_path):
             "--prefix-projection", "--prefix-hidden-size", "9", "--prefix-dropout", "0.1", "--steps", "11",
             "--batch-size", "2", "--lr", "0.5", "--warmup", "1", "--min-lr-ratio", "0.3", "--weight-decay", "0.01",
             "--betas", "0.8", "0.9", "--grad-clip", "2", "--eval-every", "3", "--ckpt-every", "4", "--keep-last", "1",
-            "--seed", "5", "--device", "cpu", "--dtype", "bfloat16", "--resume"]
+            "--seed", "5", "--device", "cpu", "--dtype", "bfloat16", "--quantize", "int4", "--group-size", "16",
+            "--resume"]
     args = build_parser().parse_args(argv)
     cfg = _finetune_config(args)
     defaults = FinetuneConfig(base="", data="", out_dir="")

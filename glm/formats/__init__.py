@@ -8,8 +8,9 @@ weight table, its tokenizer family, its prompt convention) in one module, behind
 
 Modules: `registry` (Format, register, get, detect), `layout` (Mapping and the tensor transforms tables are
 built from), `hf_fields` (checked config.json field readers), one module per release (`glm_original`,
-`chatglm6b`, `chatglm2`, `transformers_glm`) and `native` (glm's own folder format). docs/architecture.md,
-"Adding a family", walks through adding one.
+`chatglm6b`, `chatglm2`, `transformers_glm`), `native` (glm's own folder format) and `quantized` (quantized
+checkpoints: glm's scheme record, THUDM's quantization_bit layout). docs/architecture.md, "Adding a family",
+walks through adding one.
 """
 # isort: off
 # Release order: the order FORMATS (so glm.FAMILIES, the CLI's --family choices, the messages) lists them in.
@@ -18,7 +19,7 @@ from . import chatglm6b
 from . import chatglm2
 from . import transformers_glm
 # isort: on
-from . import native, peft
+from . import native, peft, quantized
 from .layout import Mapping
 from .registry import (
     FORMATS,
@@ -33,4 +34,5 @@ from .registry import (
 )
 
 __all__ = ["FORMATS", "Format", "Mapping", "register", "get", "detect", "config_from_hf", "config_to_hf",
-           "mappings", "retarget", "glm_original", "chatglm6b", "chatglm2", "transformers_glm", "native", "peft"]
+           "mappings", "retarget", "glm_original", "chatglm6b", "chatglm2", "transformers_glm", "native", "peft",
+           "quantized"]

@@ -28,6 +28,7 @@ from .layout import (
     rename,
     tied,
 )
+from .quantized import ThudmLayout
 from .registry import Format, register
 
 _AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
@@ -36,6 +37,9 @@ _AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
              "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
 FAMILIES = ("chatglm2", "chatglm3", "glm4-chatglm")
 TRANSFORMERS_GLM = ("glm-hf", "glm4-hf")
+# ChatGLM2-6B's quantization.py (ChatGLM3 and GLM-4's chatglm-format code keep it): weight_scale in the
+# weight's own dtype, only the four projections of each layer quantized (no quantization_embeddings).
+QUANTIZED = ThudmLayout("ChatGLM2-6B", None)
 
 
 def schema_family(hf: dict[str, Any]) -> Optional[str]:
@@ -105,6 +109,7 @@ class ChatGLM2Format(Format):
     # Models of these families compute the same function (Glm is GLM-4-9B's transformers form; glm4-hf's
     # sandwich norms have no place here).
     converts_from = FAMILIES + ("glm-hf",)
+    quantized_layout = QUANTIZED
 
     def __init__(self, family: str, description: str, tokenizer_family: str, name_or_path: str,
                  rope_ratio_scales_positions: bool = False, always_writes_rope_ratio: bool = False):

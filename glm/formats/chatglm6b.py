@@ -23,6 +23,7 @@ from .layout import (
     rename,
     tied,
 )
+from .quantized import ThudmLayout
 from .registry import Format, register
 
 # ChatGLM-6B's GLMBlock defaults num_layers=28 and ChatGLMModel never passes it, so the residual
@@ -35,6 +36,10 @@ _AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
 # The chatglm-format releases share model_type 'chatglm', so they are listed together when no format
 # recognises a file.
 RECOGNISED_BY = "ChatGLM-6B/2/3 and GLM-4 chatglm format (model_type 'chatglm')"
+# ChatGLM-6B's quantization.py: weight_scale is made .half() whatever the model's dtype, and
+# quantization_embeddings (ChatGLM-6B-int4-qe) also quantizes word_embeddings row-wise, the lm_head sharing
+# its integers and scales.
+QUANTIZED = ThudmLayout("ChatGLM-6B", torch.float16, "quantization_embeddings")
 # config.json's *_token_id keys -> the special tokens they name.
 _SPECIAL_KEYS = {"mask": "[MASK]", "gmask": "[gMASK]", "bos": "<sop>", "eos": "<eop>"}
 
@@ -56,7 +61,8 @@ class ChatGLM6BFormat(Format):
     description = "ChatGLM-6B: 2D RoPE, GeLU-tanh, alpha-scaled residual"
     tokenizer_family = "chatglm"
     recognised_by = RECOGNISED_BY
-    flags = ("position_encoding_2d", "use_cache")
+    flags = ("position_encoding_2d", "use_cache", "quantization_embeddings")
+    quantized_layout = QUANTIZED
 
     def matches(self, hf: dict[str, Any]) -> bool:
         return is_chatglm6b_schema(hf)

@@ -1,5 +1,7 @@
 """glm's own folder format: glm's tensor names and layout as they are (an identity table), and a config.json
-that holds the `GLMConfig` itself, the release config.json the model came from, and a format version.
+that holds the `GLMConfig` itself, the release config.json the model came from, a format version, and for a
+quantized model its scheme (``quantization``: bits, group_size, embeddings, lm_head; the tensors are then the
+quantized state dict as it is, ``...qweight`` int8 and ``...scales`` in their own dtype).
 
 It is not a release family: a glm-format folder keeps the family of the model it holds.
 """
@@ -12,6 +14,8 @@ import torch
 from ..config import GLMConfig
 from ..errors import ConfigError
 from ..model import GLM
+from ..quant import quantize_as
+from . import quantized
 from .layout import Mapping, rename
 
 # The glm_format_version values this glm reads; glm's writer stores the last one.
@@ -44,13 +48,25 @@ def read_config(raw: dict[str, Any], source: str) -> tuple[GLMConfig, Optional[d
     return cfg, hf_cfg
 
 
-def config_json(cfg: GLMConfig, hf_config: Optional[dict[str, Any]]) -> dict[str, Any]:
+def read_quantization(raw: dict[str, Any], cfg: GLMConfig, source: str) -> Optional[dict[str, Any]]:
+    """The quantization scheme a glm-format config.json records (None: a float model)."""
+    return quantized.read_record(raw.get("quantization"), cfg, source)
+
+
+def config_json(cfg: GLMConfig, hf_config: Optional[dict[str, Any]],
+                quantization: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The config.json glm writes beside weights in its own format."""
-    return {"glm_format_version": GLM_FORMAT_VERSIONS[-1], "config": cfg.to_dict(), "hf_config": hf_config}
+    out = {"glm_format_version": GLM_FORMAT_VERSIONS[-1], "config": cfg.to_dict(), "hf_config": hf_config}
+    if quantization is not None:
+        out["quantization"] = quantized.record_json(quantization)
+    return out
 
 
-def mappings(cfg: GLMConfig) -> list[Mapping]:
-    """The identity table over the tensors a `GLM` of ``cfg`` holds (built on the meta device: no memory)."""
+def mappings(cfg: GLMConfig, quantization: Optional[dict[str, Any]] = None) -> list[Mapping]:
+    """The identity table over the tensors a `GLM` of ``cfg`` holds, quantized with ``quantization`` if given
+    (built on the meta device: no memory)."""
     with torch.device("meta"):
-        names = list(GLM(cfg).state_dict())
-    return [rename(n, n) for n in names]
+        model = GLM(cfg)
+    if quantization is not None:
+        quantize_as(model, quantization)
+    return [rename(n, n) for n in model.state_dict()]

@@ -13,6 +13,7 @@ from ..config import GLMConfig, register_family, register_hf_reader
 from ..errors import ConfigError, FormatError
 from .hf_fields import architectures, as_bool
 from .layout import Mapping
+from .quantized import ThudmLayout
 
 
 class Format:
@@ -34,6 +35,9 @@ class Format:
     labels_are_next_tokens: bool = False
     # Other families whose models this format can also write (the same computation, another file layout).
     converts_from: tuple[str, ...] = ()
+    # THUDM's quantized layout of the release (config.json quantization_bit), None where it has none: a
+    # quantized model of such a family is saved in glm's own format.
+    quantized_layout: Optional[ThudmLayout] = None
 
     def matches(self, hf: dict[str, Any]) -> bool:
         """Whether ``hf`` (a parsed config.json) is this format's. At most one registered format matches."""
@@ -56,6 +60,10 @@ class Format:
         ``keys``, the tensor names of an existing file, settle variants the config does not tell apart;
         ``hf_config`` is the config.json the file is (or will be) read with."""
         raise NotImplementedError
+
+    def quantization_from_hf(self, hf: dict[str, Any], cfg: GLMConfig, source: str) -> Optional[dict]:
+        """The quantization scheme (glm.quant.scheme) of a config.json of this format, None for a float model."""
+        return None if self.quantized_layout is None else self.quantized_layout.read(hf, cfg, source)
 
     def load_warning(self, hf_config: Optional[dict[str, Any]], source: str) -> Optional[str]:
         """A warning to show when a file of this format is read with ``hf_config`` (None: nothing to say)."""

@@ -1,12 +1,16 @@
-// What the CPU ops share (attention_cpu.cpp, small_linear.cpp, elementwise_cpu.cpp): a vectorisable
-// 2^x, a 16-float vector type, the target's register-wide vector, and the loaders that widen any
-// float dtype to fp32.
+// What the CPU ops share (attention_cpu.cpp, small_linear.cpp, elementwise_cpu.cpp, quant_cpu.cpp): a
+// vectorisable 2^x, a 16-float vector type, the target's register-wide vector, the loaders that widen
+// any float dtype to fp32, and the frame of the few-row linears (their thread split and row dispatch).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 namespace glm_kernels {
 
@@ -70,6 +74,19 @@ inline vreg loadr(const float* p) {
 
 inline void storer(float* p, const vreg& v) { std::memcpy(p, &v, sizeof v); }
 
+// s in every lane: one broadcast. (Written as a loop over the lanes, it became one insert per lane
+// where GCC inlined it into the quantized kernels' loops.) s - 0 is s, -0 included.
+inline vreg splat(float s) { return s - vreg{}; }
+
+// Sum of the lanes as a halving tree (lane l + lane l + w, w = width/2, width/4, ...).
+inline float hsum(const vreg& v) {
+  float lanes[kVecWidth];
+  std::memcpy(lanes, &v, sizeof v);
+  for (int w = kVecWidth / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  return lanes[0];
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tile loading: any float dtype in, fp32 out, zero padding so every N dimension is a multiple of 16.
 
@@ -93,6 +110,39 @@ void load_rows(const T* src, int64_t srs, int64_t rows, int64_t d, float mul, fl
     float* o = dst + r * ldd;
     for (int64_t c = 0; c < d; ++c) o[c] = to_f(s[c]) * mul;
     for (int64_t c = d; c < ldd; ++c) o[c] = 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The few-row linears (small_linear.cpp, quant_cpu.cpp): y[M, N] = x[M, K] W[N, K]^T for a few rows of x.
+
+// With a few rows of x the product is a pass over the weights, bound by memory bandwidth, which one core
+// cannot saturate: the output features [0, N) are split over all threads, each streaming its own weight
+// rows. Ranges are whole multiples of `unit` features (a kernel's register block of weight rows) and at
+// least `grain` features; f(n0, n1) runs once per task.
+template <typename F>
+inline void parallel_over_outputs(int64_t N, int64_t unit, int64_t grain, const F& f) {
+  const int64_t units = (N + unit - 1) / unit;
+  at::parallel_for(0, units, std::max<int64_t>(1, grain / unit),
+                   [&](int64_t u0, int64_t u1) { f(u0 * unit, std::min(N, u1 * unit)); });
+}
+
+// f(std::integral_constant<int, m>{}) with m = rows for rows in 1..Max (Max past it), so that a kernel
+// templated on its row count (its accumulators live in registers) is instantiated once per count. Such
+// kernels are declared GLM_ROW_LOOP (noinline): inlined into the dispatching lambdas, GCC spilled their
+// accumulators to the stack, which made small_linear 1.7x slower at 2 and 3 rows and the quantized
+// kernels up to 3x slower at 8.
+#define GLM_ROW_LOOP __attribute__((noinline))
+
+template <int Max, int M = 1, typename F>
+inline void dispatch_rows(int64_t rows, F&& f) {
+  if constexpr (M == Max) {
+    f(std::integral_constant<int, M>{});
+  } else {
+    if (rows <= M)
+      f(std::integral_constant<int, M>{});
+    else
+      dispatch_rows<Max, M + 1>(rows, std::forward<F>(f));
   }
 }
 

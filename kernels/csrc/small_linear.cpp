@@ -1,8 +1,9 @@
 // glm::small_linear, the linear layer of decode: y[M, N] = x[M, K] W[N, K]^T (+ b) for a few rows of
 // x. With M this small the product is a pass over W, so it is bound by memory bandwidth; MKL's GEMV
 // ran it on one core (~13 GB/s on the test machine, and slower still for M = 8), whereas one core
-// cannot saturate the memory bus. Here the output features are split over all threads, each weight
-// row is read once for all M rows of x, and bf16/fp16 weights are widened on the fly.
+// cannot saturate the memory bus. Here the output features are split over all threads
+// (parallel_over_outputs, cpu_vec.h), each weight row is read once for all M rows of x, and bf16/fp16
+// weights are widened on the fly.
 //
 // Built into the same library as the attention ops (glm.kernels._C): attention_cpu.cpp holds the
 // library's TORCH_LIBRARY(glm) block, so this file adds its schema with a TORCH_LIBRARY_FRAGMENT.
@@ -21,7 +22,7 @@
 namespace glm_kernels {
 namespace {
 
-constexpr int64_t kLinearMaxRows = 8;
+constexpr int kLinearMaxRows = 8;
 
 // kVecWidth consecutive weights widened to fp32 in one register (bf16: zero-extend and shift into the
 // top half). Register-wide, not v16: with arrays of v16 accumulators GCC spilled to the stack on AVX2,
@@ -47,17 +48,8 @@ inline vreg load_widen(const T* p) {
   return f;
 }
 
-// Sum of the lanes as a halving tree (lane l + lane l + w, w = width/2, width/4, ...).
-inline float hsum(const vreg& v) {
-  float lanes[kVecWidth];
-  std::memcpy(lanes, &v, sizeof v);
-  for (int w = kVecWidth / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-  return lanes[0];
-}
-
 template <typename T, int M>
-void linear_rows(const float* x, int64_t kpad, const T* w, int64_t swn, int64_t K, int64_t n0, int64_t n1,
+GLM_ROW_LOOP void linear_rows(const float* x, int64_t kpad, const T* w, int64_t swn, int64_t K, int64_t n0, int64_t n1,
                  const T* bias, T* y, int64_t N) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * swn;
@@ -101,17 +93,10 @@ at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const c10::o
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      switch (M) {
-        case 1: linear_rows<scalar_t, 1>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 2: linear_rows<scalar_t, 2>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 3: linear_rows<scalar_t, 3>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 4: linear_rows<scalar_t, 4>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 5: linear_rows<scalar_t, 5>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 6: linear_rows<scalar_t, 6>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        case 7: linear_rows<scalar_t, 7>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-        default: linear_rows<scalar_t, 8>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N); break;
-      }
+    parallel_over_outputs(N, 1, 64, [&](int64_t n0, int64_t n1) {
+      dispatch_rows<kLinearMaxRows>(M, [&](auto rows) {
+        linear_rows<scalar_t, rows>(xf.data(), kpad, wp, w.stride(0), K, n0, n1, bp, yp, N);
+      });
     });
   });
   return y;

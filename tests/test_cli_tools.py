@@ -1,0 +1,88 @@
+"""`glm chat --tools`: the tools reach the prompt, a reply that is a tool call is shown as one, and the next
+line goes back to the model as the tool's result (an observation turn)."""
+import importlib
+import io
+import json
+import sys
+
+import pytest
+
+import glm
+from glm.cli import main
+from glm.tokenizer import load
+from glm.tokenizer import train as train_tokenizer
+from glm.tokenizer.tools import chat_prompt_ids
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气 of a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def glm4_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    corpus = root / "corpus.txt"
+    corpus.write_text("the weather in paris is sunny. 北京 天气 晴. get_weather city {\"city\": \"x\"}\n" * 200,
+                      encoding="utf-8")
+    tok = train_tokenizer([str(corpus)], str(root / "tok"), 300, "glm4")
+    cfg = glm.preset("tiny-glm4-chatglm")
+    # Room for the tool prompt (the release's system text and the tool's JSON).
+    model = glm.GLM(cfg.replace(vocab_size=max(tok.vocab_size, cfg.vocab_size), max_positions=2048))
+    model.init_weights(seed=0)
+    folder = str(root / "model")
+    model.save_pretrained(folder)
+    tok.save(folder)
+    tools = root / "tools.json"
+    tools.write_text(json.dumps(TOOLS, ensure_ascii=False), encoding="utf-8")
+    return folder, str(tools)
+
+
+def test_a_tool_call_is_shown_and_the_next_line_is_its_result(glm4_folder, capsys, monkeypatch):
+    folder, tools = glm4_folder
+    gen = importlib.import_module("glm.generate")
+    prompts = []
+    replies = iter(['get_weather\n{"city": "Paris"}', "It is sunny."])
+
+    def fake_stream(model, tok, ids, **kw):
+        prompts.append(list(ids))
+        yield next(replies)
+
+    monkeypatch.setattr(gen, "stream_text", fake_stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("weather in Paris?\n{\"sky\": \"sunny\"}\n"))
+    rc = main(["chat", folder, "--tools", tools, "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "(tool call: get_weather" in out and out.count("glm> ") == 2, err
+    tok = load(folder)
+    first = [{"role": "user", "content": "weather in Paris?"}]
+    assert prompts[0] == chat_prompt_ids(tok, first, TOOLS)
+    # The second prompt holds the call as an assistant turn with the tool's name, then the observation.
+    second = first + [{"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+                      {"role": "observation", "content": '{"sky": "sunny"}'}]
+    assert prompts[1] == chat_prompt_ids(tok, second, TOOLS)
+    assert "get_weather" in tok.decode(prompts[0])  # the tool prompt is in the model's input
+
+
+def test_tools_on_a_format_without_tool_calling_is_one_error(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c d e f g\n" * 50, encoding="utf-8")
+    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok"), None, "chatglm2", model_type="char")
+    cfg = glm.preset("tiny-chatglm2")
+    model = glm.GLM(cfg.replace(vocab_size=max(tok.vocab_size, cfg.vocab_size)))
+    model.init_weights(seed=0)
+    model.save_pretrained(str(tmp_path / "m"))
+    tok.save(str(tmp_path / "m"))
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS), encoding="utf-8")
+    assert main(["chat", str(tmp_path / "m"), "--tools", str(tools)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tools" in err
+
+
+def test_a_bad_tools_file_is_one_error_naming_it(glm4_folder, tmp_path, capsys):
+    folder, _ = glm4_folder
+    bad = tmp_path / "tools.json"
+    bad.write_text("[{\"type\": \"function\"", encoding="utf-8")
+    assert main(["chat", folder, "--tools", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tools.json" in err
