@@ -22,11 +22,12 @@ Decode speed is the time per generated token after the first (the prefill is not
 arrival is stamped (glm's `stream` yields each as it is chosen; transformers' generate gets a streamer). All
 variants of a shape are built first and timed in ``--repeats`` rounds, each once per round, after a warm-up;
 each keeps its best round. The machine may be shared: a run waits for a second in which other processes
-leave the cores idle, and one during which they were busy is run again (``--quiet-wait``, ``--reruns``); the
-record keeps how busy they were. With glm's dispatch, both glm's and the aten layers run their op for up to
-8 rows and dequantize + F.linear for the prompt. The bytes a decode step streams are counted from the
-tensors each variant holds (every tensor once, one row of the input embedding, the KV cache at the mean
-context), and set against the copy bandwidth measured in the same run.
+leave the cores idle, and one during which they were busy is run again (``--quiet-wait``, ``--reruns``,
+within ``--patience`` seconds for the whole run); the record keeps how busy they were. With glm's dispatch,
+both glm's and the aten layers run their op for up to 8 rows and dequantize + F.linear for the prompt. The
+bytes a decode step streams are counted from the tensors each variant holds (every tensor once, one row of
+the input embedding, the KV cache at the mean context), and set against the best copy bandwidth measured in
+the same run (before and after each shape).
 
 Loading. The ~1B model is saved (glm's format, fp32 safetensors) to a temporary folder; then a fresh
 process per scheme runs ``glm.from_pretrained(folder)``, ``quantize="int8"`` and ``quantize="int4",
@@ -41,7 +42,8 @@ Goals, printed beside the ratios and never asserted: INT8 >= 2.5x and INT4 >= 4x
 PyTorch's weight-only op with the same bits.
 
     python benchmarks/quantize.py [--shapes bench-120m,bench-1b] [--new-tokens 32] [--new-tokens-1b 12]
-                                  [--repeats 3] [--threads 2] [--quiet-wait 30] [--reruns 3] [--no-load]
+                                  [--repeats 3] [--threads 2] [--quiet-wait 30] [--reruns 3] [--patience 300]
+                                  [--no-load]
                                   [--demo runs/demo] [--out benchmarks/results/local]
 """
 from __future__ import annotations
@@ -255,7 +257,8 @@ def hf_stamps(ref, ids: Tensor, n: int) -> tuple[list[float], Tensor]:
 
 # The machine may be shared: a neighbour keeping one of 2 cores busy halves a 2-thread decode. Each timed run
 # waits (up to --quiet-wait seconds) for a second in which other processes keep at most BUSY_LIMIT cores busy,
-# and a run during which they kept more busy is run again (up to --reruns times per variant).
+# and a run during which they kept more busy is run again (up to --reruns times), while the run's --patience
+# (seconds of waiting and repeated runs, all together) lasts.
 BUSY_LIMIT = 0.25
 
 
@@ -294,26 +297,44 @@ def wait_for_quiet(limit_s: float) -> float:
     return time.perf_counter() - t0
 
 
-def measured_bandwidth(quiet_wait_s: float) -> float:
+@dataclasses.dataclass
+class Patience:
+    """What a run may spend on a busy machine: ``budget_s`` seconds of waiting and repeated runs in all, at most
+    ``wait_s`` of waiting before one timed run and ``reruns`` repeats of it."""
+    budget_s: float
+    wait_s: float
+    reruns: int
+
+    def wait(self) -> float:
+        """Waits for a quiet second within the limits; the seconds waited."""
+        limit = min(self.wait_s, self.budget_s)
+        waited = wait_for_quiet(limit) if limit > 0 else 0.0
+        self.budget_s -= waited
+        return waited
+
+
+def measured_bandwidth(patience: Patience) -> float:
     """Copy bandwidth (GB/s, common.copy_bandwidth) measured after waiting for a quiet second."""
-    wait_for_quiet(quiet_wait_s)
+    patience.wait()
     return copy_bandwidth("cpu")
 
 
-def timed_run(run: Callable[[int], tuple[list[float], Tensor]], n: int, quiet_wait_s: float = 0.0,
-              max_reruns: int = 0) -> tuple[float, Tensor, dict]:
+def timed_run(run: Callable[[int], tuple[list[float], Tensor]], n: int,
+              patience: Patience) -> tuple[float, Tensor, dict]:
     """Seconds per decode step (the tokens after the first) of one run of ``n`` tokens, its tokens, and how busy
     the neighbours were: ``neighbour_cores`` during it, ``rerun`` (runs not counted because they were busier than
-    BUSY_LIMIT, at most ``max_reruns``), ``waited_s`` for quiet before it (at most about ``quiet_wait_s`` each)."""
+    BUSY_LIMIT), ``waited_s`` for quiet before it; both within ``patience``."""
     rerun, waited = 0, 0.0
     while True:
-        waited += wait_for_quiet(quiet_wait_s)
+        waited += patience.wait()
         window = neighbour_window()
+        t0 = time.perf_counter()
         stamps, toks = run(n)
         busy = window()
-        if busy <= BUSY_LIMIT or rerun >= max_reruns:
+        if busy <= BUSY_LIMIT or rerun >= patience.reruns or patience.budget_s <= 0:
             return (stamps[-1] - stamps[0]) / (len(stamps) - 1), toks, \
                 {"neighbour_cores": busy, "rerun": rerun, "waited_s": waited}
+        patience.budget_s -= time.perf_counter() - t0
         rerun += 1
 
 
@@ -353,7 +374,7 @@ def sharing_copy(model: glm.GLM) -> glm.GLM:
     return clone.eval()
 
 
-def bench_shape(shape: str, args, bandwidth: float, save_to: Optional[str]) -> dict:
+def bench_shape(shape: str, args, bandwidth: float, save_to: Optional[str], patience: Patience) -> dict:
     """Every decode variant of one shape; saves the fp32 model to ``save_to`` first when given."""
     cfg = shape_config(shape, args.small)
     n = args.new_tokens_1b if shape == "bench-1b" and not args.small else args.new_tokens
@@ -393,7 +414,7 @@ def bench_shape(shape: str, args, bandwidth: float, save_to: Optional[str]) -> d
     waited = {key: 0.0 for key in order}
     for r in range(args.repeats):
         for key in order:
-            per_token, toks, noise = timed_run(run_of(key), n, args.quiet_wait, args.reruns)
+            per_token, toks, noise = timed_run(run_of(key), n, patience)
             reruns[key] += noise["rerun"]
             waited[key] += noise["waited_s"]
             if key not in best or per_token < best[key][0]:
@@ -606,6 +627,9 @@ def main(argv=None) -> None:
                     help="seconds each timed run may wait for other processes to leave the cores idle (default 30)")
     ap.add_argument("--reruns", type=int, default=3,
                     help="times a timed run is repeated because other processes were busy during it (default 3)")
+    ap.add_argument("--patience", type=float, default=300.0,
+                    help="seconds the whole run may spend waiting for quiet and repeating disturbed runs; past it "
+                         "every run counts as it went, with how busy the machine was recorded (default 300)")
     ap.add_argument("--no-load", action="store_true", help="skip the peak-RSS loading test")
     ap.add_argument("--demo", default=os.path.join(REPO, "runs", "demo"),
                     help="the demo run whose model/ the quality section evaluates (default runs/demo)")
@@ -628,7 +652,8 @@ def main(argv=None) -> None:
                          "them first (pip install -e .)")
     load_shape = shapes_wanted[-1] if not args.no_load else None
     # The ceiling is the best copy bandwidth of the run: measured (in a quiet second) before and after each shape.
-    bandwidths = [measured_bandwidth(args.quiet_wait)]
+    patience = Patience(args.patience, args.quiet_wait, args.reruns)
+    bandwidths = [measured_bandwidth(patience)]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}; "
           f"measured copy bandwidth {bandwidths[0]:.1f} GB/s", flush=True)
 
@@ -636,8 +661,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="glm-bench-quantize-") as tmp:
         folder = os.path.join(tmp, "fp32")
         for shape in shapes_wanted:
-            shapes.append(bench_shape(shape, args, max(bandwidths), folder if shape == load_shape else None))
-            bandwidths.append(measured_bandwidth(args.quiet_wait))
+            shapes.append(bench_shape(shape, args, max(bandwidths), folder if shape == load_shape else None,
+                                      patience))
+            bandwidths.append(measured_bandwidth(patience))
         bandwidth = max(bandwidths)
         print(f"\ncopy bandwidth over the run: {', '.join(f'{b:.1f}' for b in bandwidths)} GB/s; ceiling "
               f"{bandwidth:.1f} GB/s", flush=True)
@@ -690,7 +716,7 @@ def main(argv=None) -> None:
     name = "quantize_cpu"
     path = write_record(args.out, name, "cpu", benchmark="quantize", transformers=transformers.__version__,
                         threads=torch.get_num_threads(), smoke=args.smoke, ceiling_GBps=bandwidth,
-                        copy_bandwidth_samples_GBps=bandwidths,
+                        copy_bandwidth_samples_GBps=bandwidths, patience_left_s=patience.budget_s,
                         ceiling={"value": bandwidth, "unit": "GB/s", "what": "measured copy bandwidth"},
                         decode=shapes, load=loads, quality=quality, goals=goals, summary=summary)
     plot(os.path.join(args.out, name + ".png"), shapes, loads)

@@ -86,25 +86,27 @@ def read_bounded(path: "str | os.PathLike[str]", limit: int = JSON_LIMIT, what: 
     return data
 
 
-def read_json(path: str) -> Any:
+def read_json(path: str, error: type = ConfigError, missing: str = "a checkpoint folder needs its config.json",
+              fix: str = "restore the file from the release") -> Any:
     """A JSON file a user hands to glm (config.json and its kin): a regular file of bounded size, so a
     FIFO, a device or a link to /dev/zero is refused instead of blocking or filling memory. Every failure
-    is a ConfigError naming the file."""
+    is an ``error`` (ConfigError by default) naming the file; ``missing`` says what to do when it is absent,
+    ``fix`` when it is not usable JSON."""
     try:
         data = read_bounded(path, what=os.path.basename(path) or "JSON file")
         return json.loads(data.decode("utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; a checkpoint folder needs its config.json") from None
+        raise error(f"{path}: no such file; {missing}") from None
     except FileKindError as e:
-        raise ConfigError(str(e)) from None
+        raise error(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); restore the file from the release") from None
+        raise error(f"{path}: not valid JSON ({e}); {fix}") from None
     except (RecursionError, ValueError) as e:
         # json raises a plain ValueError for an integer of more than 4300 digits.
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
-        raise ConfigError(f"{path}: not usable JSON ({why}); restore the file from the release") from None
+        raise error(f"{path}: not usable JSON ({why}); {fix}") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def parse_size(text: "str | int") -> int:

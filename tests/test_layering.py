@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import sys
 
 import pytest
 
@@ -142,3 +143,11 @@ def test_no_function_level_project_imports():
 def test_the_check_catches_an_upward_import(bad):
     low, high = bad.split(" imports ")
     assert layer_of(high) > layer_of(low)
+
+
+def test_no_benchmark_script_shadows_a_standard_library_module():
+    # `python benchmarks/x.py` (and glm bench) puts benchmarks/ first on sys.path, so a script named like a
+    # standard module (tokenize.py) would be imported by the interpreter itself in place of that module.
+    root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    names = {p.stem for p in root.glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)

@@ -461,8 +461,9 @@ SPECIALS_IN_TEXT = ('a token ([MASK]) and one [MASK] (def f(): return "[gMASK]")
 
 
 def _benchmark():
-    """benchmarks/tokenize.py, loaded by path (its name is the standard library's ``tokenize``)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tokenize.py")
+    """benchmarks/tokenize_speed.py, loaded by path (benchmarks/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "tokenize_speed.py")
     spec = importlib.util.spec_from_file_location("benchmarks_tokenize", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up there

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 from glm.errors import TokenizerError
-from glm.files import FileKindError, read_bounded
+from glm.files import read_json
 
 # The assistant's self-introduction and heading that open the tool block (the released template, after
 # THUDM fixed the name "GhatGLM"; the Python apply_chat_template before it said "GLM-4").
@@ -210,19 +210,7 @@ def load_tools(path: str) -> list[dict]:
     ``{"tools": [...]}``. Each chat format checks the entries it describes (GLM-4: :func:`check_tools`;
     ChatGLM3: any JSON objects, appended to the system text)."""
     path = os.fspath(path)
-    try:
-        data = json.loads(read_bounded(path, what="tools file").decode("utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: no such file; pass a JSON file holding a list of tools") from None
-    except FileKindError as e:
-        raise TokenizerError(str(e)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e}); fix the tools file") from None
-    except (RecursionError, ValueError) as e:
-        raise TokenizerError(f"{path}: not usable JSON ({str(e).split(';')[0] or 'nested too deeply'}); fix the "
-                             f"tools file") from None
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot be read ({e.strerror})") from None
+    data = read_json(path, TokenizerError, missing="pass a JSON file holding a list of tools", fix="fix the tools file")
     if isinstance(data, dict) and "tools" in data:
         data = data["tools"]
     if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):

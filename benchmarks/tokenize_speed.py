@@ -28,7 +28,7 @@ Each row also records whether decode(encode(text)) gives back what the family gu
 Round trips): the text itself (byte-level files), the text with U+2581 as a space (SentencePiece; chatglm
 also turns placeholder spellings into whitespace), or transformers' decode of the same ids (WordPiece).
 
-    .venv/bin/python benchmarks/tokenize.py [--mb 1.0] [--repeats 3] [--out benchmarks/results/local]
+    .venv/bin/python benchmarks/tokenize_speed.py [--mb 1.0] [--repeats 3] [--out benchmarks/results/local]
 """
 from __future__ import annotations
 
