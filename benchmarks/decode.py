@@ -21,6 +21,7 @@ import argparse
 import gc
 import os
 import time
+from typing import Optional
 
 import torch
 from common import LOCAL, copy_bandwidth, run_timed, summary_row, write_record
@@ -109,13 +110,17 @@ def once(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
-def step_bytes(cfg, batch: int, context: int, elem: int) -> float:
+def step_bytes(cfg, batch: int, context: int, elem: int, weight_bytes: Optional[int] = None) -> float:
     """Bytes one decode step must read: every weight but the input embedding table (of which it
-    gathers ``batch`` rows), plus the keys and values of ``context`` cached tokens per row."""
+    gathers ``batch`` rows), plus the keys and values of ``context`` cached tokens per row.
+    ``weight_bytes``: the model's own tensors' bytes when they are not all ``elem`` wide (quantized)."""
     emb = cfg.vocab_size * cfg.hidden_size
+    kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * elem
+    if weight_bytes is not None:
+        table = 0 if cfg.tie_word_embeddings else emb * elem
+        return weight_bytes - table + batch * cfg.hidden_size * elem + kv
     weights = cfg.num_parameters - (0 if cfg.tie_word_embeddings else emb) + batch * cfg.hidden_size
-    kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim
-    return (weights + kv) * elem
+    return weights * elem + kv
 
 
 def main(argv=None) -> None:
@@ -132,11 +137,17 @@ def main(argv=None) -> None:
     ap.add_argument("--small", action="store_true", help="a 2M-parameter model (smoke runs)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows (cuda)")
     ap.add_argument("--no-compile", action="store_true", help="skip the CUDA graphs + torch.compile row (cuda)")
+    ap.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                    help="quantize glm's model (weight-only, glm.quantize) before measuring; transformers' stays "
+                         "in --dtype")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="with --quantize: one scale per GROUP_SIZE input columns (default: per output row)")
     ap.add_argument("--out", default=LOCAL)
     args = ap.parse_args(argv)
 
     import transformers
 
+    import glm
     from glm.generate import generate, release_cuda_graphs
 
     device = args.device
@@ -156,6 +167,11 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     ours, ref = build_models(cfg, device, dtype)
     cfg = ours.config
+    weight_bytes = None
+    if args.quantize is not None:
+        glm.quantize(ours, glm.quant.SCHEME_BITS[args.quantize], args.group_size)
+        weight_bytes = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
+        print(f"glm's model quantized: {glm.quant.describe(ours.quantization)} ({weight_bytes / 1e9:.2f} GB)")
     size = f"{cfg.num_parameters / 1e9:.2f}B" if cfg.num_parameters >= 1e9 else f"{cfg.num_parameters / 1e6:.0f}M"
     print(f"model {cfg.name}: {size} params ({cfg.num_parameters * elem / 1e9:.2f} GB in "
           f"{dtype}), device {device}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -167,7 +183,7 @@ def main(argv=None) -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(3, cfg.vocab_size, (B, prompt), generator=gen).to(device)
         # Mean context over the generated tokens: what the attention reads besides the weights.
-        roofline = B * ceiling * 1e9 / step_bytes(cfg, B, prompt + n // 2, elem)
+        roofline = B * ceiling * 1e9 / step_bytes(cfg, B, prompt + n // 2, elem, weight_bytes)
 
         def run_glm(ids=ids):
             return generate(ours, ids, max_new_tokens=n, cuda_graphs=False, eos_token_ids=())
@@ -210,7 +226,8 @@ def main(argv=None) -> None:
         if compiled:
             r["compiled_speedup"] = r["compiled_tokens_per_s"] / r["hf_tokens_per_s"]
         r["greedy_agreement"] = float((tok_glm.cpu() == tok_hf.cpu()).float().mean())
-        r["glm_weight_GBps"] = step_bytes(cfg, B, prompt + n // 2, elem) * r["glm_tokens_per_s"] / B / 1e9
+        r["glm_weight_GBps"] = (step_bytes(cfg, B, prompt + n // 2, elem, weight_bytes) * r["glm_tokens_per_s"]
+                                / B / 1e9)
         rows.append(r)
         del ids
         gc.collect()
@@ -234,7 +251,8 @@ def main(argv=None) -> None:
                       f"{r['compiled_first_call_s']:.1f} s)")
         print(f"{'':5} {agree}")
 
-    name = f"decode_{device}"
+    # A quantized run is its own record: publishing it must not replace the full-precision one the docs quote.
+    name = f"decode_{device}" + ("" if args.quantize is None else f"_{args.quantize}")
     peer = "transformers GlmForCausalLM"
     summary = []
     for r in rows:
@@ -247,7 +265,8 @@ def main(argv=None) -> None:
             summary.append(summary_row(f"decode batch {r['batch']}, CUDA graphs + torch.compile",
                                        r["compiled_tokens_per_s"], r["hf_tokens_per_s"], "tokens/s", peer))
     path = write_record(args.out, name, device, benchmark="decode", transformers=transformers.__version__,
-                        dtype=str(dtype), shape=cfg.name, config=cfg.to_dict(), ceiling_GBps=ceiling, results=rows,
+                        dtype=str(dtype), shape=cfg.name, quantization=getattr(ours, "quantization", None),
+                        config=cfg.to_dict(), ceiling_GBps=ceiling, results=rows,
                         ceiling={"value": ceiling, "unit": "GB/s", "what": "measured copy bandwidth"}, summary=summary)
     try:
         import matplotlib

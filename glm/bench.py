@@ -96,7 +96,8 @@ def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, qui
     rc = subprocess.run(argv, cwd=folder).returncode
     if rc != 0:
         raise BenchError(f"benchmarks/{suite}.py exited with status {rc} (its output is above)")
-    name = f"{suite}_{'cpu' if suite in CPU_ONLY else device}.json"
+    # A quantized decode run writes a record of its own (decode_cpu_int8.json) beside the full-precision one.
+    name = f"{suite}_{'cpu' if suite in CPU_ONLY else device}{'' if quantize is None else '_' + quantize}.json"
     with open(os.path.join(out, name)) as f:
         return json.load(f)
 

@@ -226,6 +226,13 @@ def test_bench_decode_passes_quantize_to_the_script(bench_argv, tmp_path, capsys
     assert "--quantize" not in bench_argv["argv"]
 
 
+def test_bench_decode_quantize_measures_a_quantized_model_into_its_own_record(tmp_path):
+    assert main(["bench", "decode", "--quick", "--quantize", "int4", "--group-size", "32", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "decode_cpu_int4.json").read_text())
+    assert record["quantization"] == {"bits": 4, "group_size": 32, "embeddings": False, "lm_head": False}
+    assert not (tmp_path / "decode_cpu.json").exists()  # the full-precision record is not replaced
+
+
 @pytest.mark.parametrize("argv, says", [
     (["bench", "attention", "--quantize", "int8"], "--quantize applies to the decode suite, not attention"),
     (["bench", "quantize", "--quantize", "int8"], "it measures every scheme itself"),
