@@ -169,6 +169,18 @@ class LoraAdapter(nn.Module):
         return (self.B.detach().float() @ self.A.detach().float()) * self.scaling
 
 
+def _share(src: nn.Module, dst: nn.Module, attrs: tuple[str, ...]) -> None:
+    """Register ``src``'s own parameters and buffers (None entries and persistence included) on ``dst`` under
+    the same names, and copy ``attrs``: both modules then hold the very same tensors."""
+    for name in attrs:
+        setattr(dst, name, getattr(src, name))
+    for name, p in src._parameters.items():
+        dst.register_parameter(name, p)
+    for name, b in src._buffers.items():
+        dst.register_buffer(name, b, persistent=name not in src._non_persistent_buffers_set)
+    dst.train(src.training)
+
+
 class _Adapted:
     """What both adapted projections share: adapters under ``lora`` on row slices of the output, added to the
     base projection's result unless folded into the weights (``merged``)."""
@@ -176,11 +188,24 @@ class _Adapted:
     lora: nn.ModuleDict
     merged: bool
     out_features: int
+    # The plain projection class this one adapts, and the attributes besides tensors it carries over.
+    base_class: type
+    base_attrs: tuple[str, ...]
 
-    def _init_adapted(self, base: nn.Module) -> None:
+    def _adopt(self, base: nn.Module) -> None:
+        """Hold ``base``'s own tensors under their own names (so state_dict keys do not change), no adapters."""
+        nn.Module.__init__(self)
+        _share(base, self, self.base_attrs)
         self.lora = nn.ModuleDict()
         self.merged = False
         self.train(base.training)
+
+    def plain(self) -> nn.Module:
+        """A plain ``base_class`` module holding this module's tensors (the adapters left out)."""
+        mod = self.base_class.__new__(self.base_class)
+        nn.Module.__init__(mod)
+        _share(self, mod, self.base_attrs)
+        return mod
 
     def _with_adapters(self, y: Tensor, x: Tensor) -> Tensor:
         if self.merged or not len(self.lora):
@@ -205,22 +230,10 @@ class LoraLinear(_Adapted, Linear):
     """A `glm.model.Linear` with adapters on row slices of its output. It holds the base module's own weight
     and bias, so their state_dict names do not change; the adapters sit under ``lora.<target name>``."""
 
-    def __init__(self, base: Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
-        self._init_adapted(base)
+    base_class, base_attrs = Linear, ("in_features", "out_features")
 
-    def plain(self) -> Linear:
-        """A plain `Linear` holding this module's weight and bias (the adapters left out)."""
-        lin = Linear.__new__(Linear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        lin.weight = self.weight
-        lin.register_parameter("bias", self.bias)
-        lin.train(self.training)
-        return lin
+    def __init__(self, base: Linear):
+        self._adopt(base)
 
     def adapter_like(self) -> Tensor:
         """An empty tensor of the dtype and device adapters on this projection take."""
@@ -241,28 +254,10 @@ class QuantLoraLinear(_Adapted, QuantLinear):
     integers, scales and bias stay the base module's own tensors under their own names; the adapters run in
     the compute dtype beside the quantized product. They cannot be folded into integer weights."""
 
-    def __init__(self, base: QuantLinear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.bits, self.group_size = base.bits, base.group_size
-        self.register_buffer("qweight", base.qweight)
-        self.register_buffer("scales", base.scales)
-        self.register_buffer("dtype_probe", base.dtype_probe, persistent=False)
-        self.register_parameter("bias", base.bias)
-        self._init_adapted(base)
+    base_class, base_attrs = QuantLinear, ("in_features", "out_features", "bits", "group_size")
 
-    def plain(self) -> QuantLinear:
-        """A plain `QuantLinear` holding this module's tensors (the adapters left out)."""
-        mod = QuantLinear.__new__(QuantLinear)
-        nn.Module.__init__(mod)
-        mod.in_features, mod.out_features = self.in_features, self.out_features
-        mod.bits, mod.group_size = self.bits, self.group_size
-        mod.register_buffer("qweight", self.qweight)
-        mod.register_buffer("scales", self.scales)
-        mod.register_buffer("dtype_probe", self.dtype_probe, persistent=False)
-        mod.register_parameter("bias", self.bias)
-        mod.train(self.training)
-        return mod
+    def __init__(self, base: QuantLinear):
+        self._adopt(base)
 
     def adapter_like(self) -> Tensor:
         return torch.empty(0, dtype=self.compute_dtype, device=self.qweight.device)

@@ -190,7 +190,9 @@ class QuantLinear(_QuantizedWeight):
         check_scheme(bits, group_size, in_features)
         self.in_features, self.out_features = in_features, out_features
         self._init_weight(out_features, in_features, bits, group_size, scale_dtype, dtype, device)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        # Registered even when absent (as nn.Linear does), so the bias is part of the module's parameter table.
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+                                if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: Optional[int] = None,
