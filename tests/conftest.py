@@ -1,7 +1,9 @@
+import importlib
 import json
 import os
 import shutil
 import signal
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -48,6 +50,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def bench_script(monkeypatch):
+    """Imports a benchmarks/ script as a module: benchmarks/ is a folder of scripts, not a package, so the
+    folder goes on sys.path for the test and every module imported from it is forgotten after."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    before = set(sys.modules)
+    yield importlib.import_module
+    for name in set(sys.modules) - before:
+        if os.path.abspath(getattr(sys.modules[name], "__file__", None) or "").startswith(BENCHMARKS + os.sep):
+            del sys.modules[name]
+
+
+def char_model_folder(root, text: str, name: str = "model"):
+    """A ChatGLM2-layout model folder under ``root``: a character tokenizer trained on ``text`` and a
+    randomly initialised tiny-chatglm2 model whose vocabulary covers it. Returns (folder, tokenizer)."""
+    import glm
+    from glm.tokenizer import train
+
+    corpus = root / f"{name}-corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    tok = train([str(corpus)], str(root / f"{name}-tok"), None, "chatglm2", model_type="char")
+    cfg = glm.preset("tiny-chatglm2")
+    model = glm.GLM(cfg.replace(vocab_size=max(tok.vocab_size, cfg.vocab_size)))
+    model.init_weights(seed=0)
+    folder = str(root / name)
+    model.save_pretrained(folder)
+    tok.save(folder)
+    return folder, tok
 
 
 def copy_fixture(name: str, tmp_path) -> str:

@@ -177,18 +177,8 @@ def test_bench_report_collects_the_records(tmp_path, capsys):
 
 
 @pytest.fixture
-def attention_bench(monkeypatch):
-    """benchmarks/attention.py as a module (benchmarks/ is a folder of scripts, so it is forgotten after)."""
-    import importlib
-    import os
-
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    monkeypatch.syspath_prepend(folder)
-    before = set(sys.modules)
-    yield importlib.import_module("attention")
-    for name in set(sys.modules) - before:
-        if os.path.abspath(getattr(sys.modules[name], "__file__", None) or "").startswith(folder + os.sep):
-            del sys.modules[name]
+def attention_bench(bench_script):
+    return bench_script("attention")
 
 
 def test_bench_attention_flex_smoke(tmp_path, capsys):

@@ -253,14 +253,8 @@ def test_bench_knows_the_quantize_suite():
 # benchmarks/quantize.py: PyTorch's weight-only ops on glm's integers
 
 @pytest.fixture
-def quant_bench(monkeypatch):
-    """benchmarks/quantize.py as a module (benchmarks/ is a folder of scripts, so it is forgotten after)."""
-    monkeypatch.syspath_prepend(BENCHMARKS)
-    before = set(sys.modules)
-    yield importlib.import_module("quantize")
-    for name in set(sys.modules) - before:
-        if os.path.abspath(getattr(sys.modules[name], "__file__", None) or "").startswith(BENCHMARKS + os.sep):
-            del sys.modules[name]
+def quant_bench(bench_script):
+    return bench_script("quantize")
 
 
 def tiny_variants(quant_bench, bits: int, group):

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+from conftest import char_model_folder
 
 import glm
 from glm.cli import main
@@ -64,17 +65,10 @@ def test_a_tool_call_is_shown_and_the_next_line_is_its_result(glm4_folder, capsy
 
 
 def test_tools_on_a_format_without_tool_calling_is_one_error(tmp_path, capsys):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("a b c d e f g\n" * 50, encoding="utf-8")
-    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok"), None, "chatglm2", model_type="char")
-    cfg = glm.preset("tiny-chatglm2")
-    model = glm.GLM(cfg.replace(vocab_size=max(tok.vocab_size, cfg.vocab_size)))
-    model.init_weights(seed=0)
-    model.save_pretrained(str(tmp_path / "m"))
-    tok.save(str(tmp_path / "m"))
+    folder, _ = char_model_folder(tmp_path, "a b c d e f g\n" * 50)
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps(TOOLS), encoding="utf-8")
-    assert main(["chat", str(tmp_path / "m"), "--tools", str(tools)]) == 2
+    assert main(["chat", folder, "--tools", str(tools)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tools" in err
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import char_model_folder
 
 import glm
 from glm import lora, ptuning, quant
@@ -13,7 +14,6 @@ from glm.errors import ArgumentError, InputError
 from glm.finetune import FinetuneConfig, finetune
 from glm.formats import peft
 from glm.quant import QuantLinear
-from glm.tokenizer import train as train_tokenizer
 
 
 def tiny_model(name: str = "tiny-chatglm2", seed: int = 0) -> glm.GLM:
@@ -164,15 +164,7 @@ def test_a_tied_quantized_embedding_is_the_head(bits, group_size):
 
 def test_finetune_trains_lora_over_a_quantized_base(tmp_path):
     # A character tokenizer over the rows' own text is enough for a few steps of SFT.
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("q0 a0 q1 a1 q2 a2 " * 50, encoding="utf-8")
-    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok"), None, "chatglm2", model_type="char")
-    cfg = glm.preset("tiny-chatglm2")
-    base = glm.GLM(cfg.replace(vocab_size=max(tok.vocab_size, cfg.vocab_size)))
-    base.init_weights(seed=0)
-    folder = str(tmp_path / "base")
-    base.save_pretrained(folder)
-    tok.save(folder)
+    folder, _ = char_model_folder(tmp_path, "q0 a0 q1 a1 q2 a2 " * 50, name="base")
     rows = [{"prompt": f"q{i % 3}", "response": f"a{i % 3}"} for i in range(8)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -2,12 +2,10 @@
 the demo's record, and what the Makefile prints. (README's code and numbers: tests/test_docs.py.)"""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -18,17 +16,6 @@ from glm.cli import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 RESULTS = os.path.join(BENCHMARKS, "results")
-
-
-@pytest.fixture
-def script(monkeypatch):
-    """Imports a benchmarks/ script as a module (a folder of scripts: forgotten after the test)."""
-    monkeypatch.syspath_prepend(BENCHMARKS)
-    before = set(sys.modules)
-    yield importlib.import_module
-    for name in set(sys.modules) - before:
-        if os.path.abspath(getattr(sys.modules[name], "__file__", None) or "").startswith(BENCHMARKS + os.sep):
-            del sys.modules[name]
 
 
 @pytest.fixture
@@ -77,9 +64,9 @@ def test_local_results_are_not_tracked():
 
 
 @pytest.mark.parametrize("suite", glm.bench.SUITES)
-def test_each_script_defaults_to_the_local_folder(suite, script):
+def test_each_script_defaults_to_the_local_folder(suite, bench_script):
     # `python benchmarks/SUITE.py` without --out must not rewrite the committed records either.
-    common = script("common")
+    common = bench_script("common")
     assert common.LOCAL == os.path.join(RESULTS, "local")
     with open(os.path.join(BENCHMARKS, f"{suite}.py"), encoding="utf-8") as f:
         source = f.read()
@@ -94,12 +81,12 @@ def test_quick_tells_goal_judging_scripts_it_is_a_smoke_run(argv_of_run):
     assert "--smoke" not in argv_of_run["argv"]
 
 
-def test_smoke_runs_judge_no_goals(script):
-    convert = script("convert")
+def test_smoke_runs_judge_no_goals(bench_script):
+    convert = bench_script("convert")
     assert convert.goal_met(2 * 10**9, 10**9) is False and convert.goal_met(10**9, 10**9) is True
     assert convert.goal_met(2 * 10**9, 10**9, smoke=True) is None
     assert convert.VERDICT[None] == "not judged (smoke run)"
-    attention = script("attention")
+    attention = bench_script("attention")
     rows = [{"dtype": "bfloat16", "mask": "prefix", "pass": "fwd", "T": 64, "glm/flex": 0.1, "glm/sdpa": 0.1,
              "TFLOPs": {"glm": 0.01}}]
     assert any(g["met"] is False for g in attention.goals(rows))
@@ -116,7 +103,7 @@ def test_quick_run_says_it_is_not_a_measurement(monkeypatch, capsys):
     assert "goals are not judged" not in capsys.readouterr().out
 
 
-def test_demo_suite_writes_the_demo_record(script, monkeypatch, tmp_path):
+def test_demo_suite_writes_the_demo_record(bench_script, monkeypatch, tmp_path):
     import glm.demo
 
     seen = {}
@@ -128,7 +115,7 @@ def test_demo_suite_writes_the_demo_record(script, monkeypatch, tmp_path):
 
     monkeypatch.setattr(glm.demo, "demo", fake_demo)
     assert "demo" in glm.bench.SUITES and "demo" in glm.bench.QUICK
-    script("demo").main(["--out", str(tmp_path)])
+    bench_script("demo").main(["--out", str(tmp_path)])
     cfg = seen["cfg"]
     assert (cfg.steps, cfg.model_overrides, cfg.seed) == (glm.demo.DEMO.steps, glm.demo.DEMO.model_overrides, 0)
     assert not cfg.out_dir.startswith(os.path.abspath("runs"))  # a temporary folder, never the user's runs/demo
