@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from common import LOCAL, device_times, matmul_peak, run_timed, summary_row, write_record
+from common import LOCAL, device_times, matmul_peak, pyplot, run_timed, save_figure, summary_row, write_record
 
 
 def median_time(fn, device: str, repeats: int) -> float:
@@ -132,13 +132,9 @@ def bench_decode(device: str, prompt: int, new_tokens: int, batches, repeats: in
 def panel_figure(ylabel: str, draw, height: float = 3.2):
     """One figure of four panels, (prefix, causal) x (fwd, fwd+bwd), each drawn by ``draw(ax, mask,
     pass)``. Returns (figure, axes), or None without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(m, p) for m in ("prefix", "causal") for p in ("fwd", "fwd+bwd")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), height), sharey=True)
     for ax, (m, p) in zip(axes, panels):
@@ -148,12 +144,6 @@ def panel_figure(ylabel: str, draw, height: float = 3.2):
         ax.set_xlabel("sequence length")
     axes[0].set_ylabel(ylabel)
     return fig, axes
-
-
-def save_figure(fig, path: str, title: str) -> None:
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def plot(rows: list[dict], path: str, device: str) -> None:

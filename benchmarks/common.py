@@ -111,6 +111,30 @@ def disk_write_bandwidth(folder: str, mb: int = 256) -> float:
             os.remove(path)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing off-screen, or None where matplotlib is not installed (the JSON record is
+    the result; its plot is a view of it, so a benchmark without matplotlib still writes the record)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, title: str | None = None, dpi: int = 120) -> None:
+    """Writes ``fig`` to ``path`` and frees it (the scripts draw several records in one process)."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def summary_row(case: str, ours: float, peer: float, unit: str, peer_name: str, higher_is_better: bool = True) -> dict:
     """One line of the table ``glm bench`` prints: ours vs the peer measured in the same run."""
     ratio = ours / peer if higher_is_better else peer / ours

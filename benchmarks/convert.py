@@ -22,7 +22,7 @@ import time
 from typing import Optional
 
 import torch
-from common import LOCAL, disk_write_bandwidth, summary_row, write_record
+from common import LOCAL, disk_write_bandwidth, pyplot, save_figure, summary_row, write_record
 
 
 def synthetic_config(target_gb: float):
@@ -182,12 +182,8 @@ def main(argv=None) -> None:
                                              higher_is_better=False),
                                  summary_row("throughput", gb(s["bytes"]) / s["seconds"], gb(n["bytes"]) / n["seconds"],
                                              "GB/s", "load-everything")])
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ks = list(results)
         ax.bar(ks, [gb(results[k]["peak_rss"]) for k in ks], color=["tab:green", "tab:red"])
@@ -196,10 +192,9 @@ def main(argv=None) -> None:
         ax.set_ylabel("peak RSS (GB)")
         ax.set_title(f"convert {gb(info['bytes']):.1f} GB checkpoint")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "convert_cpu.png"), dpi=120)
+        save_figure(fig, os.path.join(args.out, "convert_cpu.png"))
         print(f"wrote {path} and convert_cpu.png")
-    except ImportError:
+    else:
         print(f"wrote {path} (matplotlib missing: no plot)")
 
 

@@ -24,7 +24,7 @@ import time
 from typing import Optional
 
 import torch
-from common import LOCAL, copy_bandwidth, run_timed, summary_row, write_record
+from common import LOCAL, copy_bandwidth, pyplot, run_timed, save_figure, summary_row, write_record
 
 SHAPES = ("bench-120m", "glm4-9b")
 # (prompt, new tokens) per shape when not given.
@@ -268,12 +268,8 @@ def main(argv=None) -> None:
                         dtype=str(dtype), shape=cfg.name, quantization=getattr(ours, "quantization", None),
                         config=cfg.to_dict(), ceiling_GBps=ceiling, results=rows,
                         ceiling={"value": ceiling, "unit": "GB/s", "what": "measured copy bandwidth"}, summary=summary)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         width = 0.8 / len(variants)
         for i, (label, key) in enumerate(variants):
@@ -287,10 +283,7 @@ def main(argv=None) -> None:
         ax.set_ylabel("tokens / s")
         ax.set_title(f"greedy decode, {cfg.name} ({size} params), {device}", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, name + ".png"), dpi=120)
-    except ImportError:
-        pass
+        save_figure(fig, os.path.join(args.out, name + ".png"))
     print(f"wrote {path}")
 
 

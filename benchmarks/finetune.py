@@ -31,7 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import LOCAL, device_name, summary_row, write_record
+from common import LOCAL, device_name, pyplot, save_figure, summary_row, write_record
 
 from glm.tuning import cpu_model
 
@@ -263,12 +263,8 @@ def main(argv=None) -> None:
 
 
 def plot(path: str, methods: dict, peer: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     names = list(methods)
@@ -281,8 +277,7 @@ def plot(path: str, methods: dict, peer: dict) -> None:
         axes[2].bar(["glm LoRA", "peft LoRA"], [peer["glm"]["tokens_per_s"], peer["peft"]["tokens_per_s"]])
         axes[2].set_title("LoRA tokens/s vs peft + transformers")
     fig.suptitle(f"fine-tuning steps, {device_name('cpu')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path[:-5] + ".png", dpi=100)
+    save_figure(fig, path[:-5] + ".png", dpi=100)
 
 
 if __name__ == "__main__":

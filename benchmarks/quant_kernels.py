@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from common import LOCAL, copy_bandwidth, matmul_peak, summary_row, write_record
+from common import LOCAL, copy_bandwidth, matmul_peak, pyplot, save_figure, summary_row, write_record
 
 from glm import kernels
 
@@ -101,12 +101,8 @@ def make_copies(N: int, K: int, variants: dict[str, Variant], rotate_bytes: int,
 
 
 def plot(rows: list[dict], path: str, threads: int) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: s[0] * s[1])
     fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3.2), sharey=True, squeeze=False)
@@ -120,8 +116,7 @@ def plot(rows: list[dict], path: str, threads: int) -> None:
         ax.set_xscale("log", base=2)
     axes[0][0].set_ylabel(f"speed-up over {PEER}")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

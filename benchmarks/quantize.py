@@ -61,7 +61,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from common import HERE, LOCAL, copy_bandwidth, summary_row, write_record
+from common import HERE, LOCAL, copy_bandwidth, pyplot, save_figure, summary_row, write_record
 from decode import bench_config, build_models
 from torch import Tensor, nn
 
@@ -575,12 +575,8 @@ def print_table(shape: dict, goals: list[dict]) -> None:
 
 
 def plot(path: str, shapes: list[dict], loads: Optional[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     panels = len(shapes) + (1 if loads else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
@@ -609,8 +605,7 @@ def plot(path: str, shapes: list[dict], loads: Optional[dict]) -> None:
         ax.set_ylabel("GB")
         ax.set_title(f"loading {loads['shape']} ({loads['checkpoint_bytes'] / 1e9:.1f} GB fp32 file)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -32,33 +32,21 @@ also turns placeholder spellings into whitespace), or transformers' decode of th
 """
 from __future__ import annotations
 
+import argparse
+import glob
+import json
 import os
-import sys
+import re
+import tempfile
+import time
+from dataclasses import dataclass
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# This file has the standard library's module name `tokenize` (which torch's imports need): keep the
-# benchmarks folder off sys.path so `import tokenize` finds the real one, and load common.py by path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
-sys.path.insert(0, os.path.dirname(HERE))
+from common import LOCAL, pyplot, save_figure, summary_row, write_record
 
-import argparse  # noqa: E402
-import glob  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("benchmarks_common", os.path.join(HERE, "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
-LOCAL, summary_row, write_record = common.LOCAL, common.summary_row, common.write_record
-
-from glm.corpus import generate_corpus  # noqa: E402
-from glm.tokenizer import TokenizerError, load, train  # noqa: E402
-from glm.tokenizer.glm4 import GLM4_SPECIALS, PAT_STR  # noqa: E402
-from glm.tokenizer.glm_english import EOP, SOP  # noqa: E402
+from glm.corpus import generate_corpus
+from glm.tokenizer import TokenizerError, load, train
+from glm.tokenizer.glm4 import GLM4_SPECIALS, PAT_STR
+from glm.tokenizer.glm_english import EOP, SOP
 
 CHUNK = 4096
 SP_VOCAB = 2000
@@ -289,12 +277,8 @@ def main(argv=None) -> None:
                         tokenizers=tokenizers.__version__, load_average=os.getloadavg(), text_MB=nbytes / 1e6,
                         chunk_chars=CHUNK, results=rows, summary=summary,
                         ceiling={"value": None, "unit": "MB/s", "what": "none: CPU-bound string processing"})
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for ax, kind in zip(axes, ("encode", "decode")):
             xs = list(range(len(rows)))
@@ -305,10 +289,7 @@ def main(argv=None) -> None:
             ax.set_ylabel("MB/s")
             ax.set_title(f"{kind}, {nbytes / 1e6:.1f} MB mixed zh/en/code, cpu", fontsize=9)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "tokenize_cpu.png"), dpi=120)
-    except ImportError:
-        pass
+        save_figure(fig, os.path.join(args.out, "tokenize_cpu.png"))
     print(f"wrote {path}")
 
 

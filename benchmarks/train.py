@@ -48,7 +48,7 @@ import gpt2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import LOCAL, matmul_peak, summary_row, sync, write_record
+from common import LOCAL, matmul_peak, pyplot, save_figure, summary_row, sync, write_record
 
 
 def causal_batches(cfg, batch: int, seq: int, device: str) -> list[dict]:
@@ -419,12 +419,8 @@ def main(argv=None) -> None:
                         speedup=first["speedup"],
                         ceiling={"value": peak / 1e12, "unit": "TFLOP/s", "what": f"measured {dtype} matmul"},
                         summary=summary, **extra)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         bars = []  # (label, tokens/s): glm and its peer, case by case
         for case, v in results.items():
             sides = (v["tokens_per_s"] if case == "nanogpt"
@@ -435,10 +431,7 @@ def main(argv=None) -> None:
         ax.tick_params(axis="x", labelsize=7)
         ax.set_ylabel("training tokens / s")
         ax.set_title(f"train step, {device}")
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, f"train_{device}.png"), dpi=120)
-    except ImportError:
-        pass
+        save_figure(fig, os.path.join(args.out, f"train_{device}.png"))
     print(f"wrote {path}")
 
 

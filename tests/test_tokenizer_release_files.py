@@ -5,10 +5,8 @@ WordPiece of glm-large/glm-515m).
 The folders are built here, small, with the release's file layout, added-token ids (relative to the
 vocabulary size) and tokenizer_config.json, by the ``tokenizers`` trainers. transformers' tokenizer built
 from the same files is the reference for the ids."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -460,17 +458,6 @@ SPECIALS_IN_TEXT = ('a token ([MASK]) and one [MASK] (def f(): return "[gMASK]")
                     '<|user|>\n\t<sop>x')
 
 
-def _benchmark():
-    """benchmarks/tokenize_speed.py, loaded by path (benchmarks/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "tokenize_speed.py")
-    spec = importlib.util.spec_from_file_location("benchmarks_tokenize", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_special_strings_in_text_both_ways(glm4_json_folder):
     """`encode` keeps special-token strings text (transformers with split_special_tokens=True);
     `encode_with_specials` gives their ids, as transformers' plain encode matches its added tokens."""
@@ -505,10 +492,10 @@ def test_rank_file_with_special_strings_is_thudms_tiktoken(tmp_path):
         text, add_special_tokens=False)
 
 
-def test_benchmark_compares_like_with_like(glm4_json_folder, gpt2_folder):
+def test_benchmark_compares_like_with_like(glm4_json_folder, gpt2_folder, bench_script):
     """The tokenizer benchmark checks ids with the same special-token rule on both sides, so text that spells
     special tokens (as its text does) is equal where the tokenizers agree."""
-    bench = _benchmark()
+    bench = bench_script("tokenize_speed")
     for folder, peer, rule in ((glm4_json_folder, _hf_json(glm4_json_folder), "exact"),
                                (gpt2_folder, _hf(gpt2_folder, "gpt2"), "exact")):
         case = bench.Case(str(folder), load(folder), peer, "transformers", True, rule)
