@@ -289,7 +289,11 @@ inline float tail_dot(const Problem& p, const S* scales, int64_t n, int64_t k0, 
 template <class B, typename S, bool PerRow>
 GLM_ROW_LOOP void rows_one_x(const Problem& p, const S* scales, const float* x, float* y, int64_t n0, int64_t n1,
                              float* sbuf) {
-  constexpr int A = 4;
+  // One FMA chain per decoded vector of a block (int4: 8, int8: 4): with fewer, each chain took two
+  // dependent FMAs per block and the FMA latency, not the decoding, bounded the loop.
+  constexpr int A = B::kVectors;
+  // Grouped: the block's products in P chains (two FMAs each for int4), summed before the block's scale.
+  constexpr int P = B::kVectors >= 8 ? 4 : 2;
   const int64_t blocks = p.K / B::kWeights, body = blocks * B::kWeights, ldq = p.ldq;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* qr = p.q + n * ldq;
@@ -306,12 +310,17 @@ GLM_ROW_LOOP void rows_one_x(const Problem& p, const S* scales, const float* x, 
       if constexpr (PerRow) {
         B::decode(qr + byte0, p.tables, [&](auto v, const vreg& w) { acc[v % A] += w * loadr(xb + v * kVecWidth); });
       } else {
-        vreg part[2] = {vreg{}, vreg{}};
-        B::decode(qr + byte0, p.tables, [&](auto v, const vreg& w) { part[v & 1] += w * loadr(xb + v * kVecWidth); });
-        acc[0] += B::scales(srow + p.group_of(k0), p.lane_group) * (part[0] + part[1]);
+        vreg part[P];
+        static_for<P>([&](auto i) { part[i] = vreg{}; });
+        B::decode(qr + byte0, p.tables, [&](auto v, const vreg& w) { part[v % P] += w * loadr(xb + v * kVecWidth); });
+        vreg sum = part[0];
+        static_for<P - 1>([&](auto i) { sum += part[i + 1]; });
+        acc[b % 2] += B::scales(srow + p.group_of(k0), p.lane_group) * sum;
       }
     }
-    float sum = hsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail_dot<B::kBits, PerRow>(p, scales, n, body, x + body);
+    vreg total = acc[0];
+    static_for<A - 1>([&](auto a) { total += acc[a + 1]; });
+    float sum = hsum(total) + tail_dot<B::kBits, PerRow>(p, scales, n, body, x + body);
     if (PerRow) sum *= to_f(scales[n]);
     if (p.bias != nullptr) sum += p.bias[n];
     y[n] = sum;
