@@ -262,7 +262,7 @@ class GLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
         """Random init for training from scratch: N(0, std) matrices, zero biases, unit norms."""
-        if self.embed.weight.is_meta:
+        if self.float_probe.is_meta:
             return
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
@@ -283,6 +283,14 @@ class GLM(nn.Module):
             self.rotary.reset_buffers(device)
 
     @property
+    def float_probe(self) -> Tensor:
+        """A tensor with the model's compute dtype and device, meta where the weights are, read without
+        building anything: the embedding table, or a quantized embedding's empty dtype probe (its ``weight``
+        dequantizes the whole table, hundreds of MB for a release's vocabulary)."""
+        probe = getattr(self.embed, "dtype_probe", None)
+        return self.embed.weight if probe is None else probe
+
+    @property
     def prefix_slots(self) -> int:
         """Key slots the P-tuning prefix takes in front of each sequence (0 without one)."""
         return 0 if self.prefix_encoder is None else self.prefix_encoder.pre_seq_len
@@ -294,7 +302,7 @@ class GLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     def check_runnable(self) -> None:
         """Refuse a model whose weights have no values (built or loaded on the meta device)."""
-        if self.embed.weight.is_meta:
+        if self.float_probe.is_meta:
             raise InputError("the model's weights are on the meta device (shapes without values), which cannot "
                              "compute anything; load them onto a real device (e.g. from_pretrained(..., device='cpu'))")
 
@@ -392,7 +400,7 @@ class GLM(nn.Module):
             cache.check_room(T)
             if cache.batch != B:
                 raise InputError(f"KV cache was made for batch {cache.batch}, input has batch {B}")
-            dtype = self.embed.weight.dtype
+            dtype = self.float_probe.dtype
             dev = input_ids.device.type
             # Under autocast the keys come out in its dtype; a cache in either dtype holds them.
             ok = {dtype, torch.get_autocast_dtype(dev)} if torch.is_autocast_enabled(dev) else {dtype}
@@ -461,7 +469,7 @@ class GLM(nn.Module):
                 raise CacheFullError(f"the KV cache holds {cache.max_len} slots, fewer than the {learned} of the "
                                  f"P-tuning prefix plus {input_ids.shape[1]} tokens; make it with "
                                  f"model.new_cache(batch, max_len), which reserves the prefix's slots")
-            keys = PrefixKV(*self.prefix_encoder(input_ids.shape[0], self.embed.weight.dtype), pad_left, cache)
+            keys = PrefixKV(*self.prefix_encoder(input_ids.shape[0], self.float_probe.dtype), pad_left, cache)
             prefix_len = None if prefix_len is None else prefix_len + learned
         mask = Mask(causal=True, prefix_len=prefix_len, kv_start=pad_left if doc_start is None else doc_start,
                     q_offset=start + learned)

@@ -129,7 +129,7 @@ def apply(model: GLM, cfg: PrefixConfig) -> GLM:
     if model.prefix_encoder is not None:
         raise ArgumentError("the model already has a P-tuning prefix; ptuning.remove(model) first to replace it")
     model.check_runnable()
-    encoder = PrefixEncoder(model.config, cfg, device=model.embed.weight.device)
+    encoder = PrefixEncoder(model.config, cfg, device=model.float_probe.device)
     for name, p in model.named_parameters():
         if p.requires_grad:
             p.requires_grad_(False)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import glm
-from glm import quant
+from glm import ptuning, quant
 from glm.errors import CheckpointError, InputError
+from glm.formats.ptuning_checkpoint import save_prefix
 from glm.quant import QuantLinear, dequantize, pack_int4, quantize_weight, unpack_int4
 
 TINY = ["tiny-glm", "tiny-chatglm", "tiny-chatglm2", "tiny-chatglm3", "tiny-glm4-chatglm", "tiny-glm-hf",
@@ -222,6 +223,27 @@ def test_quantized_embeddings_and_head(name):
         ref, got = model(ids), q(ids)
         assert torch.equal(q.embed(ids), q.embed.weight[ids])
     assert ((got - ref).norm() / ref.norm()).item() < 0.03
+
+
+@pytest.mark.parametrize("name", ["tiny-chatglm", "tiny-glm4-chatglm"])  # tied and untied output head
+def test_a_quantized_embedding_is_never_dequantized_whole(name, monkeypatch, tmp_path):
+    # Its `weight` builds the whole float table; forward, decode with a P-tuning prefix, generation and
+    # saving the prefix only need the model's dtype and device, and the rows they look up.
+    model = quant.quantize(tiny_model(name), 4, 32, embeddings=True)
+    ptuning.apply(model, ptuning.PrefixConfig(pre_seq_len=3)).eval()
+
+    def whole_table(self):
+        raise AssertionError("the quantized embedding table was dequantized whole")
+
+    monkeypatch.setattr(quant.QuantEmbedding, "weight", property(whole_table))
+    ids = torch.randint(0, 160, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cache = model.new_cache(1, 12)
+        model(ids[:, :5], cache=cache)
+        model(ids[:, 5:], cache=cache)
+    assert glm.generate(model, ids, max_new_tokens=3, eos_token_ids=()).shape == (1, 3)
+    if model.config.family in ("chatglm", "glm4-chatglm"):
+        save_prefix(model, tmp_path / "prefix")
 
 
 @pytest.mark.parametrize("bits,group,scale_dtype", [(8, None, torch.float16), (4, 32, torch.float32)])

@@ -109,7 +109,7 @@ def save_prefix(model: GLM, folder: "str | os.PathLike[str]", family: Optional[s
     if family not in INTERLEAVED_KEYS:
         hint = " (write a GLM-4 model with family='glm4-chatglm')" if model.config.family in ("glm-hf",) else ""
         raise FormatError(_supported(f"family {family!r} has no P-tuning checkpoint format") + hint)
-    dtype = model.embed.weight.dtype
+    dtype = model.float_probe.dtype
     if dtype not in DTYPE_NAMES:
         raise FormatError(f"the model is in {dtype}; the release config.json records float32, float16 or bfloat16")
     cfg = retarget(model.config, family, dtype)
