@@ -309,7 +309,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if tools is None:
             history.append((query, reply.strip()))
             continue
-        parsed = parse_reply(reply, tools)
+        parsed = parse_reply(reply, tools, tok.tool_format)
         awaiting_result = isinstance(parsed, ToolCall)
         if isinstance(parsed, ToolCall):
             messages.append(parsed.message())
@@ -698,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt (families with a system role)")
     s.add_argument("--tools", default=None, metavar="TOOLS.json",
                    help="offer the tools of this JSON file (a list of tools, or {\"tools\": [...]}; GLM-4: "
-                        "OpenAI-style function tools, python, simple_browser, cogview); a reply that calls one is "
+                        "OpenAI-style function tools, python, simple_browser, cogview; ChatGLM3: "
+                        "{\"name\", \"description\", \"parameters\"} objects); a reply that calls one is "
                         "shown as a call and the next line is taken as its result")
     s.set_defaults(func=cmd_chat)
 

@@ -67,17 +67,18 @@ def bench_script(monkeypatch):
             del sys.modules[name]
 
 
-def char_model_folder(root, text: str, name: str = "model"):
-    """A ChatGLM2-layout model folder under ``root``: a character tokenizer trained on ``text`` and a
-    randomly initialised tiny-chatglm2 model whose vocabulary covers it. Returns (folder, tokenizer)."""
+def char_model_folder(root, text: str, name: str = "model", family: str = "chatglm2", **config):
+    """A model folder under ``root``: a character tokenizer of ``family`` (chatglm2, chatglm3, ...) trained on
+    ``text`` and a randomly initialised ``tiny-{family}`` model (``config``: fields to change) whose vocabulary
+    covers it. Returns (folder, tokenizer)."""
     import glm
     from glm.tokenizer import train
 
     corpus = root / f"{name}-corpus.txt"
     corpus.write_text(text, encoding="utf-8")
-    tok = train([str(corpus)], str(root / f"{name}-tok"), None, "chatglm2", model_type="char")
-    cfg = glm.preset("tiny-chatglm2")
-    model = glm.GLM(cfg.replace(vocab_size=max(tok.vocab_size, cfg.vocab_size)))
+    tok = train([str(corpus)], str(root / f"{name}-tok"), None, family, model_type="char")
+    cfg = glm.preset(f"tiny-{family}")
+    model = glm.GLM(cfg.replace(vocab_size=max(tok.vocab_size, cfg.vocab_size), **config))
     model.init_weights(seed=0)
     folder = str(root / name)
     model.save_pretrained(folder)

@@ -298,6 +298,31 @@ def test_parse_reply():
         parse_reply(None, tools)  # type: ignore[arg-type]
 
 
+def test_parse_chatglm3_reply():
+    # ChatGLM3's tools are THUDM's demo layout (a bare name), or OpenAI style
+    tools = [{"name": "track", "description": "stock price", "parameters": {"type": "object"}}, WEATHER]
+    block = '```python\ntool_call(symbol="10111", days=[1, 2], exact=True)\n```'
+    call = parse_reply("track\n" + block, tools, "chatglm3")
+    assert call == ToolCall("track", '{"symbol": "10111", "days": [1, 2], "exact": true}', content=block)
+    # the history keeps the code block, as the release's process_response does
+    assert call.message() == {"role": "assistant", "metadata": "track", "content": block}
+    weather = parse_reply('get_weather\n```python\ntool_call(city="北京")\n```\n', tools, "chatglm3")
+    assert weather.args == {"city": "北京"}
+    # a plain reply: empty metadata line, then the text
+    assert parse_reply("\n 北京今天晴。\n", tools, "chatglm3") == "北京今天晴。"
+    assert parse_reply("no newline", tools, "chatglm3") == "no newline"
+    # not calls: an undeclared name, positional or non-literal arguments, another function, no code block
+    for reply in ('get_time\n```python\ntool_call(zone="UTC")\n```',
+                  'track\n```python\ntool_call("10111")\n```',
+                  'track\n```python\ntool_call(symbol=__import__("os").getcwd())\n```',
+                  'track\n```python\nprint(symbol="1")\n```',
+                  'track\n```python\ntool_call(**{"a": 1})\n```',
+                  'track\ntool_call(symbol="1")'):
+        assert parse_reply(reply, tools, "chatglm3") == reply.strip(), reply
+    with pytest.raises(TokenizerError, match="tool_format"):
+        parse_reply("x", tools, "chatglm2")
+
+
 # ---- where templates come from, and errors ----------------------------------------------------------------
 
 @needs_tiktoken

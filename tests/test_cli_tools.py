@@ -80,3 +80,35 @@ def test_a_bad_tools_file_is_one_error_naming_it(glm4_folder, tmp_path, capsys):
     assert main(["chat", folder, "--tools", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tools.json" in err
+
+
+CHATGLM3_TOOLS = [{"name": "track", "description": "stock price",
+                   "parameters": {"type": "object", "properties": {"symbol": {"type": "string"}}}}]
+
+
+def test_chatglm3_tool_calls_keep_the_release_s_history(tmp_path, capsys, monkeypatch):
+    # ChatGLM3 calls a tool with a code block; the history keeps the block and the next line is the result.
+    text = json.dumps(CHATGLM3_TOOLS, indent=4) + " stock price of 10111? tool_call(symbol=\"10111\") `\n" * 3
+    folder, tok = char_model_folder(tmp_path, text, family="chatglm3", max_positions=1024)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(CHATGLM3_TOOLS), encoding="utf-8")
+    gen = importlib.import_module("glm.generate")
+    prompts = []
+    block = '```python\ntool_call(symbol="10111")\n```'
+    replies = iter(["track\n" + block, "\n 12.5"])
+
+    def fake_stream(model, tok, ids, **kw):
+        prompts.append(list(ids))
+        yield next(replies)
+
+    monkeypatch.setattr(gen, "stream_text", fake_stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("price of 10111?\n{\"price\": 12.5}\n"))
+    rc = main(["chat", folder, "--tools", str(tools), "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert '(tool call: track {"symbol": "10111"}' in out, out
+    first = [{"role": "user", "content": "price of 10111?"}]
+    assert prompts[0] == chat_prompt_ids(tok, first, CHATGLM3_TOOLS)
+    second = first + [{"role": "assistant", "metadata": "track", "content": block},
+                      {"role": "observation", "content": '{"price": 12.5}'}]
+    assert prompts[1] == chat_prompt_ids(tok, second, CHATGLM3_TOOLS)

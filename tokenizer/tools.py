@@ -14,6 +14,7 @@ answers a call with ``name\\n{json}`` after ``<|assistant|>`` and stops at ``<|o
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -151,9 +152,11 @@ def chat_prompt_ids(tok: ChatTokenizer, messages: Sequence[Mapping[str, Any]],
 @dataclass(frozen=True)
 class ToolCall:
     """A call the model asked for: the tool's name and its arguments as a JSON object text (as THUDM's
-    server reports it, ``ensure_ascii=False``)."""
+    server reports it, ``ensure_ascii=False``). ``content``: the reply's text of the call where the chat
+    format keeps that in the history instead of the JSON (ChatGLM3's code block)."""
     name: str
     arguments: str
+    content: Optional[str] = None
 
     @property
     def args(self) -> Any:
@@ -162,7 +165,8 @@ class ToolCall:
 
     def message(self) -> dict:
         """The assistant turn that records this call in the history: ``<|assistant|>name\\n{arguments}``."""
-        return {"role": "assistant", "metadata": self.name, "content": self.arguments}
+        return {"role": "assistant", "metadata": self.name,
+                "content": self.arguments if self.content is None else self.content}
 
 
 def tool_names(tools: Optional[Sequence[Mapping[str, Any]]]) -> set[str]:
@@ -171,15 +175,22 @@ def tool_names(tools: Optional[Sequence[Mapping[str, Any]]]) -> set[str]:
             if t["type"] == "function"}
 
 
-def parse_reply(text: str, tools: Optional[Sequence[Mapping[str, Any]]] = None) -> Union[str, ToolCall]:
+def parse_reply(text: str, tools: Optional[Sequence[Mapping[str, Any]]] = None,
+                tool_format: str = "glm4") -> Union[str, ToolCall]:
     """The model's reply (the text after ``<|assistant|>``, specials left out) as a ToolCall or as text
-    (stripped), by THUDM glm_server's ``process_response``: a call is ``name`` on the first line and a
+    (stripped). ``tool_format`` is the tokenizer's (``"chatglm3"``: :func:`parse_chatglm3_reply`).
+
+    GLM-4, by THUDM glm_server's ``process_response``: a call is ``name`` on the first line and a
     second line starting with ``{``; the name must be a declared function tool or ``cogview`` /
     ``simple_browser``; the rest must be JSON, except for those two, whose raw text is accepted
     (``simple_browser``'s ``search("q", recency_days=N)`` becomes ``{"query", "recency_days"}``, cogview's
     text becomes ``{"prompt": text}``). Anything else is text."""
     if not isinstance(text, str):
         raise TokenizerError(f"parse_reply: the reply must be a str, got {type(text).__name__}")
+    if tool_format == "chatglm3":
+        return parse_chatglm3_reply(text, tools)
+    if tool_format != "glm4":
+        raise TokenizerError(f"parse_reply: tool_format must be 'glm4' or 'chatglm3', got {tool_format!r}")
     out = text.strip()
     lines = out.split("\n")
     if len(lines) < 2 or not lines[1].startswith("{"):
@@ -203,6 +214,59 @@ def parse_reply(text: str, tools: Optional[Sequence[Mapping[str, Any]]] = None) 
     elif name == "cogview":
         arguments = json.dumps({"prompt": raw}, ensure_ascii=False)
     return ToolCall(name, arguments)
+
+
+def chatglm3_tool_names(tools: Optional[Sequence[Mapping[str, Any]]]) -> set[str]:
+    """The names ChatGLM3 may call: each tool's ``name`` (THUDM's demo layout, ``{"name", "description",
+    "parameters"}``), or its ``function``'s name for an OpenAI-style entry."""
+    names = set()
+    for tool in tools or []:
+        if isinstance(tool, Mapping):
+            function = tool.get("function")
+            name = tool.get("name", function.get("name") if isinstance(function, Mapping) else None)
+            if isinstance(name, str) and name:
+                names.add(name)
+    return names
+
+
+def _tool_call_arguments(code: str) -> Optional[dict]:
+    """The keyword arguments of ``tool_call(a=1, b="x")``, each a Python literal, or None for any other
+    text. ChatGLM3's reference ``eval``s this line; it is parsed here, so that a reply can never run code."""
+    try:
+        tree = ast.parse(code.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+    call = tree.body
+    if (not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.func.id != "tool_call"
+            or call.args or any(k.arg is None for k in call.keywords)):
+        return None
+    try:
+        arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        json.dumps(arguments)
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        return None
+    return arguments
+
+
+def parse_chatglm3_reply(text: str, tools: Optional[Sequence[Mapping[str, Any]]] = None) -> Union[str, ToolCall]:
+    """A ChatGLM3 reply as a ToolCall or as text, by the release's ``process_response``: the first line is
+    the turn's metadata (empty for a plain reply, whose text follows); a call names a declared tool there
+    and follows it with a code block whose inner line is ``tool_call(name=value, ...)``, e.g.
+    ``get_weather\n```python\ntool_call(city="Paris")\n```. The reference ``eval``s that line with
+    ``tool_call(**kwargs)`` returning the keywords; here it is parsed, and only keyword arguments with
+    literal values (strings, numbers, lists, dicts, True/False/None) make a call. The call keeps the code
+    block as the history's content, as the reference does. Anything else is the reply's text, stripped."""
+    metadata, newline, content = text.partition("\n")
+    name = metadata.strip()
+    if not newline or not name:
+        return (content if newline else text).strip()
+    if name not in chatglm3_tool_names(tools):
+        return text.strip()
+    # The lines between the fences (the reference drops the first and the last line of the content).
+    arguments = _tool_call_arguments("\n".join(content.strip().split("\n")[1:-1]))
+    if arguments is None:
+        return text.strip()
+    return ToolCall(name, json.dumps(arguments, ensure_ascii=False), content=content)
 
 
 def load_tools(path: str) -> list[dict]:
