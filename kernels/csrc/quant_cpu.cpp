@@ -315,7 +315,7 @@ GLM_ROW_LOOP void rows_one_x(const Problem& p, const S* scales, const float* x, 
         B::decode(qr + byte0, p.tables, [&](auto v, const vreg& w) { part[v % P] += w * loadr(xb + v * kVecWidth); });
         vreg sum = part[0];
         static_for<P - 1>([&](auto i) { sum += part[i + 1]; });
-        acc[b % 2] += B::scales(srow + p.group_of(k0), p.lane_group) * sum;
+        acc[0] += B::scales(srow + p.group_of(k0), p.lane_group) * sum;  // a constant index: in a register
       }
     }
     vreg total = acc[0];
