@@ -852,21 +852,56 @@ def test_small_linear_rejects_bad_input():
         torch.ops.glm.small_linear(torch.randn(2, 4), torch.randn(3, 5), None)
 
 
-def test_top_level_kernels_name_stays_inert():
-    """From the repository root the kernels/ folder is also importable as `kernels`, a PyPI name that
-    transformers probes by importing it. Under that name it must do nothing: no version, no ops, no
-    second 'fused' backend (which once replaced glm.kernels' own in the registry)."""
+def test_top_level_kernels_name_is_inert_or_the_installed_package():
+    """From the repository root the kernels/ folder is also importable as `kernels`, the name of a PyPI package
+    that transformers imports (and requires from 5.25). Under that name it never loads glm's ops or a second
+    'fused' backend (which once replaced glm.kernels' own in the registry): it is the installed package where
+    there is one, else an inert module without a version (so transformers sees no usable package)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = textwrap.dedent("""
+        import importlib.metadata, os, sys
         import kernels, glm
         from glm.attention import BACKENDS
-        assert not hasattr(kernels, "__version__") and not hasattr(kernels, "available"), dir(kernels)
+        try:
+            importlib.metadata.version("kernels")
+            installed = True
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        ours = os.path.dirname(os.path.abspath(kernels.__file__)) == os.path.join(os.getcwd(), "kernels")
+        if installed:
+            assert not ours, kernels.__file__
+            try:
+                import transformers
+            except ImportError:
+                transformers = None
+            if transformers is not None:
+                transformers.GlmForCausalLM  # imports transformers' hub kernels, which import `kernels`
+        else:
+            assert ours and not hasattr(kernels, "__version__") and not hasattr(kernels, "available"), dir(kernels)
         if glm.kernels.available():
             assert BACKENDS["fused"] is glm.kernels.fused_attention
-        print("INERT OK")
+        print("KERNELS NAME OK")
     """)
     res = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "INERT OK" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "KERNELS NAME OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_top_level_kernels_name_goes_to_an_installed_package(tmp_path):
+    # A stand-in for PyPI's `kernels` beside the repository root on sys.path: the name, and its submodules,
+    # are that package's.
+    site = tmp_path / "site" / "kernels"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text('__version__ = "0.0-stand-in"\n', encoding="utf-8")
+    (site / "layer.py").write_text("WHO = 'stand-in'\n", encoding="utf-8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import kernels, kernels.layer, glm\n"
+              "assert kernels.__version__ == '0.0-stand-in' and kernels.layer.WHO == 'stand-in'\n"
+              "assert glm.kernels.__name__ == 'glm.kernels' and hasattr(glm.kernels, 'available')\n"
+              "print('HANDED OVER')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "HANDED OVER" in res.stdout, res.stdout + res.stderr
 
 
 # ---------------------------------------------------------------------------------------------
