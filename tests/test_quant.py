@@ -211,6 +211,19 @@ def test_quantized_model_decodes_with_kv_cache_and_generates():
     assert out.shape == (1, 4)
 
 
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_quantized_static_step_generates_the_eager_tokens(bits, group):
+    # The static decode step is what a CUDA graph replays; on the CPU it runs eagerly through the same code,
+    # with the quantized kernels at one row per sequence.
+    model = quant.quantize(tiny_model("tiny-glm4-chatglm"), bits, group, embeddings=True)
+    ids = torch.randint(1, 160, (2, 6), generator=torch.Generator().manual_seed(9))
+    pad = torch.tensor([0, 2])
+    ids[1, :2] = 0
+    eager = glm.generate(model, ids, pad_left=pad, max_new_tokens=6, static=False, eos_token_ids=())
+    static = glm.generate(model, ids, pad_left=pad, max_new_tokens=6, static=True, eos_token_ids=())
+    assert torch.equal(static, eager)
+
+
 @pytest.mark.parametrize("name", ["tiny-chatglm", "tiny-glm4-chatglm"])  # tied and untied output head
 def test_quantized_embeddings_and_head(name):
     model = tiny_model(name)
