@@ -273,12 +273,25 @@ def _with_adapter(folder: str, **load_args) -> Optional[GLM]:
     return None
 
 
+def _scale_dtype(scale_dtype: "torch.dtype | str | None", optional: bool) -> Optional[torch.dtype]:
+    """A scale_dtype argument as a torch dtype, refused unless float32, float16 or bfloat16 (or None where
+    ``optional``: the format's own)."""
+    scale_dtype = as_dtype(scale_dtype)
+    if not (optional and scale_dtype is None) and scale_dtype not in FLOAT_DTYPES:
+        raise ArgumentError(f"scale_dtype {scale_dtype} is not supported; use float32, float16 or bfloat16")
+    return scale_dtype
+
+
+def _already_quantized(source: Source, folder: str, instead: str) -> InputError:
+    """The error for quantizing the quantized checkpoint ``source`` again; ``instead`` opens the advice."""
+    return InputError(f"{folder} is a quantized checkpoint already ({quant.describe(source.quantization)}); "
+                      f"{instead}quantize its full-precision original")
+
+
 def _quantize_request(quantize: Optional[str], group_size: Optional[int], quantize_embeddings: bool,
                       quantize_lm_head: bool, scale_dtype: "torch.dtype | str") -> tuple[Optional[int], torch.dtype]:
     """(bits or None, scale dtype) of from_pretrained's quantize arguments, each checked before anything is read."""
-    scale_dtype = as_dtype(scale_dtype)
-    if scale_dtype not in FLOAT_DTYPES:
-        raise ArgumentError(f"scale_dtype {scale_dtype} is not supported; use float32, float16 or bfloat16")
+    scale_dtype = _scale_dtype(scale_dtype, optional=False)
     if quantize is None:
         given = [name for name, v in (("group_size", group_size), ("quantize_embeddings", quantize_embeddings),
                                       ("quantize_lm_head", quantize_lm_head)) if v not in (None, False)]
@@ -345,8 +358,7 @@ def from_pretrained(folder: "str | os.PathLike[str]", dtype: "torch.dtype | str 
     source, reader = open_source(folder, verify=verify)
     if bits is not None and source.quantization is not None:
         reader.close()
-        raise InputError(f"{folder} is a quantized checkpoint already ({quant.describe(source.quantization)}); "
-                         f"load it without quantize=, or quantize its full-precision original")
+        raise _already_quantized(source, folder, "load it without quantize=, or ")
     if config_overrides:
         new = source.cfg.replace(**config_overrides)
         changed = [k for k in config_overrides if getattr(new, k) != getattr(source.cfg, k)]
@@ -618,9 +630,7 @@ def quantize_checkpoint(src: "str | os.PathLike[str]", dst: "str | os.PathLike[s
     if format not in ("glm", "hf"):
         raise ArgumentError(f"format= (--to) must be 'glm' or 'hf', got {format!r}")
     quant.check_scheme(bits, group_size)
-    scale_dtype = as_dtype(scale_dtype)
-    if scale_dtype is not None and scale_dtype not in FLOAT_DTYPES:
-        raise ArgumentError(f"scale_dtype {scale_dtype} is not supported; use float32, float16 or bfloat16")
+    scale_dtype = _scale_dtype(scale_dtype, optional=True)
     if os.path.exists(dst) and _is_or_holds(dst, src):
         raise ArgumentError(f"{dst} is the source folder or holds it; write to another folder (the conversion "
                             f"replaces the destination, which would delete the source's own files)")
@@ -628,8 +638,7 @@ def quantize_checkpoint(src: "str | os.PathLike[str]", dst: "str | os.PathLike[s
     source, reader = open_source(src, verify=verify)
     try:
         if source.quantization is not None:
-            raise InputError(f"{src} is a quantized checkpoint already ({quant.describe(source.quantization)}); "
-                             f"quantize its full-precision original")
+            raise _already_quantized(source, src, "")
         with torch.device("meta"):
             model = GLM(source.cfg)
         # On the meta model: a group size that does not divide a layer fails before anything is read or written.

@@ -195,10 +195,9 @@ class _Adapted:
     def _adopt(self, base: nn.Module) -> None:
         """Hold ``base``'s own tensors under their own names (so state_dict keys do not change), no adapters."""
         nn.Module.__init__(self)
-        _share(base, self, self.base_attrs)
         self.lora = nn.ModuleDict()
         self.merged = False
-        self.train(base.training)
+        _share(base, self, self.base_attrs)  # last: it sets the training mode of the module and its children
 
     def plain(self) -> nn.Module:
         """A plain ``base_class`` module holding this module's tensors (the adapters left out)."""

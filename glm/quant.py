@@ -254,17 +254,19 @@ QUANT_MODULES = (QuantLinear, QuantEmbedding)
 
 # ----------------------------------------------------------------------------------------------
 # Whole models
+def _target_names(cfg: GLMConfig, embeddings: bool, lm_head: bool) -> list[str]:
+    """The dotted names of the modules ``quantize`` replaces in a model of ``cfg``, in model order (a tied model
+    has no lm_head of its own)."""
+    names = ["embed"] if embeddings else []
+    names += [f"layers.{i}.{m}" for i in range(cfg.num_layers) for m in LAYER_MODULES]
+    if lm_head and not cfg.tie_word_embeddings:
+        names.append("lm_head")
+    return names
+
+
 def _targets(model: GLM, embeddings: bool, lm_head: bool) -> list[tuple[str, nn.Module]]:
     """(dotted name, module) of every module ``quantize`` replaces, in model order."""
-    out = []
-    if embeddings:
-        out.append(("embed", model.embed))
-    for i, block in enumerate(model.layers):
-        for name in LAYER_MODULES:
-            out.append((f"layers.{i}.{name}", block.get_submodule(name)))
-    if lm_head and model.lm_head is not None:
-        out.append(("lm_head", model.lm_head))
-    return out
+    return [(n, model.get_submodule(n)) for n in _target_names(model.config, embeddings, lm_head)]
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -378,12 +380,8 @@ def describe(quantization: dict) -> str:
 
 def quantized_weights(cfg: GLMConfig, quantization: dict) -> dict[str, str]:
     """Float weight name -> name of the module that holds it quantized, for every weight `quantize` with the
-    record ``quantization`` replaces in a model of ``cfg`` (the names `_targets` walks, without a model)."""
-    names = ["embed"] if quantization["embeddings"] else []
-    names += [f"layers.{i}.{m}" for i in range(cfg.num_layers) for m in LAYER_MODULES]
-    if quantization["lm_head"] and not cfg.tie_word_embeddings:
-        names.append("lm_head")
-    return {f"{n}.weight": n for n in names}
+    record ``quantization`` replaces in a model of ``cfg``."""
+    return {f"{n}.weight": n for n in _target_names(cfg, quantization["embeddings"], quantization["lm_head"])}
 
 
 def quantized_tensor_names(cfg: GLMConfig, quantization: Optional[dict]) -> set[str]:

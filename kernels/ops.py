@@ -374,11 +374,15 @@ def quant_linear_calibration_key(bits: int, x2: Tensor, qweight: Tensor, scales:
             f"|threads{torch.get_num_threads()}")
 
 
+def _quant_op(bits: int):
+    return torch.ops.glm.int4_linear if bits == 4 else torch.ops.glm.int8_linear
+
+
 def _measure_quant_linear(bits: int, x2: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor],
                           repeats: int = 3) -> dict[str, float]:
     """Seconds per call of the kernel and of dequantize-then-F.linear (in x's dtype, as glm.quant does it) on the
     call's own tensors."""
-    op = torch.ops.glm.int4_linear if bits == 4 else torch.ops.glm.int8_linear
+    op = _quant_op(bits)
     b = None if bias is None else bias.to(x2.dtype)
     return time_paths({"kernel": lambda: op(x2, qweight, scales, bias),
                        "dequantize": lambda: torch.nn.functional.linear(
@@ -416,7 +420,7 @@ def quant_linear_kernel(bits: int, x: Tensor, qweight: Tensor, scales: Tensor,
     x2 = x.reshape(rows, x.shape[-1])
     if not quant_kernel_wins(bits, x2, qweight, scales, bias):
         return None
-    op = torch.ops.glm.int4_linear if bits == 4 else torch.ops.glm.int8_linear
+    op = _quant_op(bits)
     return op(x2, qweight, scales, bias).view(*x.shape[:-1], qweight.shape[0])
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..config import GLMConfig
 from ..errors import ConfigError, FormatError
-from ..quant import BITS, quantize_weight, quantized_weights, scheme
+from ..quant import BITS, QUANTIZED_TENSORS, quantize_weight, quantized_weights, scheme
 from .hf_fields import as_bool
 from .layout import DTYPE_NAMES, Mapping
 
@@ -77,15 +77,17 @@ def _row(s: Tensor) -> Tensor:
     return s[:, 0]
 
 
-def _quantized_entries(table: Sequence[Mapping], weights: dict[str, str]) -> list[tuple[Mapping, bool]]:
-    """Each mapping of ``table`` with whether it produces quantized weights (all its glm tensors or none)."""
-    out = []
+def _replace_quantized(table: Sequence[Mapping], weights: dict[str, str],
+                       replace: Callable[[Mapping], list[Mapping]]) -> list[Mapping]:
+    """``table`` with each mapping that produces quantized ``weights`` (all its glm tensors, or none of them)
+    replaced by ``replace(mapping)``."""
+    out: list[Mapping] = []
     for mp in table:
         hit = [g in weights for g in mp.glm]
         if any(hit) and not all(hit):
             raise FormatError(f"the weight table maps {', '.join(mp.glm)} together, a quantized weight with other "
                               f"tensors, which the quantized layout cannot split; save in glm format")
-        out.append((mp, any(hit)))
+        out += replace(mp) if any(hit) else [mp]
     return out
 
 
@@ -94,22 +96,17 @@ def per_row_table(table: Sequence[Mapping], weights: dict[str, str], scale_name:
     scale per output row: each mapping of a quantized weight becomes two with the same transform, one moving the
     integer rows (release name unchanged, glm ``qweight``) and one the scale rows (release name
     ``scale_name(name)`` holding ``[out]``, glm ``scales`` ``[out, 1]``)."""
-    out = []
-    for mp, quantized in _quantized_entries(table, weights):
-        if not quantized:
-            out.append(mp)
-            continue
+    def split(mp: Mapping) -> list[Mapping]:
+        def to_glm(*s: Tensor) -> tuple[Tensor, ...]:
+            return mp.to_glm(*map(_column, s))
 
-        def to_glm(*s: Tensor, fn=mp.to_glm) -> tuple[Tensor, ...]:
-            return fn(*map(_column, s))
+        def to_hf(*s: Tensor) -> tuple[Tensor, ...]:
+            return tuple(map(_row, mp.to_hf(*s)))
 
-        def to_hf(*s: Tensor, fn=mp.to_hf) -> tuple[Tensor, ...]:
-            return tuple(map(_row, fn(*s)))
+        return [Mapping(tuple(f"{weights[g]}.qweight" for g in mp.glm), mp.hf, mp.to_glm, mp.to_hf),
+                Mapping(tuple(f"{weights[g]}.scales" for g in mp.glm), tuple(map(scale_name, mp.hf)), to_glm, to_hf)]
 
-        out.append(Mapping(tuple(f"{weights[g]}.qweight" for g in mp.glm), mp.hf, mp.to_glm, mp.to_hf))
-        out.append(Mapping(tuple(f"{weights[g]}.scales" for g in mp.glm), tuple(map(scale_name, mp.hf)),
-                           to_glm, to_hf))
-    return out
+    return _replace_quantized(table, weights, split)
 
 
 # Float bytes quantized at a time. quantize_weight's temporaries (|W|, W / scale in fp32, its rounding) come to
@@ -146,13 +143,8 @@ def quantizing_table(table: Sequence[Mapping], cfg: GLMConfig, quantization: dic
     dtype). Read-only: its ``to_hf`` refuses."""
     weights = quantized_weights(cfg, quantization)
     bits, group = quantization["bits"], quantization["group_size"]
-    out = []
-    for mp, quantized in _quantized_entries(table, weights):
-        if not quantized:
-            out.append(mp)
-            continue
-
-        def to_glm(*hf: Tensor, mp=mp) -> tuple[Tensor, ...]:
+    def quantizing(mp: Mapping) -> list[Mapping]:
+        def to_glm(*hf: Tensor) -> tuple[Tensor, ...]:
             outs: list[Tensor] = []
             for name, t in zip(mp.glm, mp.to_glm(*hf)):
                 w = prepare(t)
@@ -160,9 +152,10 @@ def quantizing_table(table: Sequence[Mapping], cfg: GLMConfig, quantization: dic
                 outs += quantize_rows(w, bits, group, scale_dtype)
             return tuple(outs)
 
-        names = tuple(f"{weights[g]}.{t}" for g in mp.glm for t in ("qweight", "scales"))
-        out.append(Mapping(names, mp.hf, to_glm, _read_only))
-    return out
+        names = tuple(f"{weights[g]}.{t}" for g in mp.glm for t in QUANTIZED_TENSORS)
+        return [Mapping(names, mp.hf, to_glm, _read_only)]
+
+    return _replace_quantized(table, weights, quantizing)
 
 
 # ---------------------------------------------------------------------------------------------
