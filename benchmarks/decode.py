@@ -148,6 +148,7 @@ def main(argv=None) -> None:
     import transformers
 
     import glm
+    from glm.bench import record_name
     from glm.generate import generate, release_cuda_graphs
 
     device = args.device
@@ -252,7 +253,7 @@ def main(argv=None) -> None:
         print(f"{'':5} {agree}")
 
     # A quantized run is its own record: publishing it must not replace the full-precision one the docs quote.
-    name = f"decode_{device}" + ("" if args.quantize is None else f"_{args.quantize}")
+    name = record_name("decode", device, args.quantize)
     peer = "transformers GlmForCausalLM"
     summary = []
     for r in rows:

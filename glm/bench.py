@@ -63,6 +63,13 @@ def results_dir(*, quick: bool = False, publish: bool = False) -> str:
     return results if publish else os.path.join(results, "quick" if quick else "local")
 
 
+def record_name(suite: str, device: str, quantize: Optional[str] = None) -> str:
+    """The file name (without .json) a suite's script writes its record under: ``<suite>_<device>``, ``cpu``
+    for the host-only suites; a quantized decode run has a record of its own (``decode_cpu_int8``) beside
+    the full-precision one."""
+    return f"{suite}_{'cpu' if suite in CPU_ONLY else device}{'' if quantize is None else '_' + quantize}"
+
+
 def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, quick: bool = False,
               publish: bool = False, extra: Sequence[str] = (), quantize: Optional[str] = None,
               group_size: Optional[int] = None) -> dict:
@@ -96,9 +103,7 @@ def run_suite(suite: str, *, device: str = "cpu", out: Optional[str] = None, qui
     rc = subprocess.run(argv, cwd=folder).returncode
     if rc != 0:
         raise BenchError(f"benchmarks/{suite}.py exited with status {rc} (its output is above)")
-    # A quantized decode run writes a record of its own (decode_cpu_int8.json) beside the full-precision one.
-    name = f"{suite}_{'cpu' if suite in CPU_ONLY else device}{'' if quantize is None else '_' + quantize}.json"
-    with open(os.path.join(out, name)) as f:
+    with open(os.path.join(out, record_name(suite, device, quantize) + ".json")) as f:
         return json.load(f)
 
 
@@ -183,7 +188,7 @@ def write_report(results: Optional[str] = None) -> str:
         parts.append(f"## {title}\n")
         found = False
         for suite in SUITES:
-            name = f"{suite}_{'cpu' if suite in CPU_ONLY else device}"
+            name = record_name(suite, device)
             if suite in CPU_ONLY and device != "cpu":
                 continue
             record_path = os.path.join(results, name + ".json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import ArgumentError, GLMError, InputError, TokenizerError
 
@@ -197,20 +197,28 @@ def _chat_reply_room(args: argparse.Namespace, model) -> int:
     return max(1, min(DEFAULT_MAX_NEW_TOKENS, model.config.max_positions // 4))
 
 
-def _chat_prompt(args: argparse.Namespace, model, tok, query: str,
-                 history: list[tuple[str, str]]) -> tuple[Optional[list[int]], int]:
-    """The prompt for ``query`` after the newest whole turns of ``history`` that leave room for the
-    reply, and how many of the oldest turns it leaves out; None when the message alone does not fit."""
+def _fit_prompt(args: argparse.Namespace, model, entries: int,
+                build: Callable[[int], list[int]]) -> tuple[Optional[list[int]], int]:
+    """The prompt ``build(dropped)`` that leaves out the fewest oldest history entries (0 to ``entries`` - 1)
+    and still leaves room for the reply, and that number; (None, 0) when none fits."""
     limit = model.config.max_positions
     reply = _chat_reply_room(args, model)
-    for dropped in range(len(history) + 1):
-        ids = tok.chat_ids(query, history=history[dropped:], system=args.system)
+    for dropped in range(entries):
+        ids = build(dropped)
         # 2D families (ChatGLM-6B) generate inside a blank whose block positions do not depend on the
         # prompt: only the prompt itself must fit. 1D families count the reply on from the prompt.
         need = len(ids) if model.config.position_streams == 2 else len(ids) + reply
         if need <= limit:
             return ids, dropped
     return None, 0
+
+
+def _chat_prompt(args: argparse.Namespace, model, tok, query: str,
+                 history: list[tuple[str, str]]) -> tuple[Optional[list[int]], int]:
+    """The prompt for ``query`` after the newest whole turns of ``history`` that leave room for the
+    reply, and how many of the oldest turns it leaves out; None when the message alone does not fit."""
+    return _fit_prompt(args, model, len(history) + 1,
+                       lambda dropped: tok.chat_ids(query, history=history[dropped:], system=args.system))
 
 
 def _chat_lines():
@@ -248,13 +256,8 @@ def _tool_chat_prompt(args: argparse.Namespace, model, tok, messages: list[dict]
     from .tokenizer.tools import chat_prompt_ids
 
     system = [{"role": "system", "content": args.system}] if args.system else []
-    limit = model.config.max_positions
-    reply = _chat_reply_room(args, model)
-    for dropped in range(len(messages)):
-        ids = chat_prompt_ids(tok, system + messages[dropped:], tools)
-        if (len(ids) if model.config.position_streams == 2 else len(ids) + reply) <= limit:
-            return ids, dropped
-    return None, 0
+    return _fit_prompt(args, model, len(messages),
+                       lambda dropped: chat_prompt_ids(tok, system + messages[dropped:], tools))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -262,8 +265,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     Reads plain lines, so it also works with a pipe: `printf 'hi\nmore\n' | glm chat DIR`.
 
     With ``--tools FILE`` the model is offered the tools (the release's chat template, or glm's chat format
-    where the folder has none); a reply that is a tool call (GLM-4: ``name`` then a JSON object) is shown as
-    one, and the next line typed is taken as the tool's result (an observation turn)."""
+    where the folder has none); a reply that is a tool call (GLM-4: ``name`` then a JSON object; ChatGLM3:
+    ``name`` then a ``tool_call(...)`` code block) is shown as one, and the next line typed is taken as the
+    tool's result (an observation turn)."""
     from .generate import stream_text
     from .tokenizer.tools import ToolCall, load_tools, parse_reply
 
@@ -586,10 +590,8 @@ def _add_finetune_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, help="seed of the data order and of new weights (default 0)")
     s.add_argument("--device", help="auto (CUDA when present; default), cpu or cuda")
     s.add_argument("--dtype", help="the base model's dtype (default float32)")
-    s.add_argument("--quantize", choices=("int8", "int4"),
-                   help="load the base weight-only quantized and train lora / ptuning over it (QLoRA's arrangement)")
-    s.add_argument("--group-size", type=int, help="with --quantize: one scale per GROUP_SIZE input columns "
-                                                  "(default: one per output row)")
+    _add_quantize_args(s, "load the base weight-only quantized and train lora / ptuning over it (QLoRA's "
+                          "arrangement)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     s.add_argument("--overwrite", action="store_true", help="delete the fine-tuning run in OUT and start over")
     s.add_argument("--no-verify", action="store_true", default=False,

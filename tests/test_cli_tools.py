@@ -38,20 +38,29 @@ def glm4_folder(tmp_path_factory):
     return folder, str(tools)
 
 
-def test_a_tool_call_is_shown_and_the_next_line_is_its_result(glm4_folder, capsys, monkeypatch):
-    folder, tools = glm4_folder
+def scripted_chat(monkeypatch, capsys, folder: str, tools: str, replies: list[str], lines: str):
+    """`glm chat FOLDER --tools TOOLS` with ``lines`` typed and the model answering ``replies`` in turn:
+    (exit code, the prompt ids of each turn, stdout, stderr)."""
     gen = importlib.import_module("glm.generate")
     prompts = []
-    replies = iter(['get_weather\n{"city": "Paris"}', "It is sunny."])
+    answers = iter(replies)
 
     def fake_stream(model, tok, ids, **kw):
         prompts.append(list(ids))
-        yield next(replies)
+        yield next(answers)
 
     monkeypatch.setattr(gen, "stream_text", fake_stream)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("weather in Paris?\n{\"sky\": \"sunny\"}\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     rc = main(["chat", folder, "--tools", tools, "--max-new-tokens", "4"])
     out, err = capsys.readouterr()
+    return rc, prompts, out, err
+
+
+def test_a_tool_call_is_shown_and_the_next_line_is_its_result(glm4_folder, capsys, monkeypatch):
+    folder, tools = glm4_folder
+    rc, prompts, out, err = scripted_chat(monkeypatch, capsys, folder, tools,
+                                          ['get_weather\n{"city": "Paris"}', "It is sunny."],
+                                          "weather in Paris?\n{\"sky\": \"sunny\"}\n")
     assert rc == 0, err
     assert "(tool call: get_weather" in out and out.count("glm> ") == 2, err
     tok = load(folder)
@@ -92,19 +101,9 @@ def test_chatglm3_tool_calls_keep_the_release_s_history(tmp_path, capsys, monkey
     folder, tok = char_model_folder(tmp_path, text, family="chatglm3", max_positions=1024)
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps(CHATGLM3_TOOLS), encoding="utf-8")
-    gen = importlib.import_module("glm.generate")
-    prompts = []
     block = '```python\ntool_call(symbol="10111")\n```'
-    replies = iter(["track\n" + block, "\n 12.5"])
-
-    def fake_stream(model, tok, ids, **kw):
-        prompts.append(list(ids))
-        yield next(replies)
-
-    monkeypatch.setattr(gen, "stream_text", fake_stream)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("price of 10111?\n{\"price\": 12.5}\n"))
-    rc = main(["chat", folder, "--tools", str(tools), "--max-new-tokens", "4"])
-    out, err = capsys.readouterr()
+    rc, prompts, out, err = scripted_chat(monkeypatch, capsys, folder, str(tools), ["track\n" + block, "\n 12.5"],
+                                          "price of 10111?\n{\"price\": 12.5}\n")
     assert rc == 0, err
     assert '(tool call: track {"symbol": "10111"}' in out, out
     first = [{"role": "user", "content": "price of 10111?"}]
