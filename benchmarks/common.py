@@ -135,6 +135,36 @@ def save_figure(fig, path: str, title: str | None = None, dpi: int = 120) -> Non
     plt.close(fig)
 
 
+def tensor_bytes(module: torch.nn.Module) -> dict[str, int]:
+    """Bytes of each of ``module``'s parameters and buffers by name, a tensor shared under two names once."""
+    seen, out = set(), {}
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if id(t) in seen or t.numel() == 0:
+            continue
+        seen.add(id(t))
+        out[name] = t.numel() * t.element_size()
+    return out
+
+
+def model_bytes(module: torch.nn.Module) -> int:
+    return sum(tensor_bytes(module).values())
+
+
+def step_bytes(model, context: int, batch: int = 1) -> int:
+    """Bytes one decode step of ``batch`` rows reads from a glm model: every tensor once (integers and scales
+    as they are stored, for a quantized model), except the input embedding table, of which it gathers
+    ``batch`` rows (a tied table is read whole as the output head), plus the KV cache of ``context`` tokens
+    per row in the model's float dtype."""
+    cfg = model.config
+    sizes = tensor_bytes(model)
+    table = sum(v for k, v in sizes.items() if k.startswith("embed."))
+    total = sum(sizes.values())
+    if not cfg.tie_word_embeddings:
+        total += batch * table // cfg.vocab_size - table
+    kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * model.float_probe.element_size()
+    return total + kv
+
+
 def summary_row(case: str, ours: float, peer: float, unit: str, peer_name: str, higher_is_better: bool = True) -> dict:
     """One line of the table ``glm bench`` prints: ours vs the peer measured in the same run."""
     ratio = ours / peer if higher_is_better else peer / ours

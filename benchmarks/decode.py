@@ -21,10 +21,19 @@ import argparse
 import gc
 import os
 import time
-from typing import Optional
 
 import torch
-from common import LOCAL, copy_bandwidth, pyplot, run_timed, save_figure, summary_row, write_record
+from common import (
+    LOCAL,
+    copy_bandwidth,
+    model_bytes,
+    pyplot,
+    run_timed,
+    save_figure,
+    step_bytes,
+    summary_row,
+    write_record,
+)
 
 SHAPES = ("bench-120m", "glm4-9b")
 # (prompt, new tokens) per shape when not given.
@@ -110,19 +119,6 @@ def once(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
-def step_bytes(cfg, batch: int, context: int, elem: int, weight_bytes: Optional[int] = None) -> float:
-    """Bytes one decode step must read: every weight but the input embedding table (of which it
-    gathers ``batch`` rows), plus the keys and values of ``context`` cached tokens per row.
-    ``weight_bytes``: the model's own tensors' bytes when they are not all ``elem`` wide (quantized)."""
-    emb = cfg.vocab_size * cfg.hidden_size
-    kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * elem
-    if weight_bytes is not None:
-        table = 0 if cfg.tie_word_embeddings else emb * elem
-        return weight_bytes - table + batch * cfg.hidden_size * elem + kv
-    weights = cfg.num_parameters - (0 if cfg.tie_word_embeddings else emb) + batch * cfg.hidden_size
-    return weights * elem + kv
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -168,11 +164,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     ours, ref = build_models(cfg, device, dtype)
     cfg = ours.config
-    weight_bytes = None
     if args.quantize is not None:
         glm.quantize(ours, glm.quant.SCHEME_BITS[args.quantize], args.group_size)
-        weight_bytes = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
-        print(f"glm's model quantized: {glm.quant.describe(ours.quantization)} ({weight_bytes / 1e9:.2f} GB)")
+        print(f"glm's model quantized: {glm.quant.describe(ours.quantization)} ({model_bytes(ours) / 1e9:.2f} GB)")
     size = f"{cfg.num_parameters / 1e9:.2f}B" if cfg.num_parameters >= 1e9 else f"{cfg.num_parameters / 1e6:.0f}M"
     print(f"model {cfg.name}: {size} params ({cfg.num_parameters * elem / 1e9:.2f} GB in "
           f"{dtype}), device {device}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -184,7 +178,7 @@ def main(argv=None) -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(3, cfg.vocab_size, (B, prompt), generator=gen).to(device)
         # Mean context over the generated tokens: what the attention reads besides the weights.
-        roofline = B * ceiling * 1e9 / step_bytes(cfg, B, prompt + n // 2, elem, weight_bytes)
+        roofline = B * ceiling * 1e9 / step_bytes(ours, prompt + n // 2, B)
 
         def run_glm(ids=ids):
             return generate(ours, ids, max_new_tokens=n, cuda_graphs=False, eos_token_ids=())
@@ -227,7 +221,7 @@ def main(argv=None) -> None:
         if compiled:
             r["compiled_speedup"] = r["compiled_tokens_per_s"] / r["hf_tokens_per_s"]
         r["greedy_agreement"] = float((tok_glm.cpu() == tok_hf.cpu()).float().mean())
-        r["glm_weight_GBps"] = (step_bytes(cfg, B, prompt + n // 2, elem, weight_bytes) * r["glm_tokens_per_s"]
+        r["glm_weight_GBps"] = (step_bytes(ours, prompt + n // 2, B) * r["glm_tokens_per_s"]
                                 / B / 1e9)
         rows.append(r)
         del ids

@@ -61,7 +61,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from common import HERE, LOCAL, copy_bandwidth, pyplot, save_figure, summary_row, write_record
+from common import HERE, LOCAL, copy_bandwidth, model_bytes, pyplot, save_figure, step_bytes, summary_row, write_record
 from decode import bench_config, build_models
 from torch import Tensor, nn
 
@@ -336,33 +336,6 @@ def timed_run(run: Callable[[int], tuple[list[float], Tensor]], n: int,
                 {"neighbour_cores": busy, "rerun": rerun, "waited_s": waited}
         patience.budget_s -= time.perf_counter() - t0
         rerun += 1
-
-
-def tensor_bytes(tensors: Iterator[tuple[str, Tensor]]) -> dict[str, int]:
-    seen, out = set(), {}
-    for name, t in tensors:
-        if id(t) in seen or t.numel() == 0:
-            continue
-        seen.add(id(t))
-        out[name] = t.numel() * t.element_size()
-    return out
-
-
-def model_bytes(model: nn.Module) -> int:
-    return sum(tensor_bytes(iter([*model.named_parameters(), *model.named_buffers()])).values())
-
-
-def step_bytes(model: nn.Module, context: int) -> int:
-    """Bytes one batch-1 decode step reads: every tensor of the model once, except the input embedding table
-    (one row; a tied table is read whole as the output head), plus the fp32 KV cache of ``context`` tokens."""
-    cfg = model.config
-    sizes = tensor_bytes(iter([*model.named_parameters(), *model.named_buffers()]))
-    table = sum(v for k, v in sizes.items() if k.startswith("embed."))
-    total = sum(sizes.values())
-    if not cfg.tie_word_embeddings:
-        total += table // cfg.vocab_size - table
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * context * cfg.head_dim * 4
-    return total + kv
 
 
 def sharing_copy(model: glm.GLM) -> glm.GLM:
